@@ -1,0 +1,1 @@
+"""The vlflow stage library (imported as vlflow.stages)."""

@@ -1,0 +1,2 @@
+"""vlflow engine."""
+__version__ = "0.1.0"

@@ -1,0 +1,151 @@
+"""The contract between the engine and the stage library.
+
+A stage type is described by a light `StageSpec` (name, pydantic params model, declared inputs, entry point as a
+"module:function" string). Specs are importable without torch so that `vlflow validate`/`plan` stay fast; the stage
+code itself is imported only when the stage runs.
+
+A stage function receives a `StageContext` and writes its outputs into `ctx.output_dir`. It knows nothing about
+caching, manifests or object stores: the runner materialises inputs as local directories and commits the output.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Params(BaseModel):
+    """Base for stage parameter models: unknown keys are errors, values are validated and coerced."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class LaunchSpec(BaseModel):
+    """How a distributed stage is launched (the `launch:` block of a stage, defaults from vlflow.toml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    launcher: Literal["torchrun", "mpirun", "slurm"] = "torchrun"
+    nproc_per_node: int = Field(1, ge=1)
+    nnodes: int = Field(1, ge=1)
+    node_rank: int = Field(0, ge=0)
+    master_addr: str = "127.0.0.1"
+    master_port: int = Field(0, ge=0, le=65535, description="0 picks a free port on single-node runs")
+    plugin: Literal["torch_ddp", "low_level_zero", "gemini", "hybrid_parallel"] = "torch_ddp"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    tp_size: int = Field(1, ge=1, description="hybrid_parallel only")
+    pp_size: int = Field(1, ge=1, description="hybrid_parallel only")
+    zero_stage: int = Field(1, ge=0, le=2, description="low_level_zero / hybrid_parallel")
+    extra_args: list[str] = Field(default_factory=list, description="appended to the launcher command line")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Declaration of one stage type."""
+
+    name: str
+    entry: str  # "package.module:function", imported lazily
+    params: type[Params] = Params
+    inputs: tuple[str, ...] = ()  # required input names
+    optional_inputs: tuple[str, ...] = ()
+    version: str = "1"  # bump to invalidate caches on a semantic change the source hash would miss
+    distributed: bool = False  # run under the launcher (torchrun + colossalai.launch_from_torch)
+    resumable: bool = False  # gets a persistent work dir that survives failures
+    description: str = ""
+
+    def load(self) -> Callable[["StageContext"], dict | None]:
+        module_name, _, func = self.entry.partition(":")
+        return getattr(importlib.import_module(module_name), func)
+
+    def code_digest(self) -> str:
+        """sha256 of the stage's source package (the entry module's package) plus `version`, without importing it."""
+        module_name = self.entry.partition(":")[0]
+        spec = importlib.util.find_spec(module_name)
+        h = hashlib.sha256(f"{self.name}\0{self.version}\0".encode())
+        if spec is None or spec.origin is None:
+            return h.hexdigest()
+        root = Path(spec.origin).parent
+        for path in sorted(root.rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+        return h.hexdigest()
+
+
+@dataclass
+class StageContext:
+    """Everything a running stage may use."""
+
+    stage: str  # the stage's name in the workflow
+    params: Any  # the validated params model instance (attribute access: ctx.params.max_steps)
+    inputs: dict[str, Path]  # input name -> local path (directory, or file when the input names a sub path)
+    output_dir: Path  # write outputs here; committed by the runner when the stage returns
+    work_dir: Path | None = None  # persistent across failed attempts (resumable stages only)
+    launch: LaunchSpec | None = None
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("vlflow.stage"))
+    # Filled in by the distributed worker (vlflow.launch.worker) for distributed stages:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    booster: Any = None  # colossalai.booster.Booster built from `launch`
+    plugin: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registry: built-in spec modules + the "vlflow.stages" entry-point group.
+
+BUILTIN_SPEC_MODULES = (
+    "vlflow.stages.data.spec",
+    "vlflow.stages.vilt.spec",
+    "vlflow.stages.unitab.spec",
+    "vlflow.stages.testing.spec",
+)
+
+_registry: dict[str, StageSpec] | None = None
+
+
+def _collect(obj: Any, out: dict[str, StageSpec], origin: str) -> None:
+    specs = obj if isinstance(obj, (list, tuple)) else [obj]
+    for spec in specs:
+        if not isinstance(spec, StageSpec):
+            raise TypeError(f"{origin}: expected StageSpec, got {type(spec).__name__}")
+        if spec.name in out:
+            raise ValueError(f"stage type {spec.name!r} registered twice ({origin})")
+        out[spec.name] = spec
+
+
+def registry() -> dict[str, StageSpec]:
+    """All known stage types by name (loaded once)."""
+    global _registry
+    if _registry is None:
+        found: dict[str, StageSpec] = {}
+        for module_name in BUILTIN_SPEC_MODULES:
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if exc.name == module_name:  # stage package not present in this build
+                    continue
+                raise
+            _collect(getattr(module, "STAGES"), found, module_name)
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group="vlflow.stages"):
+            _collect(ep.load(), found, f"entry point {ep.name}")
+        _registry = found
+    return _registry
+
+
+def get_spec(name: str) -> StageSpec:
+    specs = registry()
+    if name not in specs:
+        raise KeyError(name)
+    return specs[name]
