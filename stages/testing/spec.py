@@ -1,0 +1,51 @@
+"""Specs of the toy stage types (no torch import: validate/plan must stay fast)."""
+from __future__ import annotations
+
+from pydantic import Field
+
+from vlflow.stage import Params, StageSpec
+
+
+class WriteParams(Params):
+    files: int = Field(1, ge=0, description="how many files to write")
+    size: int = Field(16, ge=0, description="bytes per file (text is repeated/padded to this size)")
+    text: str = Field("", description="content seed; empty means the stage name")
+    fail: bool = Field(False, description="raise instead of writing (to test failure handling)")
+
+
+class ConcatParams(Params):
+    suffix: str = Field("", description="appended to the joined text")
+
+
+class TrainParams(Params):
+    steps: int = Field(20, ge=1)
+    lr: float = Field(0.1, gt=0)
+    checkpoint_every: int = Field(5, ge=1)
+    sleep: float = Field(0.0, ge=0, description="seconds to sleep per step (to test interruption)")
+
+
+STAGES = [
+    StageSpec(
+        name="testing.write",
+        entry="vlflow.stages.testing.toy:write",
+        params=WriteParams,
+        description="Writes `files` text files of `size` bytes.",
+    ),
+    StageSpec(
+        name="testing.concat",
+        entry="vlflow.stages.testing.toy:concat",
+        params=ConcatParams,
+        inputs=("a",),
+        optional_inputs=("b",),
+        description="Joins the text of all files in inputs a (and b) into out.txt.",
+    ),
+    StageSpec(
+        name="testing.train",
+        entry="vlflow.stages.testing.train:train",
+        params=TrainParams,
+        optional_inputs=("data",),
+        distributed=True,
+        resumable=True,
+        description="Tiny distributed training loop with checkpoints (for launch/resume tests).",
+    ),
+]
