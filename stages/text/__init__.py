@@ -1,0 +1,1 @@
+"""Text stages: tokenizer training on caption arrows (stage `tokenizer.train`)."""

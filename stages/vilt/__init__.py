@@ -1,0 +1,1 @@
+"""ViLT stages: pretraining (MLM + ITM), retrieval fine-tuning and retrieval evaluation."""

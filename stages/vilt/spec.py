@@ -1,0 +1,115 @@
+"""Stage specs of the ViLT package (no torch/transformers imports here: validate/plan stay fast)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from vlflow.stage import BUILTIN_SPEC_MODULES, Params, StageSpec
+from vlflow.stages.text.spec import STAGES as TEXT_STAGES
+
+
+class ViltModelParams(Params):
+    """Model size and input geometry (defaults: ViLT-B/32 as in the paper)."""
+
+    hidden_size: int = Field(768, ge=8)
+    num_layers: int = Field(12, ge=1)
+    num_heads: int = Field(12, ge=1)
+    patch_size: int = Field(32, ge=1)
+    mlp_ratio: int = Field(4, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    image_size: int = Field(384, ge=8, description="shorter image side after resize")
+    max_image_size: int = Field(640, ge=8, description="longer image side is capped at this")
+    max_text_len: int = Field(40, ge=4)
+    max_image_len: int = Field(200, description="sampled patches per image; -1 keeps all")
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class ViltTrainParams(ViltModelParams):
+    """Optimisation, batching and bookkeeping shared by pretraining and fine-tuning."""
+
+    tokenizer: str = Field("bert-base-uncased",
+                           description="AutoTokenizer name or local path; the `tokenizer` input wins when given")
+    max_steps: int = Field(200_000, ge=1)
+    batch_size: int = Field(4096, ge=1, description="global batch, reached by gradient accumulation")
+    per_device_batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int | float = Field(0.1, ge=0, description="steps (int) or a fraction of max_steps (float < 1)")
+    grad_clip: float = Field(0.0, ge=0, description="0 disables clipping (ViLT does not clip)")
+    checkpoint_every: int = Field(1000, ge=1)
+    log_every: int = Field(50, ge=1)
+    seed: int = 0
+    num_workers: int = Field(2, ge=0)
+
+
+class ViltPretrainParams(ViltTrainParams):
+    tasks: list[Literal["mlm", "itm"]] = Field(default_factory=lambda: ["mlm", "itm"], min_length=1)
+    whole_word_masking: bool = False
+    mlm_prob: float = Field(0.15, gt=0, lt=1)
+    itm_wpa: bool = Field(False, description="add ViLT's word-patch alignment (IPOT) loss to ITM")
+    wpa_weight: float = Field(0.1, ge=0)
+    init_from: str | None = Field(None, description="transformers ViLT checkpoint (dir or hub name) to start from")
+    vit_init: str | None = Field(None, description="timm ViT name or local weights file for patch embedding/encoder")
+
+
+class ViltFinetuneRetrievalParams(ViltTrainParams):
+    false_texts: int = Field(15, ge=1, description="negative captions scored with each image")
+    lr: float = Field(1e-4, gt=0)
+
+
+class ViltEvaluateRetrievalParams(Params):
+    split: str = "test"
+    subsets: list[Literal["all", "1k", "5k"]] = Field(
+        default_factory=lambda: ["1k", "5k"],
+        description="1k: mean over 5 folds of 1000 images, 5k: first 5000 images; both need enough images, "
+                    "smaller splits are evaluated whole ('all')")
+    max_images: int | None = Field(None, ge=1, description="evaluate only the first N images of the split")
+    text_batch_size: int = Field(256, ge=1)
+    image_batch_size: int = Field(32, ge=1)
+    image_size: int | None = Field(None, description="defaults to the trained model's")
+    max_image_size: int | None = None
+    max_text_len: int | None = None
+    num_threads: int = Field(0, ge=0, description="torch threads; 0 keeps torch's default")
+
+
+PRETRAIN = StageSpec(
+    name="vilt.pretrain",
+    entry="vlflow.stages.vilt.train:pretrain",
+    params=ViltPretrainParams,
+    inputs=("arrows",),
+    optional_inputs=("tokenizer",),
+    distributed=True,
+    resumable=True,
+    description="ViLT pretraining with masked language modelling and image-text matching",
+)
+
+FINETUNE_RETRIEVAL = StageSpec(
+    name="vilt.finetune_retrieval",
+    entry="vlflow.stages.vilt.train:finetune_retrieval",
+    params=ViltFinetuneRetrievalParams,
+    inputs=("arrows", "pretrained"),
+    optional_inputs=("tokenizer",),
+    distributed=True,
+    resumable=True,
+    description="ViLT image-text retrieval fine-tuning (rank head from ITM, contrast over false texts)",
+)
+
+EVALUATE_RETRIEVAL = StageSpec(
+    name="vilt.evaluate_retrieval",
+    entry="vlflow.stages.vilt.evaluate:evaluate_retrieval",
+    params=ViltEvaluateRetrievalParams,
+    inputs=("arrows", "model"),
+    description="Text->image and image->text recall@1/5/10 over all pairs of a split",
+)
+
+STAGES = [PRETRAIN, FINETUNE_RETRIEVAL, EVALUATE_RETRIEVAL]
+# tokenizer.train lives in vlflow.stages.text; register it here until its spec module is a built-in one.
+if "vlflow.stages.text.spec" not in BUILTIN_SPEC_MODULES:
+    STAGES += TEXT_STAGES

@@ -1,0 +1,68 @@
+"""tokenizer.train: output loads with AutoTokenizer, for both kinds; bad input gives a clear error."""
+import logging
+
+import pyarrow as pa
+import pytest
+from transformers import AutoTokenizer, BertTokenizerFast, RobertaTokenizerFast
+
+from vlflow.errors import StageError
+from vlflow.stage import StageContext
+from vlflow.stages.text.spec import TOKENIZER_TRAIN
+
+CAPTIONS = [
+    ["A red circle on a white background", "a small red circle"],
+    ["A blue square next to a green triangle", "blue square and green triangle"],
+    ["A yellow triangle", "the yellow triangle is large"],
+]
+
+
+def write_arrow(path, captions):
+    table = pa.table({
+        "image": pa.array([b"\x00"] * len(captions), pa.binary()),
+        "caption": pa.array(captions, pa.list_(pa.string())),
+        "image_id": [f"img_{i}.jpg" for i in range(len(captions))],
+        "split": ["train"] * len(captions),
+    })
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def run_stage(tmp_path, **params):
+    arrows = tmp_path / "arrows"
+    arrows.mkdir(exist_ok=True)
+    write_arrow(arrows / "coco_caption_karpathy_train.arrow", CAPTIONS)
+    write_arrow(arrows / "coco_caption_karpathy_test.arrow", [["zebra zebra zebra"]])
+    spec = TOKENIZER_TRAIN
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = StageContext(stage="tok", params=spec.params(**params), inputs={"arrows": arrows}, output_dir=out,
+                       log=logging.getLogger("test"))
+    return spec.load()(ctx), out
+
+
+def test_wordpiece_loads_with_autotokenizer(tmp_path):
+    metrics, out = run_stage(tmp_path, kind="wordpiece", vocab_size=120)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert isinstance(tok, BertTokenizerFast)
+    assert metrics["vocab_size"] == len(tok) <= 120
+    ids = tok("A RED Circle")["input_ids"]
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+    assert tok.convert_ids_to_tokens(ids[1:-1]) == ["a", "red", "circle"]  # lowercased, whole words learned
+    assert tok.mask_token == "[MASK]" and tok.pad_token_id == 0
+    assert "zebra" not in tok.get_vocab()  # only the train split was read (files_glob)
+
+
+def test_bpe_loads_with_autotokenizer(tmp_path):
+    _, out = run_stage(tmp_path, kind="bpe", vocab_size=300)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert isinstance(tok, RobertaTokenizerFast)
+    ids = tok("a red circle")["input_ids"]
+    assert ids[0] == tok.bos_token_id == tok.convert_tokens_to_ids("<s>")
+    assert ids[-1] == tok.eos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == "a red circle"
+    assert tok.mask_token == "<mask>"
+
+
+def test_no_matching_files_is_a_clear_error(tmp_path):
+    with pytest.raises(StageError, match="files_glob"):
+        run_stage(tmp_path, files_glob="*nothing*.arrow")
