@@ -105,6 +105,7 @@ class StageContext:
 
 BUILTIN_SPEC_MODULES = (
     "vlflow.stages.data.spec",
+    "vlflow.stages.text.spec",
     "vlflow.stages.vilt.spec",
     "vlflow.stages.unitab.spec",
     "vlflow.stages.testing.spec",
