@@ -1,0 +1,1 @@
+"""UniTAB stages: a unified text-and-box sequence model (pretraining with EMA, grounding + caption evaluation)."""

@@ -1,0 +1,200 @@
+"""Grounding arrows -> (image, encoder text, decoder sequence) samples for UniTAB.
+
+Rows come from `f30k_grounding_{split}.arrow` (one per caption): image bytes, image_id, caption, phrases
+(list of {text, start, end, boxes: [[x1,y1,x2,y2] in 0..1]}), width, height, split.
+"""
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from vlflow.errors import StageError
+
+from .model import TokenLayout
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+IGNORE = -100
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the arrows
+
+def grounding_arrow_path(arrows: Path, split: str) -> Path:
+    path = Path(arrows)
+    if path.is_dir():
+        path = path / f"f30k_grounding_{split}.arrow"
+    if not path.is_file():
+        raise StageError(f"grounding arrow for split {split!r} not found (expected f30k_grounding_{split}.arrow)",
+                         file=str(path), field="inputs.arrows")
+    return path
+
+
+def read_grounding_table(arrows: Path, split: str) -> pa.Table:
+    """Memory-mapped Arrow IPC file: rows are materialised only when indexed."""
+    path = grounding_arrow_path(arrows, split)
+    table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    missing = {"image", "image_id", "caption", "phrases"} - set(table.column_names)
+    if missing:
+        raise StageError(f"missing columns {sorted(missing)}", file=str(path), field="inputs.arrows")
+    return table
+
+
+def row(table: pa.Table, index: int) -> dict:
+    return {name: table.column(name)[index].as_py() for name in ("image", "image_id", "caption", "phrases")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sequences
+
+@dataclass
+class PhraseSpan:
+    phrase_index: int  # index into the row's phrases
+    token_start: int  # first caption token of the phrase (caption tokens without specials)
+    token_end: int  # one past the last
+    boxes: list
+
+
+def phrase_token_spans(tokenizer, caption: str, phrases: list[dict]) -> tuple[list[int], list[PhraseSpan]]:
+    """Tokenise the caption and map each phrase's character span to caption tokens (via offset mapping).
+    Phrases without boxes, without tokens, or overlapping an earlier phrase are dropped."""
+    encoded = tokenizer(caption, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    spans: list[PhraseSpan] = []
+    taken_until = 0
+    for index in sorted(range(len(phrases)), key=lambda i: phrases[i]["start"]):
+        phrase = phrases[index]
+        if not phrase.get("boxes"):
+            continue
+        tokens = [t for t, (s, e) in enumerate(offsets) if s < phrase["end"] and e > phrase["start"]]
+        if not tokens or tokens[0] < taken_until:
+            continue
+        spans.append(PhraseSpan(index, tokens[0], tokens[-1] + 1, phrase["boxes"]))
+        taken_until = tokens[-1] + 1
+    return ids, spans
+
+
+def build_sequence(ids: list[int], spans: list[PhraseSpan], layout: TokenLayout, bos: int, eos: int,
+                   with_boxes: bool = True) -> list[int]:
+    """<s> caption tokens with each grounded phrase as `<obj> phrase x1 y1 x2 y2 [...] </obj>` </s>."""
+    starts = {s.token_start: s for s in spans}
+    ends = {s.token_end - 1: s for s in spans}
+    sequence = [bos]
+    for position, token in enumerate(ids):
+        if with_boxes and position in starts:
+            sequence.append(layout.obj_start)
+        sequence.append(token)
+        if with_boxes and position in ends:
+            for box in ends[position].boxes:
+                sequence.extend(layout.box_to_tokens(box))
+            sequence.append(layout.obj_end)
+    sequence.append(eos)
+    return sequence
+
+
+def encoder_sees_text(seqcrop: str, do_caption: bool, rng: random.Random) -> bool:
+    """Whether the text encoder gets the caption (grounding) or nothing (captioning); see spec.py."""
+    if seqcrop == "grounding":
+        return True
+    if seqcrop == "caption":
+        return False
+    if seqcrop == "mixed":
+        return rng.random() < 0.5
+    return not do_caption  # "none"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images
+
+def load_image(data: bytes, image_size: int, max_image_size: int) -> torch.Tensor:
+    """Resize so the shorter side is image_size (longer <= max_image_size), ImageNet-normalise -> (3, H, W).
+    Boxes are relative, so they need no change."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    width, height = image.size
+    scale = min(image_size / min(width, height), max_image_size / max(width, height))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    image = image.resize(size, Image.BICUBIC)
+    array = (np.asarray(image, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def pad_images(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad to the batch max size; mask True on padding (DETR's NestedTensor)."""
+    height = max(i.shape[1] for i in images)
+    width = max(i.shape[2] for i in images)
+    batch = torch.zeros(len(images), 3, height, width)
+    mask = torch.ones(len(images), height, width, dtype=torch.bool)
+    for k, image in enumerate(images):
+        batch[k, :, : image.shape[1], : image.shape[2]] = image
+        mask[k, : image.shape[1], : image.shape[2]] = False
+    return batch, mask
+
+
+def pad_ids(rows: list[list[int]], value: int) -> torch.Tensor:
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
+    for k, r in enumerate(rows):
+        out[k, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training dataset
+
+class GroundingSequenceDataset(torch.utils.data.Dataset):
+    """One sample per caption: image, encoder text ids (caption or empty), decoder input/target sequence."""
+
+    def __init__(self, table: pa.Table, tokenizer, layout: TokenLayout, *, image_size: int, max_image_size: int,
+                 max_decoding_step: int, seqcrop: str = "mixed", do_caption: bool = False,
+                 no_detection: bool = False, seed: int = 0):
+        self.table = table
+        self.tokenizer = tokenizer
+        self.layout = layout
+        self.image_size = image_size
+        self.max_image_size = max_image_size
+        self.max_decoding_step = max_decoding_step
+        self.seqcrop = seqcrop
+        self.do_caption = do_caption
+        self.no_detection = no_detection
+        self.seed = seed
+        self.epoch = 0  # mixes into the per-sample crop choice so epochs differ but resumes repeat
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, index: int) -> dict:
+        item = row(self.table, index)
+        tok = self.tokenizer
+        ids, spans = phrase_token_spans(tok, item["caption"], item["phrases"])
+        sequence = build_sequence(ids, spans, self.layout, tok.bos_token_id, tok.eos_token_id,
+                                  with_boxes=not self.no_detection)
+        sequence = sequence[: self.max_decoding_step + 1]
+        rng = random.Random(hash((self.seed, self.epoch, index)))
+        text = ids[: self.max_decoding_step - 2] if encoder_sees_text(self.seqcrop, self.do_caption, rng) else []
+        return {
+            "image": load_image(item["image"], self.image_size, self.max_image_size),
+            "text_ids": [tok.bos_token_id, *text, tok.eos_token_id],
+            "prev_tokens": sequence[:-1],
+            "targets": sequence[1:],
+        }
+
+
+def collate(samples: list[dict], pad_token_id: int) -> dict:
+    images, image_mask = pad_images([s["image"] for s in samples])
+    text_ids = pad_ids([s["text_ids"] for s in samples], pad_token_id)
+    prev = pad_ids([s["prev_tokens"] for s in samples], pad_token_id)
+    return {
+        "images": images,
+        "image_mask": image_mask,
+        "text_ids": text_ids,
+        "text_mask": (pad_ids([[1] * len(s["text_ids"]) for s in samples], 0)),
+        "prev_tokens": prev,
+        "token_padding": pad_ids([[0] * len(s["prev_tokens"]) for s in samples], 1).bool(),
+        "targets": pad_ids([s["targets"] for s in samples], IGNORE),
+    }

@@ -1,0 +1,232 @@
+"""UniTAB: image + text encoder memory, causal decoder over one vocabulary of text tokens, <obj>, </obj> and box bins.
+
+    image -> timm ResNet (frozen BN) -> 1x1 conv to d_model (+ 2-D sine positions) --\
+                                                                                     concat -> nn.Transformer encoder
+    text  -> RobertaModel -> Linear+LayerNorm to d_model ----------------------------/                 |
+    previous tokens -> embedding (+ learned positions) -> causal nn.Transformer decoder <-- memory ----/
+                                                          -> Linear tied to the token embedding -> logits
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import freeze_batch_norm_2d
+from torch import nn
+from transformers import RobertaConfig, RobertaModel
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Vocabulary layout: [0, text_vocab) text tokens, then <obj>, </obj>, then num_bins coordinate bins.
+
+@dataclass(frozen=True)
+class TokenLayout:
+    text_vocab: int
+    num_bins: int
+
+    @property
+    def obj_start(self) -> int:
+        return self.text_vocab
+
+    @property
+    def obj_end(self) -> int:
+        return self.text_vocab + 1
+
+    @property
+    def first_bin(self) -> int:
+        return self.text_vocab + 2
+
+    @property
+    def size(self) -> int:
+        return self.text_vocab + 2 + self.num_bins
+
+    def box_to_tokens(self, box) -> list[int]:
+        """x1,y1,x2,y2 in [0,1] -> four bin tokens `int(v * (num_bins - 1))` (UniTAB's quantisation)."""
+        bins = [min(max(int(float(v) * (self.num_bins - 1)), 0), self.num_bins - 1) for v in box]
+        return [self.first_bin + b for b in bins]
+
+    def tokens_to_box(self, tokens) -> list[float]:
+        """Four bin tokens -> x1,y1,x2,y2 in [0,1] (the lower edge of each bin)."""
+        return [(int(t) - self.first_bin) / (self.num_bins - 1) for t in tokens]
+
+    def is_bin(self, token: int) -> bool:
+        return self.first_bin <= token < self.size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image side
+
+class Backbone(nn.Module):
+    """timm ResNet trunk returning one feature map; BatchNorm frozen as in DETR/MDETR/UniTAB."""
+
+    def __init__(self, name: str, feature_level: int = -1, weights: str | None = None, freeze_bn: bool = True):
+        super().__init__()
+        # zero_init_last would make frozen residual branches permanently zero when training from scratch
+        self.body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(feature_level,),
+                                      zero_init_last=False)
+        if weights:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            missing, _ = self.body.load_state_dict(state, strict=False)
+            if len(missing) == len(self.body.state_dict()):
+                raise ValueError(f"backbone_weights {weights}: no tensor matches timm model {name!r}")
+        if freeze_bn:
+            self.body = freeze_batch_norm_2d(self.body)
+        self.num_channels = self.body.feature_info.channels()[-1]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images)[-1]
+
+
+def sine_position_encoding(mask: torch.Tensor, d_model: int, temperature: float = 10000.0) -> torch.Tensor:
+    """DETR's normalised 2-D sine encoding. mask: (B, H, W) True on padding -> (B, H, W, d_model)."""
+    not_mask = (~mask).float()
+    y = not_mask.cumsum(1)
+    x = not_mask.cumsum(2)
+    eps = 1e-6
+    y = y / (y[:, -1:, :] + eps) * 2 * math.pi
+    x = x / (x[:, :, -1:] + eps) * 2 * math.pi
+    half = d_model // 2
+    dim_t = torch.arange(half, dtype=torch.float32, device=mask.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / half)
+    pos_x = x[..., None] / dim_t
+    pos_y = y[..., None] / dim_t
+    pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
+    pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+    return torch.cat((pos_y, pos_x), dim=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+
+@dataclass
+class UniTABConfig:
+    """Everything needed to rebuild the network (saved as config.json next to the weights)."""
+
+    text_vocab: int
+    backbone: str = "resnet101"
+    backbone_feature_level: int = -1
+    freeze_backbone_bn: bool = True
+    text_encoder: str = "roberta-base"
+    text_encoder_config: dict | None = None
+    d_model: int = 256
+    enc_layers: int = 6
+    dec_layers: int = 6
+    nheads: int = 8
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    num_queries: int = 200
+    max_decoding_step: int = 256
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+    pad_token_id: int = 1
+
+    @property
+    def layout(self) -> TokenLayout:
+        return TokenLayout(self.text_vocab, self.num_queries)
+
+
+def build_text_encoder(config: UniTABConfig) -> RobertaModel:
+    if config.text_encoder_config is not None:
+        return RobertaModel(RobertaConfig(**config.text_encoder_config), add_pooling_layer=False)
+    return RobertaModel.from_pretrained(config.text_encoder, add_pooling_layer=False)
+
+
+class UniTAB(nn.Module):
+    def __init__(self, config: UniTABConfig, backbone_weights: str | None = None, text_encoder: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.layout = config.layout
+        self.backbone = Backbone(config.backbone, config.backbone_feature_level, backbone_weights,
+                                 config.freeze_backbone_bn)
+        self.input_proj = nn.Conv2d(self.backbone.num_channels, d, kernel_size=1)
+        self.text_encoder = text_encoder if text_encoder is not None else build_text_encoder(config)
+        # MDETR's FeatureResizer: Linear + LayerNorm + dropout
+        self.text_proj = nn.Sequential(nn.Linear(self.text_encoder.config.hidden_size, d), nn.LayerNorm(d),
+                                       nn.Dropout(config.dropout))
+        # marks which memory entries are image vs text (the text has no 2-D position)
+        self.text_type_embed = nn.Parameter(torch.zeros(d))
+        self.transformer = nn.Transformer(d_model=d, nhead=config.nheads, num_encoder_layers=config.enc_layers,
+                                          num_decoder_layers=config.dec_layers, dim_feedforward=config.dim_feedforward,
+                                          dropout=config.dropout, batch_first=True)
+        self.token_embed = nn.Embedding(self.layout.size, d)
+        self.decoder_pos = nn.Embedding(config.max_decoding_step, d)
+        self.output = nn.Linear(d, self.layout.size, bias=False)
+        self.output.weight = self.token_embed.weight  # tied, as in UniTAB
+        nn.init.normal_(self.token_embed.weight, std=d ** -0.5)
+        nn.init.normal_(self.decoder_pos.weight, std=0.02)
+
+    # -- encoder -------------------------------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor, image_mask: torch.Tensor, text_ids: torch.Tensor,
+               text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B,3,H,W), image_mask (B,H,W) True on padding, text_ids/text_mask (B,L) with mask 1 on real tokens.
+        Returns encoder memory (B, HW+L, d) and its key padding mask (True = ignore)."""
+        features = self.backbone(images)
+        feat_mask = F.interpolate(image_mask[:, None].float(), size=features.shape[-2:])[:, 0].bool()
+        pos = sine_position_encoding(feat_mask, self.config.d_model)
+        img = (self.input_proj(features).flatten(2).transpose(1, 2) + pos.flatten(1, 2))
+        text = self.text_encoder(input_ids=text_ids, attention_mask=text_mask).last_hidden_state
+        text = self.text_proj(text) + self.text_type_embed
+        src = torch.cat([img, text], dim=1)
+        padding = torch.cat([feat_mask.flatten(1), text_mask == 0], dim=1)
+        memory = self.transformer.encoder(src, src_key_padding_mask=padding)
+        return memory, padding
+
+    # -- decoder -------------------------------------------------------------------------------------------------
+    def decode(self, memory: torch.Tensor, memory_padding: torch.Tensor, prev_tokens: torch.Tensor,
+               token_padding: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced causal decoding: logits (B, T, vocab) for next tokens after each of `prev_tokens` (B, T)."""
+        length = prev_tokens.shape[1]
+        if length > self.config.max_decoding_step:
+            raise ValueError(f"decoder input of {length} tokens exceeds max_decoding_step "
+                             f"{self.config.max_decoding_step}")
+        positions = torch.arange(length, device=prev_tokens.device)
+        x = self.token_embed(prev_tokens) + self.decoder_pos(positions)
+        causal = nn.Transformer.generate_square_subsequent_mask(length, device=prev_tokens.device, dtype=x.dtype)
+        hidden = self.transformer.decoder(x, memory, tgt_mask=causal, tgt_is_causal=True,
+                                          tgt_key_padding_mask=token_padding, memory_key_padding_mask=memory_padding)
+        return self.output(hidden)
+
+    def forward(self, images, image_mask, text_ids, text_mask, prev_tokens, token_padding=None) -> torch.Tensor:
+        memory, padding = self.encode(images, image_mask, text_ids, text_mask)
+        return self.decode(memory, padding, prev_tokens, token_padding)
+
+    @torch.no_grad()
+    def generate(self, memory: torch.Tensor, memory_padding: torch.Tensor, max_steps: int | None = None,
+                 prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy decoding from <s> (or `prefix`, (B, P)) until every row emitted </s> or `max_steps` tokens total.
+        Returns (B, T) token ids including the start; rows that finished early are padded with pad_token_id."""
+        cfg = self.config
+        max_steps = min(max_steps or cfg.max_decoding_step, cfg.max_decoding_step)
+        batch = memory.shape[0]
+        tokens = prefix if prefix is not None else torch.full((batch, 1), cfg.bos_token_id, dtype=torch.long,
+                                                               device=memory.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=memory.device)
+        while tokens.shape[1] < max_steps and not finished.all():
+            next_token = self.decode(memory, memory_padding, tokens)[:, -1].argmax(-1)
+            next_token = torch.where(finished, torch.full_like(next_token, cfg.pad_token_id), next_token)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            finished |= next_token == cfg.eos_token_id
+        return tokens
+
+
+def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """The single token cross-entropy of UniTAB (padding positions carry ignore_index)."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EMA of the weights (MDETR/UniTAB `--ema`)
+
+@torch.no_grad()
+def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * model for float parameters; buffers are copied."""
+    ema_params = dict(ema_model.named_parameters())
+    for name, param in model.named_parameters():
+        ema_params[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
+    ema_buffers = dict(ema_model.named_buffers())
+    for name, buffer in model.named_buffers():
+        ema_buffers[name].copy_(buffer)

@@ -1,0 +1,104 @@
+"""Stage specs for UniTAB (light: pydantic + StageSpec only, no torch).
+
+Sequence format (what the decoder learns), following microsoft/UniTAB:
+    <s> a <obj> red circle x1 y1 x2 y2 </obj> next to <obj> a square x1 y1 x2 y2 </obj> </s>
+where x1..y2 are coordinate-bin tokens `int(v * (num_queries - 1))` appended after the text vocabulary, `<obj>` and
+`</obj>` the two ids right after the text vocabulary. A phrase with several boxes carries all of them, in order.
+
+`pretrain_seqcrop` (UniTAB's `--pretrain_seqcrop`): what the *text encoder* sees while the decoder always emits the
+full grounded sequence:
+    grounding - the full caption (phrase grounding: copy the text, insert boxes),
+    caption   - nothing (grounded captioning from the image alone; UniTAB's "first" crop),
+    mixed     - per sample, 50/50 between the two (UniTAB's default),
+    none      - no cropping: the caption if not `do_caption`, else nothing (UniTAB's fine-tuning behaviour).
+`no_detection` drops the `<obj>`/box tokens from the targets (text-only captioning, "don't train the detector").
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from vlflow.stage import Params, StageSpec
+
+
+class ModelParams(Params):
+    """Architecture fields shared by training and the saved config (defaults: the UniTAB paper model)."""
+
+    backbone: str = Field("resnet101", description="timm ResNet name (features_only)")
+    backbone_weights: str | None = Field(None, description="local file with timm backbone weights; never downloaded")
+    backbone_feature_level: int = Field(-1, description="which feature map to use (-1: stride 32, -2: stride 16)")
+    freeze_backbone_bn: bool = Field(True, description="replace BatchNorm with FrozenBatchNorm2d (UniTAB/MDETR)")
+    text_encoder: str = Field("roberta-base", description="hub name or local path of a RoBERTa model/tokenizer")
+    text_encoder_config: dict | None = Field(
+        None, description="build a fresh RobertaModel from these RobertaConfig fields instead of from_pretrained")
+    d_model: int = Field(256, ge=8)
+    enc_layers: int = Field(6, ge=1)
+    dec_layers: int = Field(6, ge=1)
+    nheads: int = Field(8, ge=1)
+    dim_feedforward: int = Field(2048, ge=8)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    num_queries: int = Field(200, ge=2, description="number of coordinate bins")
+    max_decoding_step: int = Field(256, ge=8, description="max decoder sequence length")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.d_model % self.nheads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by nheads ({self.nheads})")
+        return self
+
+
+class PretrainParams(ModelParams):
+    batch_size: int = Field(64, ge=1, description="global batch; accumulation = batch_size // (per_device * world)")
+    per_device_batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    lr_backbone: float = Field(2e-5, ge=0, description="0 freezes the backbone")
+    text_encoder_lr: float = Field(2e-5, ge=0, description="0 freezes the text encoder")
+    weight_decay: float = Field(1e-4, ge=0)
+    clip_max_norm: float = Field(0.1, ge=0, description="0 disables clipping")
+    do_caption: bool = False
+    no_detection: bool = False
+    pretrain_seqcrop: Literal["none", "mixed", "grounding", "caption"] = "mixed"
+    ema: bool = True
+    ema_decay: float = Field(0.9998, gt=0, lt=1)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    epochs: int = Field(40, ge=1)
+    warmup: float = Field(0.01, ge=0, description="warmup steps (>=1) or fraction of all steps (<1); then linear decay")
+    image_size: int = Field(800, ge=32, description="shorter image side")
+    max_image_size: int = Field(1333, ge=32, description="cap on the longer side")
+    checkpoint_every: int = Field(1000, ge=1, description="optimizer steps between resumable checkpoints")
+    log_every: int = Field(10, ge=1)
+    num_workers: int = Field(0, ge=0)
+    seed: int = 42
+
+
+class EvaluateParams(Params):
+    split: Literal["train", "val", "test"] = "test"
+    use_ema: bool = True
+    batch_size: int = Field(16, ge=1)
+    max_decoding_step: int | None = Field(None, ge=8, description="caption decoding cap; default: the model's")
+    max_samples: int | None = Field(None, ge=1, description="evaluate only the first N captions")
+    grounding: bool = True
+    captioning: bool = True
+    seed: int = Field(0, description="seed of the random-box baseline")
+
+
+STAGES = [
+    StageSpec(
+        name="unitab.pretrain",
+        entry="vlflow.stages.unitab.train:pretrain",
+        params=PretrainParams,
+        inputs=("arrows",),
+        optional_inputs=("tokenizer",),
+        distributed=True,
+        resumable=True,
+        description="UniTAB pretraining (text+box sequence, token CE, EMA) on grounding arrows",
+    ),
+    StageSpec(
+        name="unitab.evaluate",
+        entry="vlflow.stages.unitab.evaluate:evaluate",
+        params=EvaluateParams,
+        inputs=("arrows", "model"),
+        description="phrase grounding recall@1 (+ random/center baselines) and caption BLEU-4/CIDEr-D",
+    ),
+]
