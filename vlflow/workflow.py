@@ -1,0 +1,754 @@
+"""Workflow files: YAML -> validated `Workflow`, with `file:line` + dotted field path in every error.
+
+Loading happens in phases, each on plain Python data plus a map of where every value was written:
+1. parse each file (duplicate keys and non-string keys are errors), merge `extends` then `include`s under it,
+2. apply `--set PATH=VALUE` overrides to the merged document,
+3. resolve `${...}` references in `params`, then in each stage's `with` and `launch`,
+4. validate each stage against its `StageSpec` (pydantic params, declared inputs, launch settings),
+5. check the dependency graph (dangling references, self-dependencies, cycles).
+
+`${stages.S.output}` is kept verbatim in the resolved params; the runner replaces it with S's local artifact path.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, NamedTuple
+
+import networkx as nx
+import pydantic
+import yaml
+
+from vlflow.errors import WorkflowError
+from vlflow.stage import LaunchSpec, StageSpec, get_spec, registry
+
+TOP_LEVEL_KEYS = ("name", "include", "extends", "params", "defaults", "stages")
+STAGE_KEYS = ("uses", "with", "inputs", "needs", "launch")
+DEFAULTS_KEYS = ("launch",)
+STAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+WORKFLOW_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+SECRET_MARKERS = ("KEY", "SECRET", "TOKEN", "PASSWORD")
+MASK = "***"
+
+# `$${` is an escaped literal `${`; `${...}` is a reference; a `${` that is neither is unterminated.
+_TOKEN = re.compile(r"\$\$\{|\$\{([^{}]*)\}|\$\{")
+_STAGE_OUTPUT = re.compile(r"stages\.([A-Za-z_][A-Za-z0-9_-]*)\.output")
+_ENV = re.compile(r"env\.([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
+_STAGE_OUTPUT_TEXT = re.compile(r"\$\{stages\.([A-Za-z_][A-Za-z0-9_-]*)\.output\}")
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """An input wired to another stage's artifact, or to a file/directory inside it."""
+
+    stage: str
+    subpath: str = ""  # "" for the whole artifact, else a relative POSIX path such as "karpathy/dataset_coco.json"
+
+    def __str__(self) -> str:
+        return f"{self.stage}/{self.subpath}" if self.subpath else self.stage
+
+
+@dataclass
+class StageDecl:
+    name: str
+    uses: str
+    params: dict  # the resolved `with` block, validated and dumped with model_dump(mode="json") (defaults explicit)
+    inputs: dict[str, InputRef]
+    needs: list[str]  # ordering-only dependencies
+    launch: LaunchSpec | None  # only for distributed stage types
+    file: str
+    line: int
+
+    def deps(self) -> set[str]:
+        """Stages this one depends on: its inputs, `needs`, and `${stages.X.output}` references in its params."""
+        found = {ref.stage for ref in self.inputs.values()} | set(self.needs)
+        _collect_stage_outputs(self.params, found)
+        return found
+
+
+@dataclass
+class Workflow:
+    name: str
+    path: Path
+    params: dict
+    stages: dict[str, StageDecl]  # in file order
+    # Values of secret-looking environment variables that were interpolated: masked by to_dict().
+    secret_values: frozenset[str] = field(default=frozenset(), repr=False)
+
+    def to_dict(self) -> dict:
+        """The resolved workflow as a document `load_workflow` accepts again (secrets shown as ***)."""
+        stages = {}
+        for name, decl in self.stages.items():
+            entry: dict[str, Any] = {"uses": decl.uses, "with": decl.params}
+            if decl.inputs:
+                entry["inputs"] = {key: str(ref) for key, ref in decl.inputs.items()}
+            if decl.needs:
+                entry["needs"] = list(decl.needs)
+            if decl.launch is not None:
+                entry["launch"] = decl.launch.model_dump(mode="json")
+            stages[name] = entry
+        document = {"name": self.name, "params": self.params, "stages": stages}
+        return _escape_for_output(document, self.secret_values)
+
+
+def load_workflow(path, overrides: list[str] = (), launch_defaults: dict | None = None,
+                  env: Mapping[str, str] | None = None) -> Workflow:
+    """Load, merge, override, interpolate and validate a workflow file. Raises WorkflowError for any user error."""
+    env = os.environ if env is None else env
+    secrets = _secret_values(env)
+    try:
+        return _Loader(Path(path), list(overrides), dict(launch_defaults or {}), env).load()
+    except WorkflowError as exc:
+        # Errors quote values; a value that came from a secret-looking variable must never be printed.
+        message = exc.message
+        for secret in secrets:
+            message = message.replace(secret, MASK)
+        if message == exc.message:
+            raise
+        raise WorkflowError(message, file=exc.file, line=exc.line, field=exc.field) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# YAML with locations
+
+
+class Location(NamedTuple):
+    file: str | None
+    line: int | None
+
+
+Path_ = tuple  # a path into the document: ("stages", "train", "with", "max_steps")
+Locations = dict  # Path_ -> Location
+
+
+def _dotted(path: Path_) -> str:
+    return ".".join(str(part) for part in path)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader without the timestamp resolver: `2021-01-01` stays a string (stage params are JSON values)."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _parse_yaml(text: str, file: str) -> tuple[Any, Locations]:
+    """Parse one YAML document into plain data and the line of every mapping key / sequence item."""
+    loader = _YamlLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, {(): Location(file, 1)}
+        locations: Locations = {(): Location(file, root.start_mark.line + 1)}
+        data = _from_node(loader, root, (), locations, file, active=set())
+        return data, locations
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "invalid YAML"
+        if "'\\t'" in problem or "\t" in problem:
+            problem = "tab character; YAML indentation must use spaces"
+        elif exc.context and exc.problem:
+            problem = f"{exc.problem} ({exc.context})"
+        raise WorkflowError(f"invalid YAML: {problem}", file=file,
+                            line=None if mark is None else mark.line + 1) from None
+    except yaml.YAMLError as exc:
+        raise WorkflowError(f"invalid YAML: {exc}", file=file) from None
+    finally:
+        loader.dispose()
+
+
+def _from_node(loader: _YamlLoader, node: yaml.Node, path: Path_, locations: Locations, file: str,
+               active: set[int]) -> Any:
+    if isinstance(node, yaml.ScalarNode):
+        return loader.construct_object(node)
+    if id(node) in active:  # an alias inside itself (`a: &x [*x]`)
+        raise WorkflowError("recursive YAML alias", file=file, line=node.start_mark.line + 1, field=_dotted(path))
+    active = active | {id(node)}
+    if isinstance(node, yaml.SequenceNode):
+        items = []
+        for index, item in enumerate(node.value):
+            item_path = (*path, index)
+            locations[item_path] = Location(file, item.start_mark.line + 1)
+            items.append(_from_node(loader, item, item_path, locations, file, active))
+        return items
+    # A mapping. Duplicate keys are errors (PyYAML keeps the last silently); `<<` merge keys are allowed to be
+    # overridden by the mapping's own keys, so duplicates are checked before flattening them in.
+    first_line: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+        line = key_node.start_mark.line + 1
+        if not isinstance(key, str):
+            shown = "a complex key" if key is None and not isinstance(key_node, yaml.ScalarNode) else repr(key)
+            raise WorkflowError(f"mapping keys must be strings, got {shown} (quote it)", file=file, line=line,
+                                field=_dotted(path) or None)
+        if key in first_line:
+            raise WorkflowError(f"duplicate key {key!r} (first defined on line {first_line[key]})", file=file,
+                                line=line, field=_dotted((*path, key)))
+        first_line[key] = line
+    loader.flatten_mapping(node)
+    mapping = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node)
+        if not isinstance(key, str):
+            raise WorkflowError(f"mapping keys must be strings, got {key!r}", file=file,
+                                line=key_node.start_mark.line + 1, field=_dotted(path) or None)
+        key_path = (*path, key)
+        _drop_under(locations, key_path)  # a key from `<<` replaced by the mapping's own
+        locations[key_path] = Location(file, key_node.start_mark.line + 1)
+        mapping[key] = _from_node(loader, value_node, key_path, locations, file, active)
+    return mapping
+
+
+def _drop_under(locations: Locations, prefix: Path_) -> None:
+    n = len(prefix)
+    for key in [k for k in locations if k[:n] == prefix]:
+        del locations[key]
+
+
+def _deep_merge(base: dict, base_locs: Locations, over: dict, over_locs: Locations, path: Path_ = ()) -> None:
+    """Merge `over` into `base` in place: mappings merge key by key, anything else is replaced."""
+    for key, value in over.items():
+        key_path = (*path, key)
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], base_locs, value, over_locs, key_path)  # the key keeps its first location
+        else:
+            base[key] = copy.deepcopy(value)
+            _drop_under(base_locs, key_path)
+            n = len(key_path)
+            base_locs.update({k: loc for k, loc in over_locs.items() if k[:n] == key_path})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Interpolation
+
+
+def _looks_secret(name: str) -> bool:
+    upper = name.upper()
+    return any(marker in upper for marker in SECRET_MARKERS)
+
+
+def _secret_values(env: Mapping[str, str]) -> set[str]:
+    return {value for name, value in env.items() if _looks_secret(name) and value}
+
+
+def _collect_stage_outputs(value: Any, found: set[str]) -> None:
+    if isinstance(value, str):
+        found.update(_STAGE_OUTPUT_TEXT.findall(value))
+    elif isinstance(value, dict):
+        for item in value.values():
+            _collect_stage_outputs(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            _collect_stage_outputs(item, found)
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return str(value)
+
+
+class _Resolver:
+    """Resolves `${params.*}`, `${env.*}` and `${stages.S.output}` in values, recording the stages referenced."""
+
+    def __init__(self, raw_params: dict, locations: Locations, env: Mapping[str, str], stage_names: list[str]):
+        self.raw_params = raw_params
+        self.locations = locations
+        self.env = env
+        self.stage_names = stage_names
+        self.resolved: dict[Path_, Any] = {}  # params path -> resolved value
+        self.in_progress: list[Path_] = []
+        self.used_secrets: set[str] = set()
+
+    def where(self, path: Path_) -> Location:
+        while path and path not in self.locations:
+            path = path[:-1]
+        return self.locations.get(path, Location(None, None))
+
+    def fail(self, message: str, path: Path_) -> WorkflowError:
+        file, line = self.where(path)
+        return WorkflowError(message, file=file, line=line, field=_dotted(path))
+
+    def resolve(self, value: Any, path: Path_, allow_stages: bool = True) -> Any:
+        if isinstance(value, str):
+            return self._resolve_text(value, path, allow_stages)
+        if isinstance(value, dict):
+            return {k: self.resolve(v, (*path, k), allow_stages) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.resolve(v, (*path, i), allow_stages) for i, v in enumerate(value)]
+        return value
+
+    def _resolve_text(self, text: str, path: Path_, allow_stages: bool) -> Any:
+        matches = list(_TOKEN.finditer(text))
+        if not matches:
+            return text
+        only = matches[0]
+        if len(matches) == 1 and only.span() == (0, len(text)) and only.group(1) is not None:
+            return self._reference(only.group(1), path, allow_stages)  # exactly one reference: keep its type
+        pieces, position = [], 0
+        for match in matches:
+            pieces.append(text[position:match.start()])
+            position = match.end()
+            token = match.group(0)
+            if token == "$${":
+                pieces.append("${")
+            elif match.group(1) is None:
+                raise self.fail(f"unterminated or nested '${{' in {text!r} (write '$${{' for a literal '${{')", path)
+            else:
+                value = self._reference(match.group(1), path, allow_stages)
+                if isinstance(value, (dict, list)):
+                    raise self.fail(f"{token} is a {type(value).__name__}; it cannot be inserted into text "
+                                    f"(use it as the whole value)", path)
+                pieces.append(_as_text(value))
+        pieces.append(text[position:])
+        return "".join(pieces)
+
+    def _reference(self, body: str, path: Path_, allow_stages: bool) -> Any:
+        expression = body.strip()
+        if expression.startswith("params.") or expression == "params":
+            keys = [part for part in expression.split(".")[1:]]
+            if not keys or any(not part for part in keys):
+                raise self.fail(f"malformed reference ${{{body}}} (expected ${{params.NAME}})", path)
+            return self._param(keys, body, path)
+        if expression.startswith("env.") or expression == "env":
+            match = _ENV.fullmatch(expression)
+            if match is None:
+                raise self.fail(f"malformed reference ${{{body}}} (expected ${{env.NAME}} or ${{env.NAME:-default}})",
+                                path)
+            name, default = match.group(1), match.group(2)
+            if name in self.env:
+                value = self.env[name]
+            elif default is not None:
+                value = default
+            else:
+                raise self.fail(f"environment variable {name} is not set (give a default: ${{env.{name}:-value}})",
+                                path)
+            if _looks_secret(name) and value:
+                self.used_secrets.add(value)
+            return value
+        if expression.startswith("stages.") or expression == "stages":
+            match = _STAGE_OUTPUT.fullmatch(expression)
+            if match is None:
+                raise self.fail(f"malformed reference ${{{body}}} (expected ${{stages.NAME.output}})", path)
+            if not allow_stages:
+                raise self.fail(f"${{{body}}} is only allowed in a stage's `with` block", path)
+            stage = match.group(1)
+            if stage not in self.stage_names:
+                raise self.fail(f"${{{body}}} names no stage of this workflow{_suggest(stage, self.stage_names)}",
+                                path)
+            return f"${{stages.{stage}.output}}"  # kept for the runner
+        raise self.fail(f"unknown reference ${{{body}}} (expected ${{params.NAME}}, ${{env.NAME}}, "
+                        f"${{env.NAME:-default}} or ${{stages.NAME.output}})", path)
+
+    def _param(self, keys: list[str], body: str, path: Path_) -> Any:
+        """The resolved value of params.<keys>, resolving only what the lookup passes through."""
+        current_path: Path_ = ("params",)
+        current: Any = self.raw_params
+        resolved = False  # once inside a resolved value, nothing below it needs resolving again
+        for key in keys:
+            if not resolved and isinstance(current, str) and current_path != ("params",):
+                current, resolved = self.resolve_param(current_path, current), True  # navigate through a ${...}
+            if isinstance(current, dict) and key in current:
+                current = current[key]
+            elif isinstance(current, list) and key.isdigit() and int(key) < len(current):
+                current = current[int(key)]
+            elif isinstance(current, dict):
+                raise self.fail(f"unknown reference ${{{body}}}: no {_dotted(current_path)}.{key}"
+                                f"{_suggest(key, list(current))}", path)
+            else:
+                raise self.fail(f"unknown reference ${{{body}}}: {_dotted(current_path)} is "
+                                f"{_type_name(current)}, it has no {key!r}", path)
+            current_path = (*current_path, key)
+        if not resolved:
+            current = self.resolve_param(current_path, current)
+        return copy.deepcopy(current)
+
+    def resolve_param(self, param_path: Path_, raw: Any) -> Any:
+        key = tuple(str(part) for part in param_path)
+        if key in self.resolved:
+            return self.resolved[key]
+        if key in self.in_progress:
+            cycle = self.in_progress[self.in_progress.index(key):] + [key]
+            raise self.fail("reference cycle: " + " -> ".join(_dotted(p) for p in cycle), self.in_progress[0])
+        self.in_progress.append(key)
+        try:
+            value = self.resolve(raw, _typed_path(param_path, self.raw_params))
+        finally:
+            self.in_progress.pop()
+        self.resolved[key] = value
+        return value
+
+
+def _typed_path(param_path: Path_, raw_params: dict) -> Path_:
+    """("params", "sizes", "0") -> ("params", "sizes", 0) so list items find their locations."""
+    out: list = ["params"]
+    current: Any = raw_params
+    for part in param_path[1:]:
+        if isinstance(current, list):
+            part = int(part)
+            current = current[part]
+        elif isinstance(current, dict):
+            current = current.get(part)
+        out.append(part)
+    return tuple(out)
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=3)
+    if close:
+        return f" (did you mean {' or '.join(repr(c) for c in close)}?)"
+    return f" (known: {', '.join(str(c) for c in choices)})" if choices else ""
+
+
+def _escape_for_output(value: Any, secrets: frozenset[str]) -> Any:
+    """Mask secrets and re-escape literal `${` so the dumped document loads back to the same workflow."""
+    if isinstance(value, dict):
+        return {k: _escape_for_output(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escape_for_output(v, secrets) for v in value]
+    if value is not None and not isinstance(value, bool) and any(s in str(value) for s in secrets):
+        return MASK
+    if isinstance(value, str) and "${" in value:
+        parts = _STAGE_OUTPUT_TEXT.split(value)  # stage references stay; every other `${` is literal text
+        for index in range(0, len(parts), 2):
+            parts[index] = parts[index].replace("${", "$${")
+        for index in range(1, len(parts), 2):
+            parts[index] = f"${{stages.{parts[index]}.output}}"
+        return "".join(parts)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "empty"}.get(type(value), type(value).__name__)
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Loader:
+    def __init__(self, path: Path, overrides: list[str], launch_defaults: dict, env: Mapping[str, str]):
+        self.path = path
+        self.overrides = overrides
+        self.launch_defaults = launch_defaults
+        self.env = env
+        self.locations: Locations = {}
+
+    # -- errors ------------------------------------------------------------------------------------------------
+
+    def where(self, path: Path_) -> Location:
+        while path and path not in self.locations:
+            path = path[:-1]
+        return self.locations.get(path, Location(str(self.path), None))
+
+    def fail(self, message: str, path: Path_, at: Path_ | None = None) -> WorkflowError:
+        """An error about `path`, located where `at` (default: `path` or its nearest located parent) was written."""
+        file, line = self.where(path if at is None else at)
+        return WorkflowError(message, file=file, line=line, field=_dotted(path) or None)
+
+    def expect(self, value: Any, kind: type, path: Path_, what: str) -> Any:
+        if value is None and kind in (dict, list):
+            return kind()
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.fail(f"expected {what}, got {_type_name(value)}"
+                            + (f" {_short_repr(value)}" if not isinstance(value, (dict, list)) and value is not None
+                               else ""), path)
+        return value
+
+    # -- phases ------------------------------------------------------------------------------------------------
+
+    def load(self) -> Workflow:
+        document, self.locations = self.read_document(self.path, chain=[])
+        name_given = "name" in document and self.locations.get(("name",), Location(None, None)).file == str(self.path)
+        self.apply_overrides(document)
+        if not name_given and not any(o.split("=", 1)[0].strip() == "name" for o in self.overrides):
+            document["name"] = self.path.stem  # an extending file is its own workflow, not its base's
+        for key in document:
+            if key not in TOP_LEVEL_KEYS:
+                raise self.fail(f"unknown top-level key {key!r}{_suggest(key, TOP_LEVEL_KEYS)}", (key,))
+        name = self.expect(document.get("name"), str, ("name",), "a string")
+        if not WORKFLOW_NAME.fullmatch(name):
+            raise self.fail(f"invalid workflow name {name!r} (letters, digits, '_', '-', '.')", ("name",))
+        raw_params = self.expect(document.get("params"), dict, ("params",), "a mapping of params")
+        defaults = self.expect(document.get("defaults"), dict, ("defaults",), "a mapping")
+        for key in defaults:
+            if key not in DEFAULTS_KEYS:
+                raise self.fail(f"unknown key {key!r} in defaults (known: {', '.join(DEFAULTS_KEYS)})",
+                                ("defaults", key))
+        raw_stages = self.expect(document.get("stages"), dict, ("stages",), "a mapping of stage name -> stage")
+        if not raw_stages:
+            raise self.fail("the workflow defines no stages", ("stages",))
+        for stage_name in raw_stages:
+            if not STAGE_NAME.fullmatch(stage_name):
+                raise self.fail(f"invalid stage name {stage_name!r} (letters, digits, '_' and '-'; "
+                                "must not start with a digit or '-')", ("stages", stage_name))
+
+        resolver = _Resolver(raw_params, self.locations, self.env, list(raw_stages))
+        params = {key: resolver.resolve_param(("params", key), value) for key, value in raw_params.items()}
+        default_launch = self.launch_settings(resolver, defaults, raw_stages)
+        stages = {name: self.stage(name, raw, resolver, default_launch, list(raw_stages))
+                  for name, raw in raw_stages.items()}
+        self.check_graph(stages)
+        return Workflow(name=name, path=self.path.resolve(), params=params, stages=stages,
+                        secret_values=frozenset(resolver.used_secrets))
+
+    def read_document(self, path: Path, chain: list[Path], origin: tuple[str, int | None, str] | None = None
+                      ) -> tuple[dict, Locations]:
+        """One file with its `extends` and `include`s merged in (the file itself wins)."""
+        file = str(path)
+        real = path.resolve()
+        if real in chain:
+            names = [str(p.name) for p in chain[chain.index(real):]] + [real.name]
+            ofile, oline, ofield = origin
+            raise WorkflowError("include cycle: " + " -> ".join(names), file=ofile, line=oline, field=ofield)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            if origin is None:
+                raise WorkflowError("workflow file not found", file=file) from None
+            ofile, oline, ofield = origin
+            raise WorkflowError(f"included file not found: {file}", file=ofile, line=oline, field=ofield) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise WorkflowError(f"cannot read workflow file: {exc}", file=file) from None
+        data, locations = _parse_yaml(text, file)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise WorkflowError(f"a workflow file must be a mapping of keys, got {_type_name(data)}", file=file,
+                                line=locations[()].line)
+        for key in data:
+            if key not in TOP_LEVEL_KEYS:
+                loc = locations[(key,)]
+                raise WorkflowError(f"unknown top-level key {key!r}{_suggest(key, TOP_LEVEL_KEYS)}", file=file,
+                                    line=loc.line, field=key)
+        chain = [*chain, real]
+        merged: dict = {}
+        merged_locs: Locations = {}
+        bases: list[tuple[str, Path_]] = []
+        if "extends" in data:
+            extends = data.pop("extends")
+            if not isinstance(extends, str) or not extends:
+                loc = locations[("extends",)]
+                raise WorkflowError(f"expected one file path, got {_type_name(extends)}", file=file, line=loc.line,
+                                    field="extends")
+            bases.append((extends, ("extends",)))
+        if "include" in data:
+            includes = data.pop("include")
+            if isinstance(includes, str):
+                includes = [includes]
+            if not isinstance(includes, list):
+                loc = locations[("include",)]
+                raise WorkflowError(f"expected a list of file paths, got {_type_name(includes)}", file=file,
+                                    line=loc.line, field="include")
+            for index, item in enumerate(includes):
+                item_path = ("include", index) if ("include", index) in locations else ("include",)
+                if not isinstance(item, str) or not item:
+                    raise WorkflowError(f"expected a file path, got {_type_name(item)}", file=file,
+                                        line=locations[item_path].line, field=_dotted(item_path))
+                bases.append((item, item_path))
+        for relative, key_path in bases:
+            target = Path(os.path.normpath(path.parent / relative))
+            origin_here = (file, locations[key_path].line, _dotted(key_path))
+            base, base_locs = self.read_document(target, chain, origin_here)
+            _deep_merge(merged, merged_locs, base, base_locs)
+        own_locs = {k: v for k, v in locations.items() if k and k[0] not in ("include", "extends")}
+        _deep_merge(merged, merged_locs, data, own_locs)
+        return merged, merged_locs
+
+    def apply_overrides(self, document: dict) -> None:
+        for override in self.overrides:
+            origin = f"--set {override}"
+            key, sep, text = override.partition("=")
+            key = key.strip()
+            if not sep:
+                raise WorkflowError("expected PATH=VALUE (e.g. --set params.seed=3)", file=origin)
+            parts = key.split(".")
+            if not key or any(not part for part in parts):
+                raise WorkflowError(f"empty path segment in {key!r} (expected dotted keys such as "
+                                    "stages.train.with.steps)", file=origin)
+            if text.strip() == "":
+                value: Any = ""
+            else:
+                try:
+                    value, _ = _parse_yaml(text, origin)
+                except WorkflowError as exc:
+                    raise WorkflowError(f"cannot parse value {text!r}: {exc.message}", file=origin,
+                                        field=key) from None
+            target = document
+            for depth, part in enumerate(parts[:-1]):
+                if part not in target or target[part] is None:
+                    target[part] = {}
+                if not isinstance(target[part], dict):
+                    where = ".".join(parts[: depth + 1])
+                    raise WorkflowError(f"cannot set {key}: {where} is {_type_name(target[part])}, not a mapping",
+                                        file=origin, field=key)
+                target = target[part]
+            target[parts[-1]] = value
+            path = tuple(parts)
+            _drop_under(self.locations, path)
+            self.locations[path] = Location(origin, None)
+            if isinstance(value, (dict, list)):  # everything under it comes from the override too
+                _mark_all(value, path, self.locations, Location(origin, None))
+
+    def launch_settings(self, resolver: _Resolver, defaults: dict, raw_stages: dict) -> dict:
+        """Project launch defaults <- workflow `defaults.launch`, validated on their own."""
+        raw = self.expect(defaults.get("launch"), dict, ("defaults", "launch"), "a mapping of launch settings")
+        merged = dict(self.launch_defaults)
+        merged.update(resolver.resolve(raw, ("defaults", "launch"), allow_stages=False))
+        self.validate_launch(merged, ("defaults", "launch"), origin_paths=[("defaults", "launch")])
+        return merged
+
+    def validate_launch(self, settings: dict, path: Path_, origin_paths: list[Path_]) -> LaunchSpec:
+        try:
+            return LaunchSpec(**settings)
+        except pydantic.ValidationError as exc:
+            error = exc.errors()[0]
+            key = error["loc"][0] if error["loc"] else None
+            field_path = (*path, *error["loc"])
+            at = next((p for p in [(*o, key) for o in origin_paths] if p in self.locations), None)
+            message = _pydantic_message(error, list(LaunchSpec.model_fields))
+            if at is None and key in self.launch_defaults:
+                message += " (from the project's launch defaults)"
+            raise self.fail(message + _more(exc), field_path, at=at or path) from None
+
+    def stage(self, name: str, raw: Any, resolver: _Resolver, default_launch: dict, stage_names: list[str]
+              ) -> StageDecl:
+        path = ("stages", name)
+        raw = self.expect(raw, dict, path, "a stage mapping (with `uses:`)")
+        for key in raw:
+            if key not in STAGE_KEYS:
+                raise self.fail(f"unknown stage key {key!r}{_suggest(key, STAGE_KEYS)}", (*path, key))
+        if "uses" not in raw:
+            raise self.fail("missing `uses:` (the stage type)", path)
+        uses = self.expect(raw["uses"], str, (*path, "uses"), "a stage type name")
+        spec = self.spec(uses, (*path, "uses"))
+
+        with_path = (*path, "with")
+        raw_with = self.expect(raw.get("with"), dict, with_path, "a mapping of parameters")
+        values = resolver.resolve(raw_with, with_path)
+        try:
+            params = spec.params(**values).model_dump(mode="json")
+        except pydantic.ValidationError as exc:
+            error = exc.errors()[0]
+            message = _pydantic_message(error, list(spec.params.model_fields))
+            raise self.fail(message + _more(exc), (*with_path, *error["loc"])) from None
+
+        inputs = self.inputs(spec, raw.get("inputs"), path, stage_names)
+        needs_path = (*path, "needs")
+        needs = raw.get("needs")
+        if isinstance(needs, str):
+            needs = [needs]
+        needs = self.expect(needs, list, needs_path, "a list of stage names")
+        for index, needed in enumerate(needs):
+            item = (*needs_path, index)
+            self.expect(needed, str, item, "a stage name")
+            self.check_stage_ref(needed, name, item, stage_names)
+
+        launch = None
+        launch_path = (*path, "launch")
+        if "launch" in raw and not spec.distributed:
+            raise self.fail(f"`launch` is only allowed on distributed stages ({uses} runs in one process)",
+                            launch_path)
+        if spec.distributed:
+            own = self.expect(raw.get("launch"), dict, launch_path, "a mapping of launch settings")
+            settings = {**default_launch, **resolver.resolve(own, launch_path, allow_stages=False)}
+            launch = self.validate_launch(settings, launch_path, origin_paths=[launch_path, ("defaults", "launch")])
+
+        decl = StageDecl(name=name, uses=uses, params=params, inputs=inputs, needs=list(needs), launch=launch,
+                         file=self.where(path).file, line=self.where(path).line)
+        for ref in sorted(decl.deps() - {r.stage for r in inputs.values()} - set(needs)):
+            self.check_stage_ref(ref, name, with_path, stage_names)  # e.g. from an escaped `$${stages...}`
+        return decl
+
+    def spec(self, uses: str, path: Path_) -> StageSpec:
+        try:
+            return get_spec(uses)
+        except KeyError:
+            raise self.fail(f"unknown stage type {uses!r}{_suggest(uses, sorted(registry()))}", path) from None
+
+    def inputs(self, spec: StageSpec, raw: Any, path: Path_, stage_names: list[str]) -> dict[str, InputRef]:
+        inputs_path = (*path, "inputs")
+        raw = self.expect(raw, dict, inputs_path, "a mapping of input name -> STAGE or STAGE/sub/path")
+        declared = [*spec.inputs, *spec.optional_inputs]
+        refs = {}
+        for key, value in raw.items():
+            item = (*inputs_path, key)
+            if key not in declared:
+                takes = f"takes: {', '.join(declared)}" if declared else "takes no inputs"
+                close = difflib.get_close_matches(key, declared, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise self.fail(f"unknown input {key!r} ({hint}{spec.name} {takes})", item)
+            self.expect(value, str, item, "STAGE or STAGE/sub/path")
+            stage, _, sub = value.strip().partition("/")
+            subpath = PurePosixPath(sub) if sub else None
+            if subpath is not None and (subpath.is_absolute() or ".." in subpath.parts or "" in sub.split("/")[:-1]):
+                raise self.fail(f"invalid path {sub!r} inside stage {stage!r} (relative, without '..' or '//')",
+                                item)
+            self.check_stage_ref(stage, path[1], item, stage_names, what="input")
+            refs[key] = InputRef(stage, str(subpath) if subpath is not None and str(subpath) != "." else "")
+        for required in spec.inputs:
+            if required not in refs:
+                raise self.fail(f"missing required input {required!r} of {spec.name}", (*inputs_path, required))
+        return refs
+
+    def check_stage_ref(self, stage: str, owner: str, path: Path_, stage_names: list[str], what: str = "need"
+                        ) -> None:
+        if stage == owner:
+            raise self.fail(f"stage {owner!r} depends on itself", path)
+        if stage not in stage_names:
+            label = "dangling input" if what == "input" else "unknown stage"
+            raise self.fail(f"{label}: no stage named {stage!r} in this workflow{_suggest(stage, stage_names)}",
+                            path)
+
+    def check_graph(self, stages: dict[str, StageDecl]) -> None:
+        graph = nx.DiGraph()
+        graph.add_nodes_from(stages)
+        for name, decl in stages.items():
+            graph.add_edges_from((dep, name) for dep in decl.deps())
+        try:
+            cycle = nx.find_cycle(graph)
+        except nx.NetworkXNoCycle:
+            return
+        names = [edge[0] for edge in cycle] + [cycle[0][0]]
+        raise self.fail("dependency cycle: " + " -> ".join(names), ("stages", names[0]))
+
+
+def _mark_all(value: Any, path: Path_, locations: Locations, location: Location) -> None:
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        locations[(*path, key)] = location
+        _mark_all(item, (*path, key), locations, location)
+
+
+def _pydantic_message(error: dict, known: list[str]) -> str:
+    kind = error["type"]
+    if kind == "missing":
+        return "required parameter missing"
+    if kind == "extra_forbidden":
+        key = str(error["loc"][-1]) if error["loc"] else "?"
+        return f"unknown parameter {key!r}{_suggest(key, known)}"
+    message = error["msg"]
+    return f"{message[0].lower()}{message[1:]}, got {_short_repr(error.get('input'))}"
+
+
+def _more(exc: pydantic.ValidationError) -> str:
+    count = exc.error_count() - 1
+    return f" (and {count} more error{'s' if count > 1 else ''})" if count > 0 else ""
