@@ -1,0 +1,578 @@
+"""Content-addressed artifact store on any fsspec filesystem (local dir, memory://, s3://, ...).
+
+Layout under the store URL:
+
+    artifacts/<key>/manifest.json     written last, in one step; the only thing readers trust
+    artifacts/<key>/<attempt>/...     the files of one commit attempt (attempt = uuid4 hex)
+    refs/<name>.json                  small JSON records (e.g. the last run of a workflow stage)
+
+A commit copies (or, on the same local filesystem, moves) the files into a fresh attempt dir while hashing them, then
+writes the manifest. A commit that dies midway leaves only an unreferenced attempt dir, which `garbage()` reports and
+`gc()` deletes. Reading a manifest never touches artifact data, so checking a cached stage costs one small read.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+try:
+    from vlflow.errors import StoreError
+except ImportError:  # vlflow.errors not there yet: keep the store usable alone
+    class StoreError(ValueError):  # type: ignore[no-redef]
+        pass
+
+log = logging.getLogger("vlflow.store")
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+COMPLETE_MARKER = ".complete"
+CHUNK = 4 * 1024 * 1024
+REMOTE_WORKERS = 8  # concurrent uploads to object stores (I/O bound, so threads are fine)
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_SECRET_OPTION = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
+_SECRET_ASSIGNMENT = re.compile(r"((?:key|secret|token|password)\w*['\"]?\s*[=:]\s*['\"]?)[^\s,'\"}]+", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(://)[^/@\s]+@")
+# Modules whose exceptions mean "the storage backend failed" (wrapped into StoreError), as opposed to bugs.
+_STORAGE_ERROR_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "adlfs", "urllib3")
+
+ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+@dataclass
+class FileEntry:
+    path: str  # posix path relative to the artifact root
+    size: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    key: str
+    attempt: str
+    created: float
+    files: list[FileEntry]
+    digest: str  # sha256 over the sorted (path, size, sha256) triples: identifies the content
+    meta: dict = field(default_factory=dict)  # runner-provided: stage, uses, params, metrics, duration, ...
+
+    @property
+    def size(self) -> int:
+        return sum(entry.size for entry in self.files)
+
+    def to_json(self) -> str:
+        data = {"format": MANIFEST_FORMAT, **asdict(self)}
+        return json.dumps(data, indent=1, default=_json_default)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Manifest":
+        """Parse and check a manifest; raises ValueError when it is malformed or its digest does not match."""
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"unknown manifest format {data.get('format') if isinstance(data, dict) else None!r}")
+        files = [FileEntry(path=str(f["path"]), size=int(f["size"]), sha256=str(f["sha256"])) for f in data["files"]]
+        manifest = cls(key=str(data["key"]), attempt=str(data["attempt"]), created=float(data["created"]),
+                       files=files, digest=str(data["digest"]), meta=dict(data.get("meta") or {}))
+        if manifest.digest != files_digest(files):
+            raise ValueError("digest does not match the file list")
+        return manifest
+
+
+def files_digest(files: list[FileEntry]) -> str:
+    h = hashlib.sha256()
+    for entry in sorted(files, key=lambda e: e.path):
+        h.update(f"{entry.path}\0{entry.size}\0{entry.sha256}\n".encode())
+    return h.hexdigest()
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):  # numpy / torch scalars in metrics
+        return obj.item()
+    return str(obj)
+
+
+def _secret_values(options: dict) -> set[str]:
+    """Values of credential-like storage options (nested), plus AWS credentials from the environment."""
+    found: set[str] = set()
+
+    def walk(value, name=""):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, str(k))
+        elif isinstance(value, str) and _SECRET_OPTION.search(name) and len(value) >= 4:
+            found.add(value)
+
+    walk(options)
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        if len(os.environ.get(var, "")) >= 4:
+            found.add(os.environ[var])
+    return found
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _STORAGE_ERROR_MODULES
+
+
+class ArtifactStore:
+    """Committed artifacts under one fsspec URL. See the module docstring for the layout."""
+
+    def __init__(self, url: str, storage_options: dict | None = None, *, local_cache: Path | None = None) -> None:
+        options = dict(storage_options or {})
+        protocol = fsspec.core.split_protocol(url)[0] or "file"
+        if protocol in ("s3", "s3a") and not _has_endpoint(options):
+            endpoint = os.environ.get("VLFLOW_S3_ENDPOINT_URL") or os.environ.get("FSSPEC_S3_ENDPOINT_URL")
+            if endpoint:
+                options.setdefault("client_kwargs", {})
+                options["client_kwargs"] = {**options["client_kwargs"], "endpoint_url": endpoint}
+        self._storage_options = options
+        self._secrets = _secret_values(options)
+        self.url = _URL_USERINFO.sub(r"\1", url.rstrip("/")) or url
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **options)
+        except Exception as exc:  # unknown protocol, missing backend package, bad options
+            raise StoreError(f"cannot open the artifact store {self.url}: {self._scrub(exc)}") from None
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self._root = root.rstrip("/") if root not in ("/", "") else root
+        if local_cache is None:
+            local_cache = Path(os.environ.get("VLFLOW_LOCAL_CACHE") or Path.home() / ".cache" / "vlflow" / "mirror")
+        self.local_cache = Path(local_cache)
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.url!r})"
+
+    # -- paths -------------------------------------------------------------------------------------------------------
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self._root.rstrip("/"), *parts]) if self._root not in ("", "/") else "/" + "/".join(parts)
+
+    def _key_dir(self, key: str) -> str:
+        _check_key(key)
+        return self._path("artifacts", key)
+
+    def _manifest_path(self, key: str) -> str:
+        return f"{self._key_dir(key)}/{MANIFEST_NAME}"
+
+    def _ref_path(self, name: str) -> str:
+        parts = name.split("/")
+        if not name or any(not _SAFE_KEY.match(part) for part in parts):
+            raise StoreError(f"invalid ref name {name!r}: use letters, digits, '_', '-', '.' and '/' separators")
+        return self._path("refs", *parts[:-1], parts[-1] + ".json")
+
+    # -- errors ------------------------------------------------------------------------------------------------------
+
+    def _scrub(self, exc: BaseException | str) -> str:
+        text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        text = _SECRET_ASSIGNMENT.sub(r"\1***", text)
+        return _URL_USERINFO.sub(r"\1***@", text)
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Turn backend failures (botocore, OSError, ...) into a StoreError naming the URL, without credentials."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except Exception as exc:
+            if not _is_storage_error(exc):
+                raise
+            raise StoreError(f"cannot {action} in the artifact store {self.url}: {self._scrub(exc)}") from None
+
+    # -- reading -----------------------------------------------------------------------------------------------------
+
+    def manifest(self, key: str) -> Manifest | None:
+        """The committed manifest of `key`, or None (also when it is corrupt, with a warning). One small read."""
+        path = self._manifest_path(key)
+        with self._errors(f"read the manifest of {key}"):
+            try:
+                data = self.fs.cat_file(path)
+            except FileNotFoundError:
+                return None
+        return self._parse_manifest(key, data)
+
+    def _parse_manifest(self, key: str, data: bytes) -> Manifest | None:
+        try:
+            manifest = Manifest.from_json(data)
+            if manifest.key != key:
+                raise ValueError(f"it names key {manifest.key}")
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring corrupt manifest of artifact %s in %s (%s); the stage will run again",
+                        key, self.url, exc)
+            return None
+        return manifest
+
+    def has(self, key: str) -> bool:
+        return self.manifest(key) is not None
+
+    def _require(self, key: str) -> Manifest:
+        manifest = self.manifest(key)
+        if manifest is None:
+            raise StoreError(f"no committed artifact {key} in the artifact store {self.url}")
+        return manifest
+
+    def _attempt_dir(self, manifest: Manifest) -> str:
+        return f"{self._key_dir(manifest.key)}/{manifest.attempt}"
+
+    def open(self, key: str, relpath: str, mode: str = "rb"):
+        """Open one file of a committed artifact for reading."""
+        if "r" not in mode or any(c in mode for c in "wax+"):
+            raise StoreError(f"artifacts are read-only: cannot open {key}/{relpath} with mode {mode!r}")
+        manifest = self._require(key)
+        relpath = relpath.strip("/")
+        if relpath not in {entry.path for entry in manifest.files}:
+            raise StoreError(f"artifact {key} in {self.url} has no file {relpath!r}")
+        with self._errors(f"open {key}/{relpath}"):
+            return self.fs.open(f"{self._attempt_dir(manifest)}/{relpath}", mode)
+
+    def list(self) -> list[Manifest]:
+        """All committed artifacts, oldest first."""
+        key_dirs = self._key_dirs()
+        if not key_dirs:
+            return []
+        paths = [f"{d}/{MANIFEST_NAME}" for d in key_dirs]
+        with self._errors("list artifacts"):
+            contents = self.fs.cat(paths, on_error="return")  # concurrent on object stores
+        manifests = []
+        for path in paths:
+            data = contents.get(path)
+            if data is None or isinstance(data, FileNotFoundError):
+                continue
+            if isinstance(data, BaseException):
+                raise StoreError(f"cannot read {path} in the artifact store {self.url}: {self._scrub(data)}")
+            key = path.rsplit("/", 2)[-2]
+            manifest = self._parse_manifest(key, data)
+            if manifest is not None:
+                manifests.append(manifest)
+        return sorted(manifests, key=lambda m: m.created)
+
+    def _ls(self, path: str) -> list[dict]:
+        self.fs.invalidate_cache(path)  # another process may have committed since the last listing
+        try:
+            return self.fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return []
+
+    def _key_dirs(self) -> list[str]:
+        with self._errors("list artifacts"):
+            entries = self._ls(self._path("artifacts"))
+        return sorted(e["name"].rstrip("/") for e in entries if e["type"] == "directory")
+
+    # -- materialising -----------------------------------------------------------------------------------------------
+
+    def materialize(self, key: str, dest: Path | None = None) -> Path:
+        """A local directory holding the artifact's files.
+
+        Local store: the committed attempt dir itself (no copy; treat it as read-only). Other stores: downloaded into
+        `dest` (default: `local_cache/<digest>`), reused when a `.complete` marker with the manifest digest is there.
+        """
+        manifest = self._require(key)
+        if self.is_local:
+            path = Path(self._attempt_dir(manifest))
+            if not path.is_dir():
+                raise StoreError(f"artifact {key} in {self.url} is committed but its files are missing ({path})")
+            return path
+        dest = Path(dest) if dest is not None else self.local_cache / manifest.digest
+        if _read_marker(dest) == manifest.digest:
+            return dest
+        # Download next to dest and rename into place, so a concurrent reader never sees a half-filled dir.
+        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.partial"
+        with self._errors(f"materialize artifact {key} into {dest}"):
+            self._download_into(manifest, dest, tmp)
+        return dest
+
+    def _download_into(self, manifest: Manifest, dest: Path, tmp: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._download(manifest, tmp)
+            (tmp / COMPLETE_MARKER).write_text(manifest.digest)
+            if dest.exists():  # an incomplete copy, or one of an older commit of the same key
+                shutil.rmtree(dest, ignore_errors=True)
+            try:
+                os.replace(tmp, dest)
+            except OSError:
+                if _read_marker(dest) != manifest.digest:  # a concurrent download that finished first is fine
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _download(self, manifest: Manifest, target: Path) -> None:
+        remote = self._attempt_dir(manifest)
+        rpaths, lpaths = [], []
+        for entry in manifest.files:
+            local = target / entry.path
+            local.parent.mkdir(parents=True, exist_ok=True)
+            rpaths.append(f"{remote}/{entry.path}")
+            lpaths.append(str(local))
+        target.mkdir(parents=True, exist_ok=True)
+        if rpaths:
+            with self._errors(f"download artifact {manifest.key}"):
+                self.fs.get(rpaths, lpaths)  # concurrent on object stores
+        for entry, local in zip(manifest.files, lpaths):
+            size = os.path.getsize(local) if os.path.exists(local) else None
+            if size != entry.size:
+                raise StoreError(f"artifact {manifest.key} in {self.url}: {entry.path} has {size} bytes after "
+                                 f"download, the manifest says {entry.size}")
+
+    # -- writing -----------------------------------------------------------------------------------------------------
+
+    def commit(self, key: str, local_dir: Path, meta: dict, progress: ProgressCallback | None = None) -> Manifest:
+        """Store every file under `local_dir` as artifact `key`; the manifest is written last.
+
+        On a local store on the same filesystem the files are moved out of `local_dir` (not copied).
+        `progress(done_bytes, total_bytes)` is called after each file.
+        """
+        local_dir = Path(local_dir)
+        if not local_dir.is_dir():
+            raise StoreError(f"cannot commit {key} to {self.url}: {local_dir} is not a directory")
+        key_dir = self._key_dir(key)
+        meta_json = json.loads(json.dumps(meta, default=_json_default))  # fail before uploading, not after
+        attempt = uuid.uuid4().hex
+        attempt_dir = f"{key_dir}/{attempt}"
+        sources = _list_files(local_dir)
+        total = sum(size for _, _, size in sources)
+        tracker = _Progress(progress, total)
+
+        with self._errors(f"commit artifact {key}"):
+            if self.is_local:
+                os.makedirs(attempt_dir, exist_ok=True)
+                move = os.stat(local_dir).st_dev == os.stat(attempt_dir).st_dev
+                local_real = os.path.realpath(local_dir)
+                entries = []
+                for src, rel, _ in sources:
+                    # Only plain files inside local_dir are moved; files reached through symlinks belong to someone
+                    # else (often an input artifact) and are copied.
+                    movable = move and os.path.realpath(src) == os.path.join(local_real, *rel.split("/"))
+                    entries.append(self._store_local_file(src, rel, f"{attempt_dir}/{rel}", movable, tracker))
+            else:
+                entries = self._upload_all(sources, attempt_dir, tracker)
+            manifest = Manifest(key=key, attempt=attempt, created=time.time(), files=entries,
+                                digest=files_digest(entries), meta=meta_json)
+            self._write_manifest(key_dir, manifest)
+        log.debug("committed %s (%d files, %d bytes) to %s", key, len(entries), manifest.size, self.url)
+        return manifest
+
+    def _store_local_file(self, src: Path, rel: str, dst: str, move: bool, tracker: "_Progress") -> FileEntry:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if move:
+            try:
+                os.replace(src, dst)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:  # bind mounts can share st_dev yet refuse renames
+                    raise
+            else:
+                digest, size = _hash_file(dst)
+                tracker.add(size)
+                return FileEntry(rel, size, digest)
+        with open(src, "rb") as reader, open(dst, "wb") as writer:
+            digest, size = _copy_hashing(reader, writer, tracker)
+        return FileEntry(rel, size, digest)
+
+    def _upload_all(self, sources, attempt_dir: str, tracker: "_Progress") -> list[FileEntry]:
+        def upload(src: Path, rel: str) -> FileEntry:
+            with open(src, "rb") as reader, self.fs.open(f"{attempt_dir}/{rel}", "wb") as writer:
+                digest, size = _copy_hashing(reader, writer, tracker)
+            return FileEntry(rel, size, digest)
+
+        with ThreadPoolExecutor(max_workers=REMOTE_WORKERS, thread_name_prefix="vlflow-upload") as pool:
+            futures = [pool.submit(upload, src, rel) for src, rel, _ in sources]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in futures if f.done() and f.exception() is not None]
+            if failed:  # stop early: the attempt is garbage anyway
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise failed[0].exception()
+            return [future.result() for future in futures]
+
+    def _write_manifest(self, key_dir: str, manifest: Manifest) -> None:
+        data = manifest.to_json().encode()
+        path = f"{key_dir}/{MANIFEST_NAME}"
+        if self.is_local:
+            tmp = f"{key_dir}/.manifest-{manifest.attempt}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic: readers see the old manifest or the new one
+        else:
+            self.fs.pipe_file(path, data)  # one PUT: an object store never shows a partial object
+            self.fs.invalidate_cache(key_dir)
+
+    # -- refs --------------------------------------------------------------------------------------------------------
+
+    def put_ref(self, name: str, data: dict) -> None:
+        path = self._ref_path(name)
+        payload = json.dumps(data, indent=1, default=_json_default).encode()
+        with self._errors(f"write ref {name}"):
+            if self.is_local:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+                with open(tmp, "wb") as f:
+                    f.write(payload)
+                os.replace(tmp, path)
+            else:
+                self.fs.pipe_file(path, payload)
+
+    def get_ref(self, name: str) -> dict | None:
+        path = self._ref_path(name)
+        with self._errors(f"read ref {name}"):
+            try:
+                data = self.fs.cat_file(path)
+            except FileNotFoundError:
+                return None
+        try:
+            return json.loads(data)
+        except ValueError:
+            log.warning("ignoring corrupt ref %s in %s", name, self.url)
+            return None
+
+    # -- removal -----------------------------------------------------------------------------------------------------
+
+    def _du(self, path: str) -> int:
+        try:
+            return int(self.fs.du(path, total=True))
+        except FileNotFoundError:
+            return 0
+
+    def remove(self, key: str) -> int:
+        """Delete an artifact (manifest first, so it is never seen half-deleted); returns the bytes freed."""
+        key_dir = self._key_dir(key)
+        with self._errors(f"remove artifact {key}"):
+            self.fs.invalidate_cache(key_dir)
+            freed = self._du(key_dir)
+            try:
+                self.fs.rm_file(f"{key_dir}/{MANIFEST_NAME}")
+            except FileNotFoundError:
+                pass
+            if self.fs.exists(key_dir):
+                self.fs.rm(key_dir, recursive=True)
+            self.fs.invalidate_cache(key_dir)
+        return freed
+
+    def garbage(self, min_age: float = 0.0) -> list[str]:
+        """Store-relative paths of attempt dirs (and temp manifests) that no manifest references.
+
+        These are leftovers of failed, killed or replaced commits. A commit in progress looks the same, so when other
+        processes may be committing, pass `min_age` (seconds since the newest file in the dir was written).
+        """
+        found = []
+        now = time.time()
+        with self._errors("list unreferenced attempts"):
+            for key_dir in self._key_dirs():
+                key = key_dir.rsplit("/", 1)[-1]
+                manifest = self.manifest(key)
+                for entry in self._ls(key_dir):
+                    name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+                    if name == MANIFEST_NAME or (manifest is not None and name == manifest.attempt):
+                        continue
+                    if min_age > 0 and now - self._newest_mtime(entry) < min_age:
+                        continue
+                    found.append(f"artifacts/{key}/{name}")
+        return found
+
+    def _newest_mtime(self, entry: dict) -> float:
+        paths = [entry["name"]] if entry["type"] != "directory" else self.fs.find(entry["name"])
+        newest = 0.0
+        for path in paths:
+            try:
+                newest = max(newest, self.fs.modified(path).timestamp())
+            except (NotImplementedError, FileNotFoundError):
+                return time.time()  # unknown age: treat as fresh, never delete what might be in use
+        return newest
+
+    def gc(self, keep: set[str], min_age: float = 0.0) -> tuple[int, int]:
+        """Remove artifacts whose key is not in `keep`, then unreferenced attempts; returns (count, bytes freed)."""
+        count = freed = 0
+        for manifest in self.list():
+            if manifest.key not in keep:
+                freed += self.remove(manifest.key)
+                count += 1
+        for relpath in self.garbage(min_age=min_age):
+            path = self._path(*relpath.split("/"))
+            with self._errors(f"remove {relpath}"):
+                freed += self._du(path)
+                self.fs.rm(path, recursive=True)
+                count += 1
+                if self.is_local:  # drop the key dir when its only (uncommitted) attempt is gone
+                    try:
+                        os.rmdir(os.path.dirname(path))
+                    except OSError:
+                        pass
+        return count, freed
+
+
+# -- helpers -------------------------------------------------------------------------------------------------------
+
+
+def _has_endpoint(options: dict) -> bool:
+    return bool(options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url"))
+
+
+def _check_key(key: str) -> None:
+    if not isinstance(key, str) or not _SAFE_KEY.match(key):
+        raise StoreError(f"invalid artifact key {key!r}: use letters, digits, '_', '-' and '.'")
+
+
+def _list_files(root: Path) -> list[tuple[Path, str, int]]:
+    """(path, posix path relative to root, size) of every file under root, sorted; symlinks are followed."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if not path.is_file():
+                raise StoreError(f"cannot commit {path}: not a regular file (broken link, socket or device?)")
+            found.append((path, path.relative_to(root).as_posix(), path.stat().st_size))
+    return found
+
+
+def _copy_hashing(reader, writer, tracker: "_Progress") -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    while chunk := reader.read(CHUNK):
+        h.update(chunk)
+        writer.write(chunk)
+        size += len(chunk)
+    tracker.add(size)
+    return h.hexdigest(), size
+
+
+def _hash_file(path: str) -> tuple[str, int]:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256")
+    return digest.hexdigest(), os.path.getsize(path)
+
+
+def _read_marker(dest: Path) -> str | None:
+    try:
+        return (dest / COMPLETE_MARKER).read_text().strip()
+    except OSError:
+        return None
+
+
+class _Progress:
+    """Thread-safe running total for the commit progress callback."""
+
+    def __init__(self, callback: ProgressCallback | None, total: int) -> None:
+        self.callback, self.total, self.done = callback, total, 0
+        self._lock = threading.Lock()
+
+    def add(self, size: int) -> None:
+        if self.callback is None:
+            return
+        with self._lock:
+            self.done += size
+            self.callback(self.done, self.total)
