@@ -1,0 +1,167 @@
+"""Streaming Arrow IPC writer shared by the arrow.* stages, plus strict JSON helpers for the annotation files.
+
+Memory stays bounded: rows are written in record batches of `batch_rows`; a thread pool reads and verifies the
+images of the next batch while the current one is written, so at most two batches of image bytes are held.
+Each split is written to `<name>.arrow.tmp` and renamed when complete.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+from PIL import Image
+
+from .errors import DataError
+
+log = logging.getLogger("vlflow.stages.data")
+
+
+@dataclass
+class ImageRow:
+    """One output row: the image file to embed and the values of the other columns."""
+
+    image_path: Path
+    values: dict[str, Any]
+    expected_size: tuple[int, int] | None = None  # (width, height) from the annotations, checked when given
+
+
+@dataclass
+class ImageCheck:
+    data: bytes | None
+    reason: str | None = None
+
+
+@dataclass
+class ConversionReport:
+    source: str
+    splits: dict[str, dict] = field(default_factory=dict)
+    bad_images: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "splits": self.splits, "bad_images": self.bad_images,
+                "bad_image_count": len(self.bad_images)}
+
+    def metrics(self) -> dict:
+        return {"rows": {name: s["rows"] for name, s in self.splits.items()}, "bad_images": len(self.bad_images)}
+
+    def write(self, out_dir: Path) -> None:
+        (Path(out_dir) / "report.json").write_text(json.dumps(self.to_json(), indent=2))
+
+
+def check_image(path: Path, expected_size: tuple[int, int] | None = None) -> ImageCheck:
+    """Read the raw bytes and verify them with PIL (without decoding the pixels)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return ImageCheck(None, "missing file")
+    except OSError as exc:
+        return ImageCheck(None, f"unreadable: {exc.strerror or exc}")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            size = image.size
+            image.verify()
+    except Exception as exc:  # PIL raises many types for corrupt files; all mean "not an image we can use"
+        return ImageCheck(None, f"corrupt image: {exc}")
+    if expected_size is not None and tuple(size) != tuple(expected_size):
+        return ImageCheck(None, f"image is {size[0]}x{size[1]} but the annotations say "
+                                f"{expected_size[0]}x{expected_size[1]}")
+    return ImageCheck(data)
+
+
+def write_split(out_path: Path, schema: pa.Schema, rows: list[ImageRow], *, split: str, root: Path,
+                report: ConversionReport, on_bad_image: str, batch_rows: int, pool: ThreadPoolExecutor) -> int:
+    """Write `rows` (in order, bad images dropped or fatal) as one Arrow IPC file; returns the rows written."""
+    out_path = Path(out_path)
+    tmp_path = out_path.with_name(out_path.name + ".tmp")
+    chunks = [rows[i:i + batch_rows] for i in range(0, len(rows), batch_rows)]
+
+    def submit(chunk: list[ImageRow]) -> list[Future]:
+        return [pool.submit(check_image, row.image_path, row.expected_size) for row in chunk]
+
+    written = skipped = 0
+    with pa.OSFile(str(tmp_path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        pending = submit(chunks[0]) if chunks else []
+        for index, chunk in enumerate(chunks):
+            checks = [f.result() for f in pending]
+            pending = submit(chunks[index + 1]) if index + 1 < len(chunks) else []  # prefetch the next batch
+            columns: dict[str, list] = {name: [] for name in schema.names}
+            for row, check in zip(chunk, checks):
+                if check.data is None:
+                    _bad_image(report, row, check.reason, split, root, on_bad_image)
+                    skipped += 1
+                    continue
+                columns["image"].append(check.data)
+                for name, value in row.values.items():
+                    columns[name].append(value)
+            if columns["image"]:
+                writer.write_batch(pa.RecordBatch.from_pydict(columns, schema=schema))
+                written += len(columns["image"])
+            del checks, columns
+    os.replace(tmp_path, out_path)
+    report.splits[split] = {"file": out_path.name, "rows": written, "skipped": skipped,
+                            "bytes": out_path.stat().st_size}
+    log.info("%s: %d rows (%d bad images skipped)", out_path.name, written, skipped)
+    return written
+
+
+def _bad_image(report: ConversionReport, row: ImageRow, reason: str, split: str, root: Path, on_bad_image: str):
+    try:
+        shown = str(Path(row.image_path).relative_to(root))
+    except ValueError:
+        shown = str(row.image_path)
+    report.bad_images.append({"path": shown, "split": split, "reason": reason})
+    if on_bad_image == "fail":
+        raise DataError(f"bad image in split {split!r}: {reason} (set on_bad_image: skip to drop bad images)",
+                        file=str(row.image_path))
+
+
+def convert(root: Path, out_dir: Path, source: Path, rows_by_split: dict[str, list[ImageRow]], name_of: Callable,
+            schema: pa.Schema, params) -> ConversionReport:
+    """Write one arrow per split (name_of(split) -> file name) and report.json; returns the report."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = ConversionReport(source=str(Path(source).relative_to(root)) if Path(source).is_relative_to(root)
+                              else str(source))
+    with ThreadPoolExecutor(params.read_threads) as pool:
+        for split, rows in rows_by_split.items():
+            write_split(out_dir / name_of(split), schema, rows, split=split, root=Path(root), report=report,
+                        on_bad_image=params.on_bad_image, batch_rows=params.batch_rows, pool=pool)
+    report.write(out_dir)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Strict JSON access: missing keys and wrong types become DataErrors naming the file and the field path.
+
+
+def load_json(path: Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("annotation file not found", file=str(path))
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"invalid JSON: {exc.msg}", file=str(path), line=exc.lineno) from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not UTF-8 text: {exc}", file=str(path)) from None
+
+
+def require(obj: Any, key: str, path: Path, where: str, kind: type | tuple[type, ...] | None = None) -> Any:
+    """obj[key], or a DataError naming the JSON file and the field (e.g. images[3].sentences)."""
+    field_name = f"{where}.{key}" if where else key
+    if not isinstance(obj, dict):
+        raise DataError(f"expected an object at {where or 'top level'}, got {type(obj).__name__}", file=str(path))
+    if key not in obj:
+        raise DataError(f"missing key {key!r}", file=str(path), field=field_name)
+    value = obj[key]
+    if kind is not None and not isinstance(value, kind):
+        expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise DataError(f"expected {expected}, got {type(value).__name__}", file=str(path), field=field_name)
+    return value

@@ -1,0 +1,93 @@
+"""arrow.grounding: MDETR-style Flickr30k annotations -> f30k_grounding_{split}.arrow, one row per caption.
+
+Columns: image (raw JPEG bytes), image_id (file name), caption, phrases (text, start, end, boxes as x1,y1,x2,y2
+normalised to [0,1]; one entry per annotated text span, sorted by position in the caption), width, height, split.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow as pa
+
+from .arrow_common import ConversionReport, ImageRow, convert, load_json, require
+from .errors import DataError
+
+PHRASE_TYPE = pa.struct([
+    ("text", pa.string()),
+    ("start", pa.int32()),
+    ("end", pa.int32()),
+    ("boxes", pa.list_(pa.list_(pa.float32()))),
+])
+GROUNDING_SCHEMA = pa.schema([
+    ("image", pa.binary()),
+    ("image_id", pa.string()),
+    ("caption", pa.string()),
+    ("phrases", pa.list_(PHRASE_TYPE)),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("split", pa.string()),
+])
+
+
+def _normalised_box(bbox: list, width: int, height: int) -> list[float]:
+    x, y, w, h = (float(v) for v in bbox)
+    clip = lambda v: min(max(v, 0.0), 1.0)  # noqa: E731 - boxes touching the border may overshoot by rounding
+    return [clip(x / width), clip(y / height), clip((x + w) / width), clip((y + h) / height)]
+
+
+def grounding_rows(root: Path, json_path: Path, split: str) -> list[ImageRow]:
+    data = load_json(json_path)
+    images = require(data, "images", json_path, "", list)
+    annotations = require(data, "annotations", json_path, "", list)
+    by_image: dict[int, list[tuple[int, dict]]] = defaultdict(list)
+    for i, ann in enumerate(annotations):
+        by_image[require(ann, "image_id", json_path, f"annotations[{i}]")].append((i, ann))
+
+    rows = []
+    for i, entry in enumerate(images):
+        where = f"images[{i}]"
+        file_name = require(entry, "file_name", json_path, where, str)
+        caption = require(entry, "caption", json_path, where, str)
+        width = require(entry, "width", json_path, where, int)
+        height = require(entry, "height", json_path, where, int)
+        image_id = require(entry, "id", json_path, where)
+        if width <= 0 or height <= 0:
+            raise DataError(f"image size must be positive, got {width}x{height}", file=str(json_path), field=where)
+        phrases: dict = {}
+        for j, ann in by_image.get(image_id, []):
+            ann_where = f"annotations[{j}]"
+            bbox = require(ann, "bbox", json_path, ann_where, list)
+            spans = require(ann, "tokens_positive", json_path, ann_where, list)
+            if len(bbox) != 4 or not spans or any(len(s) != 2 for s in spans):
+                raise DataError("expected bbox [x, y, w, h] and tokens_positive [[start, end], ...]",
+                                file=str(json_path), field=ann_where)
+            start, end = min(s[0] for s in spans), max(s[1] for s in spans)
+            if not 0 <= start < end <= len(caption):
+                raise DataError(f"tokens_positive [{start}, {end}] lies outside the caption ({len(caption)} chars)",
+                                file=str(json_path), field=ann_where)
+            # A phrase is identified by its text span: boxes of one span are grouped (separateGT lists one
+            # annotation per box), while an entity mentioned twice yields two phrases (same phrase_ids).
+            phrase = phrases.setdefault((start, end), {"start": start, "end": end, "boxes": []})
+            phrase["boxes"].append(_normalised_box(bbox, width, height))
+        ordered = sorted(phrases.values(), key=lambda p: (p["start"], p["end"]))
+        for phrase in ordered:
+            phrase["text"] = caption[phrase["start"]:phrase["end"]]
+        rows.append(ImageRow(root / "flickr30k-images" / file_name,
+                             {"image_id": file_name, "caption": caption, "phrases": ordered, "width": width,
+                              "height": height, "split": split},
+                             expected_size=(width, height)))
+    return rows
+
+
+def convert_grounding(root: Path, out_dir: Path, params) -> ConversionReport:
+    root = Path(root)
+    annotation_dir = root / "mdetr_annotations"
+    rows = {split: grounding_rows(root, annotation_dir / f"final_flickr_{params.annotations}_{split}.json", split)
+            for split in params.splits}
+    return convert(root, out_dir, annotation_dir, rows, lambda split: f"f30k_grounding_{split}.arrow",
+                   GROUNDING_SCHEMA, params)
+
+
+def grounding_stage(ctx) -> dict:
+    return convert_grounding(ctx.inputs["root"], ctx.output_dir, ctx.params).metrics()

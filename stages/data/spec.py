@@ -1,0 +1,180 @@
+"""Specs and params of the data stage types (no torch import: validate/plan must stay fast)."""
+from __future__ import annotations
+
+import math
+from pathlib import PurePosixPath
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from vlflow.stage import Params, StageSpec
+
+
+def _check_splits(splits: dict[str, float]) -> dict[str, float]:
+    """Splits are either fractions summing to 1 or whole-image counts (checked against num_images later)."""
+    if not splits:
+        raise ValueError("splits must name at least one split")
+    if any(v < 0 for v in splits.values()):
+        raise ValueError("split sizes must be >= 0")
+    total = sum(splits.values())
+    if not math.isclose(total, 1.0, abs_tol=1e-6) and any(v != int(v) for v in splits.values()):
+        raise ValueError(f"splits must be fractions summing to 1 or whole counts, got {splits} (sum {total})")
+    return splits
+
+
+class _SyntheticParams(Params):
+    num_images: int = Field(200, ge=1, le=1_000_000)
+    image_size: int = Field(128, ge=32, le=4096, description="image width in pixels")
+    seed: int = 0
+    captions_per_image: int = Field(5, ge=1, le=20)
+    jpeg_quality: int = Field(90, ge=1, le=100)
+    noise: float = Field(8.0, ge=0, le=128, description="std of pixel noise on 'noisy' images")
+    noisy_fraction: float = Field(0.5, ge=0, le=1, description="share of images with a noisy background")
+    vary_aspect: bool = Field(False, description="heights vary (3:4, 1:1, 4:3) like real photos")
+    threads: int = Field(2, ge=1, le=64, description="render/encode threads (output does not depend on it)")
+
+    @model_validator(mode="after")
+    def _counts_match(self):
+        values = self.splits.values()
+        if not math.isclose(sum(values), 1.0, abs_tol=1e-6) and sum(values) != self.num_images:
+            raise ValueError(f"split counts {self.splits} must sum to num_images={self.num_images}")
+        return self
+
+
+class SyntheticCocoParams(_SyntheticParams):
+    splits: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.7, "restval": 0.1, "val": 0.1, "test": 0.1},
+        description="split -> fraction (sum 1) or image count (sum num_images); Karpathy COCO splits",
+    )
+
+    @field_validator("splits")
+    @classmethod
+    def _known_split_names(cls, splits):
+        _check_splits(splits)
+        unknown = set(splits) - {"train", "restval", "val", "test"}
+        if unknown:
+            raise ValueError(f"unknown COCO Karpathy split(s) {sorted(unknown)}; use train, restval, val, test")
+        return splits
+
+
+class SyntheticFlickrParams(_SyntheticParams):
+    vary_aspect: bool = True
+    splits: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1},
+        description="split -> fraction (sum 1) or image count (sum num_images)",
+    )
+
+    @field_validator("splits")
+    @classmethod
+    def _known_split_names(cls, splits):
+        _check_splits(splits)
+        unknown = set(splits) - {"train", "val", "test"}
+        if unknown:
+            raise ValueError(f"unknown Flickr30k split(s) {sorted(unknown)}; use train, val, test")
+        return splits
+
+
+class DownloadFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="fsspec URL: http(s)://, s3://, gcs://, file:// or a local path")
+    path: str | None = Field(None, description="relative path in the output dir (default: the URL's file name)")
+    md5: str | None = None
+    sha256: str | None = None
+    extract: bool = Field(False, description="extract a .zip/.tar/.tar.gz/.tgz into extract_to after verifying")
+    extract_to: str = Field(".", description="relative dir in the output dir to extract into")
+    keep_archive: bool = True
+
+    @field_validator("path", "extract_to")
+    @classmethod
+    def _relative_inside(cls, value):
+        if value is None:
+            return value
+        p = PurePosixPath(value)
+        if p.is_absolute() or ".." in p.parts:
+            raise ValueError(f"{value!r} must be a relative path inside the output dir (no leading '/', no '..')")
+        return value
+
+    @field_validator("md5", "sha256")
+    @classmethod
+    def _hex(cls, value):
+        if value is not None:
+            value = value.strip().lower()
+            if not value or any(c not in "0123456789abcdef" for c in value):
+                raise ValueError(f"checksum {value!r} is not a hex digest")
+        return value
+
+
+class DownloadParams(Params):
+    files: list[DownloadFile] = Field(min_length=1)
+    parallel: int = Field(4, ge=1, le=64)
+    retries: int = Field(3, ge=0, le=100, description="extra attempts per file after a dropped connection")
+    chunk_bytes: int = Field(1 << 20, ge=1024)
+    timeout_s: float = Field(60.0, gt=0, description="socket read timeout")
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _unique_paths(self):
+        seen: dict[str, str] = {}
+        for f in self.files:
+            target = f.path or PurePosixPath(f.url.split("?")[0].rstrip("/")).name
+            if not target:
+                raise ValueError(f"cannot derive a file name from url {f.url!r}; set `path`")
+            if target in seen:
+                raise ValueError(f"two files write {target!r}: {seen[target]} and {f.url}")
+            seen[target] = f.url
+        return self
+
+
+class ArrowParams(Params):
+    on_bad_image: Literal["skip", "fail"] = "skip"
+    batch_rows: int = Field(256, ge=1, le=100_000, description="rows per Arrow record batch (bounds memory)")
+    read_threads: int = Field(4, ge=1, le=64)
+
+
+class GroundingArrowParams(ArrowParams):
+    annotations: Literal["separateGT", "mergedGT"] = "separateGT"
+    splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train", "val", "test"])
+
+
+STAGES = [
+    StageSpec(
+        name="synthetic.coco",
+        entry="vlflow.stages.data.synthetic:coco_stage",
+        params=SyntheticCocoParams,
+        description="Synthetic shapes dataset in the COCO 2014 + Karpathy layout.",
+    ),
+    StageSpec(
+        name="synthetic.flickr30k",
+        entry="vlflow.stages.data.synthetic:flickr30k_stage",
+        params=SyntheticFlickrParams,
+        description="Synthetic shapes dataset in the Flickr30k + Entities + MDETR-annotations layout.",
+    ),
+    StageSpec(
+        name="download",
+        entry="vlflow.stages.data.download:download_stage",
+        params=DownloadParams,
+        description="Downloads files (fsspec) with checksums, HTTP Range resume and safe archive extraction.",
+    ),
+    StageSpec(
+        name="arrow.coco_karpathy",
+        entry="vlflow.stages.data.arrow_coco:coco_karpathy_stage",
+        params=ArrowParams,
+        inputs=("root",),
+        description="COCO Karpathy splits -> ViLT arrows (streamed).",
+    ),
+    StageSpec(
+        name="arrow.f30k_karpathy",
+        entry="vlflow.stages.data.arrow_f30k:f30k_karpathy_stage",
+        params=ArrowParams,
+        inputs=("root",),
+        description="Flickr30k Karpathy splits -> ViLT arrows (streamed).",
+    ),
+    StageSpec(
+        name="arrow.grounding",
+        entry="vlflow.stages.data.arrow_grounding:grounding_stage",
+        params=GroundingArrowParams,
+        inputs=("root",),
+        description="MDETR Flickr30k grounding annotations -> one arrow row per caption with normalised boxes.",
+    ),
+]

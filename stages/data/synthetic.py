@@ -1,0 +1,408 @@
+"""Synthetic "coloured shapes" datasets written in the real COCO 2014 / Flickr30k layouts.
+
+Each image shows 1-3 coloured shapes in distinct cells of a 3x3 grid; captions describe them with varied templates
+(colour, shape, absolute position, pairwise relation), so retrieval and phrase grounding are learnable without being
+trivial (a caption often mentions only some shapes). Everything is derived from `seed`: the scene plan is drawn
+sequentially from one RNG, and each image's pixels from an RNG seeded with (seed, index), so the bytes do not depend
+on the number of render threads.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (215, 40, 40),
+    "green": (40, 165, 60),
+    "blue": (45, 85, 215),
+    "yellow": (235, 205, 35),
+    "purple": (135, 55, 175),
+    "orange": (240, 135, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = {  # (row, col) of the 3x3 grid -> words
+    (0, 0): "at the top left", (0, 1): "at the top", (0, 2): "at the top right",
+    (1, 0): "on the left", (1, 1): "in the center", (1, 2): "on the right",
+    (2, 0): "at the bottom left", (2, 1): "at the bottom", (2, 2): "at the bottom right",
+}
+RELATIONS = {
+    "left": ("left of", "to the left of"),
+    "right": ("right of", "to the right of"),
+    "above": ("above", "over"),
+    "below": ("below", "under"),
+}
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+ASPECTS = (0.75, 1.0, 4 / 3)  # height / width, like landscape / square / portrait photos
+
+# (min shapes, max shapes, template). {aK}/{theK}: entity phrase of the K-th mentioned shape; {pK}: its position;
+# {rJK}: relation of shape J to shape K; {all}: every shape listed as entities; {bg}, {n}, {shapes}: scene words.
+TEMPLATES = (
+    (2, 3, "{a0} {r01} {a1}"),
+    (1, 3, "there is {a0} {p0}"),
+    (1, 3, "{all} on a {bg} background"),
+    (2, 3, "{the0} is {r01} {the1}"),
+    (1, 3, "{p0} there is {a0}"),
+    (1, 3, "an image with {n} {shapes}: {all}"),
+    (2, 3, "{a0} {p0} and {a1} {p1}"),
+    (1, 1, "just one shape, {a0}, {p0}"),
+    (3, 3, "{a0}, {a1} and {a2}, with {the0} {p0}"),
+    (1, 3, "{all}"),
+    (2, 3, "{a1} and {a0}, {the0} {r01} {the1}"),
+    (1, 3, "a {bg} picture showing {a0}"),
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    colour: str
+    kind: str
+    row: int
+    col: int
+    box: tuple[int, int, int, int]  # x1, y1, x2, y2 in pixels, x2/y2 exclusive
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+
+
+@dataclass(frozen=True)
+class Scene:
+    index: int
+    width: int
+    height: int
+    background: str  # "plain" | "noisy"
+    background_rgb: tuple[int, int, int]
+    shapes: tuple[Shape, ...]
+
+
+@dataclass(frozen=True)
+class Caption:
+    text: str  # raw caption, capitalised, with the final punctuation
+    spans: tuple[tuple[int, int, int], ...]  # (shape index in the scene, start, end) of each entity phrase
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scene planning and captions (pure functions of the RNG).
+
+
+def plan_scenes(num_images: int, image_size: int, seed: int, noisy_fraction: float = 0.5,
+                vary_aspect: bool = False) -> list[Scene]:
+    rng = random.Random(seed)
+    seen: set = set()
+    scenes = []
+    for index in range(num_images):
+        for _attempt in range(50):  # a few retries keep every image's description unique
+            scene = _random_scene(rng, index, image_size, noisy_fraction, vary_aspect)
+            signature = (scene.background, frozenset((s.colour, s.kind, s.row, s.col) for s in scene.shapes))
+            if signature not in seen:
+                break
+        seen.add(signature)
+        scenes.append(scene)
+    return scenes
+
+
+def _random_scene(rng: random.Random, index: int, image_size: int, noisy_fraction: float,
+                  vary_aspect: bool) -> Scene:
+    width = image_size
+    height = int(round(image_size * rng.choice(ASPECTS))) if vary_aspect else image_size
+    count = rng.choices((1, 2, 3), weights=(0.25, 0.4, 0.35))[0]
+    cells = rng.sample(sorted(POSITIONS), count)
+    kinds = rng.sample([(c, k) for c in COLOURS for k in SHAPES], count)  # no two identical shapes in one image
+    cell_w, cell_h = width / 3, height / 3
+    shapes = []
+    for (row, col), (colour, kind) in zip(cells, kinds):
+        side = rng.uniform(0.5, 0.85) * min(cell_w, cell_h)
+        x1 = col * cell_w + rng.uniform(0, cell_w - side)
+        y1 = row * cell_h + rng.uniform(0, cell_h - side)
+        box = (int(x1), int(y1), int(x1 + side), int(y1 + side))
+        shapes.append(Shape(colour, kind, row, col, box))
+    background = "noisy" if rng.random() < noisy_fraction else "plain"
+    background_rgb = tuple(rng.randint(200, 250) for _ in range(3))
+    return Scene(index, width, height, background, background_rgb, tuple(shapes))
+
+
+def _relation(a: Shape, b: Shape, rng: random.Random) -> str:
+    (ax, ay), (bx, by) = a.centre, b.centre
+    if abs(bx - ax) >= abs(by - ay):
+        key = "left" if bx > ax else "right"
+    else:
+        key = "above" if by > ay else "below"
+    return rng.choice(RELATIONS[key])
+
+
+def _render_template(template: str, order: list[int], scene: Scene, rng: random.Random) -> tuple[str, list]:
+    """Fill a template; returns the text and the (shape index, start, end) span of every entity phrase."""
+    text, spans = "", []
+
+    def entity(article: str, shape_index: int) -> None:
+        nonlocal text
+        shape = scene.shapes[shape_index]
+        if article == "a" and shape.colour[0] in "aeiou":
+            article = "an"
+        phrase = f"{article} {shape.colour} {shape.kind}"
+        spans.append((shape_index, len(text), len(text) + len(phrase)))
+        text += phrase
+
+    pos = 0
+    for match in re.finditer(r"\{(\w+)\}", template):
+        text += template[pos:match.start()]
+        pos = match.end()
+        key = match.group(1)
+        if key == "all":
+            for i, shape_index in enumerate(order):
+                if i:
+                    text += " and " if i == len(order) - 1 else ", "
+                entity("a", shape_index)
+        elif key == "bg":
+            text += scene.background
+        elif key == "n":
+            text += NUMBER_WORDS[len(order)]
+        elif key == "shapes":
+            text += "shape" if len(order) == 1 else "shapes"
+        elif key[0] == "a":
+            entity("a", order[int(key[1:])])
+        elif key.startswith("the"):
+            entity("the", order[int(key[3:])])
+        elif key[0] == "p":
+            shape = scene.shapes[order[int(key[1:])]]
+            text += POSITIONS[(shape.row, shape.col)]
+        elif key[0] == "r":
+            text += _relation(scene.shapes[order[int(key[1])]], scene.shapes[order[int(key[2])]], rng)
+        else:  # pragma: no cover - a typo in TEMPLATES
+            raise KeyError(key)
+    text += template[pos:]
+    return text, spans
+
+
+def make_captions(scene: Scene, count: int, rng: random.Random, ending: str = ".") -> list[Caption]:
+    """`count` captions using different templates (cycled when more are asked than apply), deduplicated."""
+    n = len(scene.shapes)
+    usable = [t for lo, hi, t in TEMPLATES if lo <= n <= hi]
+    templates = rng.sample(usable, len(usable))
+    captions, texts = [], set()
+    for i in range(count):
+        for _attempt in range(10):
+            order = rng.sample(range(n), n)
+            text, spans = _render_template(templates[i % len(templates)], order, scene, rng)
+            if text not in texts:
+                break
+        texts.add(text)
+        captions.append(Caption(text[0].upper() + text[1:] + ending, tuple(spans)))
+    return captions
+
+
+def split_counts(splits: dict[str, float], num_images: int) -> dict[str, int]:
+    """Fractions (sum 1) -> counts by largest remainder, each non-zero split getting >= 1 image when possible."""
+    if not math.isclose(sum(splits.values()), 1.0, abs_tol=1e-6):
+        return {name: int(v) for name, v in splits.items()}
+    exact = {name: frac * num_images for name, frac in splits.items()}
+    counts = {name: int(v) for name, v in exact.items()}
+    by_remainder = sorted(splits, key=lambda name: exact[name] - counts[name], reverse=True)
+    for name in by_remainder[: num_images - sum(counts.values())]:
+        counts[name] += 1
+    for name, frac in splits.items():
+        if frac > 0 and counts[name] == 0:
+            donor = max(counts, key=counts.get)
+            if counts[donor] > 1:
+                counts[donor] -= 1
+                counts[name] += 1
+    return counts
+
+
+def assign_splits(splits: dict[str, float], num_images: int, rng: random.Random) -> list[str]:
+    labels = [name for name, n in split_counts(splits, num_images).items() for _ in range(n)]
+    rng.shuffle(labels)
+    return labels
+
+
+def tokenize(raw: str) -> list[str]:
+    """Karpathy-style tokens: lower-case words without punctuation."""
+    return re.findall(r"[a-z0-9]+", raw.lower())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rendering.
+
+
+def render(scene: Scene, seed: int, noise: float) -> Image.Image:
+    image = Image.new("RGB", (scene.width, scene.height), scene.background_rgb)
+    draw = ImageDraw.Draw(image)
+    for shape in scene.shapes:
+        x1, y1, x2, y2 = shape.box
+        fill = COLOURS[shape.colour]
+        if shape.kind == "circle":
+            draw.ellipse((x1, y1, x2 - 1, y2 - 1), fill=fill)
+        elif shape.kind == "square":
+            draw.rectangle((x1, y1, x2 - 1, y2 - 1), fill=fill)
+        else:
+            draw.polygon([(x1, y2 - 1), (x2 - 1, y2 - 1), ((x1 + x2 - 1) / 2, y1)], fill=fill)
+    if scene.background == "noisy" and noise > 0:
+        rng = np.random.default_rng([seed, scene.index])
+        pixels = np.asarray(image, dtype=np.float32)
+        pixels += rng.normal(0.0, noise, size=pixels.shape).astype(np.float32)
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    return image
+
+
+def _write_images(jobs: list[tuple[Scene, Path]], params) -> None:
+    def work(job):
+        scene, path = job
+        render(scene, params.seed, params.noise).save(path, "JPEG", quality=params.jpeg_quality)
+
+    with ThreadPoolExecutor(params.threads) as pool:  # PIL encodes without the GIL
+        for _ in pool.map(work, jobs):
+            pass
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# COCO 2014 + Karpathy.
+
+
+def generate_coco(out_dir: Path, params) -> dict:
+    """Write train2014/, val2014/ and karpathy/dataset_coco.json under out_dir; returns counts."""
+    out_dir = Path(out_dir)
+    rng = random.Random(f"coco-{params.seed}")
+    scenes = plan_scenes(params.num_images, params.image_size, params.seed,
+                         params.noisy_fraction, params.vary_aspect)
+    splits = assign_splits(params.splits, len(scenes), rng)
+    coco_ids = rng.sample(range(1, 600_000), len(scenes))
+    for folder in ("train2014", "val2014"):
+        (out_dir / folder).mkdir(parents=True, exist_ok=True)
+
+    images, jobs, sentid = [], [], 0
+    for scene, split, coco_id in zip(scenes, splits, coco_ids):
+        folder = "train2014" if split == "train" else "val2014"  # Karpathy's val/test/restval come from val2014
+        filename = f"COCO_{folder}_{coco_id:012d}.jpg"
+        captions = make_captions(scene, params.captions_per_image, rng, ending=".")
+        sentences = []
+        for caption in captions:
+            sentences.append({"tokens": tokenize(caption.text), "raw": caption.text, "imgid": scene.index,
+                              "sentid": sentid})
+            sentid += 1
+        images.append({"filepath": folder, "sentids": [s["sentid"] for s in sentences], "filename": filename,
+                       "imgid": scene.index, "split": split, "sentences": sentences, "cocoid": coco_id})
+        jobs.append((scene, out_dir / folder / filename))
+    _write_images(jobs, params)
+    _write_json(out_dir / "karpathy" / "dataset_coco.json", {"images": images, "dataset": "coco"})
+    return {"images": len(images), "captions": sentid, "splits": _count(splits)}
+
+
+def coco_stage(ctx) -> dict:
+    return generate_coco(ctx.output_dir, ctx.params)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flickr30k + Entities + MDETR annotations.
+
+
+def _entities_sentence(caption: Caption) -> str:
+    """Flickr30k Entities markup: '[/EN#1/other A red circle] left of [/EN#2/other a blue square] .'"""
+    out, pos = "", 0
+    for shape_index, start, end in sorted(caption.spans, key=lambda s: s[1]):
+        out += caption.text[pos:start] + f"[/EN#{shape_index + 1}/other {caption.text[start:end]}]"
+        pos = end
+    return out + caption.text[pos:]
+
+
+def _entities_xml(scene: Scene, filename: str) -> bytes:
+    root = ET.Element("annotation")
+    ET.SubElement(root, "filename").text = filename
+    size = ET.SubElement(root, "size")
+    for tag, value in (("width", scene.width), ("height", scene.height), ("depth", 3)):
+        ET.SubElement(size, tag).text = str(value)
+    for shape_index, shape in enumerate(scene.shapes):
+        obj = ET.SubElement(root, "object")
+        ET.SubElement(obj, "name").text = str(shape_index + 1)
+        box = ET.SubElement(obj, "bndbox")
+        x1, y1, x2, y2 = shape.box
+        # Entities boxes are 1-based inclusive pixel coordinates.
+        for tag, value in (("xmin", x1 + 1), ("ymin", y1 + 1), ("xmax", x2), ("ymax", y2)):
+            ET.SubElement(box, tag).text = str(value)
+    ET.indent(root)
+    return ET.tostring(root, encoding="utf-8")
+
+
+def generate_flickr30k(out_dir: Path, params) -> dict:
+    """Write flickr30k-images/, karpathy/dataset_flickr30k.json, flickr30k_entities/ and mdetr_annotations/."""
+    out_dir = Path(out_dir)
+    rng = random.Random(f"flickr30k-{params.seed}")
+    scenes = plan_scenes(params.num_images, params.image_size, params.seed,
+                         params.noisy_fraction, params.vary_aspect)
+    splits = assign_splits(params.splits, len(scenes), rng)
+    flickr_ids = rng.sample(range(1_000_000_000, 9_999_999_999), len(scenes))
+    image_dir = out_dir / "flickr30k-images"
+    sentences_dir = out_dir / "flickr30k_entities" / "Sentences"
+    annotations_dir = out_dir / "flickr30k_entities" / "Annotations"
+    for folder in (image_dir, sentences_dir, annotations_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+
+    images, jobs, sentid = [], [], 0
+    mdetr = {name: {"images": [], "annotations": []} for name in ("train", "val", "test")}
+    for scene, split, flickr_id in zip(scenes, splits, flickr_ids):
+        filename = f"{flickr_id}.jpg"
+        captions = make_captions(scene, params.captions_per_image, rng, ending=" .")
+        sentences = []
+        for caption in captions:
+            sentences.append({"tokens": tokenize(caption.text), "raw": caption.text, "imgid": scene.index,
+                              "sentid": sentid})
+            sentid += 1
+        images.append({"sentids": [s["sentid"] for s in sentences], "imgid": scene.index, "sentences": sentences,
+                       "split": split, "filename": filename})
+        (sentences_dir / f"{flickr_id}.txt").write_text("".join(_entities_sentence(c) + "\n" for c in captions))
+        (annotations_dir / f"{flickr_id}.xml").write_bytes(_entities_xml(scene, filename))
+        _add_mdetr_entries(mdetr[split], scene, flickr_id, filename, captions)
+        jobs.append((scene, image_dir / filename))
+    _write_images(jobs, params)
+    _write_json(out_dir / "karpathy" / "dataset_flickr30k.json", {"images": images, "dataset": "flickr30k"})
+    categories = [{"supercategory": "object", "id": 1, "name": "object"}]
+    for split, content in mdetr.items():
+        # Each phrase has exactly one box here, so the merged and separate variants coincide.
+        for variant in ("separateGT", "mergedGT"):
+            _write_json(out_dir / "mdetr_annotations" / f"final_flickr_{variant}_{split}.json",
+                        {**content, "categories": categories})
+    return {"images": len(images), "captions": sentid, "splits": _count(splits)}
+
+
+def _add_mdetr_entries(target: dict, scene: Scene, flickr_id: int, filename: str, captions: list[Caption]) -> None:
+    """One MDETR image entry per caption, one annotation per grounded phrase (ids are unique within the split)."""
+    for sentence_id, caption in enumerate(captions):
+        image_id = len(target["images"])
+        spans = sorted(caption.spans, key=lambda s: s[1])
+        target["images"].append({
+            "file_name": filename, "height": scene.height, "width": scene.width, "id": image_id,
+            "caption": caption.text, "dataset_name": "flickr", "tokens_negative": [[0, len(caption.text)]],
+            "sentence_id": sentence_id, "original_img_id": flickr_id,
+            "tokens_positive_eval": [[[start, end]] for _, start, end in spans],
+        })
+        for shape_index, start, end in spans:
+            x1, y1, x2, y2 = scene.shapes[shape_index].box
+            target["annotations"].append({
+                "area": (x2 - x1) * (y2 - y1), "iscrowd": 0, "image_id": image_id, "category_id": 1,
+                "id": len(target["annotations"]), "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "tokens_positive": [[start, end]], "phrase_ids": shape_index + 1,
+            })
+
+
+def flickr30k_stage(ctx) -> dict:
+    return generate_flickr30k(ctx.output_dir, ctx.params)
+
+
+def _count(labels: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    return counts

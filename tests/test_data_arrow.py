@@ -1,0 +1,164 @@
+"""Arrow conversions: ViLT schema/rows/order, bad images, annotation errors, grounding boxes and spans."""
+import json
+import shutil
+from collections import defaultdict
+
+import pyarrow as pa
+import pytest
+
+from vlflow.errors import VlflowError
+from vlflow.stages.data.arrow_coco import convert_coco_karpathy
+from vlflow.stages.data.arrow_f30k import convert_f30k_karpathy
+from vlflow.stages.data.arrow_grounding import convert_grounding
+from vlflow.stages.data.errors import DataError
+from vlflow.stages.data.spec import ArrowParams, GroundingArrowParams, SyntheticCocoParams, SyntheticFlickrParams
+from vlflow.stages.data.synthetic import generate_coco, generate_flickr30k
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    generate_coco(root, SyntheticCocoParams(num_images=30, image_size=48, seed=1))
+    return root
+
+
+@pytest.fixture(scope="module")
+def flickr_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("f30k")
+    generate_flickr30k(root, SyntheticFlickrParams(num_images=12, image_size=48, seed=2))
+    return root
+
+
+def read_ipc_file(path) -> pa.Table:
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_file(source).read_all()  # fails on the IPC *stream* format
+
+
+def vilt_reference(root, json_rel, image_dir_of, splits):
+    """All-in-memory conversion done the way ViLT's write_*_karpathy.py does it (rows in json order by split)."""
+    images = json.loads((root / json_rel).read_text())["images"]
+    iid2captions, iid2split, paths = defaultdict(list), {}, []
+    for cap in images:
+        iid2split[cap["filename"]] = cap["split"]
+        for c in cap["sentences"]:
+            iid2captions[cap["filename"]].append(c["raw"])
+        paths.append(image_dir_of(cap) / cap["filename"])
+    bs = [[p.read_bytes(), iid2captions[p.name], p.name, iid2split[p.name]] for p in paths if p.name in iid2captions]
+    tables = {}
+    for split in splits:
+        batches = [b for b in bs if b[-1] == split]
+        tables[split] = pa.Table.from_pylist(
+            [dict(zip(["image", "caption", "image_id", "split"], b)) for b in batches])
+    return tables
+
+
+@pytest.mark.parametrize("dataset", ["coco", "f30k"])
+def test_caption_arrows_equal_vilt_reference(dataset, coco_root, flickr_root, tmp_path):
+    params = ArrowParams(batch_rows=4, read_threads=2)
+    if dataset == "coco":
+        root, splits, prefix = coco_root, ("train", "val", "restval", "test"), "coco_caption_karpathy"
+        report = convert_coco_karpathy(root, tmp_path, params)
+        reference = vilt_reference(root, "karpathy/dataset_coco.json", lambda c: root / c["filepath"], splits)
+    else:
+        root, splits, prefix = flickr_root, ("train", "val", "test"), "f30k_caption_karpathy"
+        report = convert_f30k_karpathy(root, tmp_path, params)
+        reference = vilt_reference(root, "karpathy/dataset_flickr30k.json",
+                                   lambda c: root / "flickr30k-images", splits)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{prefix}_{s}.arrow" for s in splits]
+                                                                 + ["report.json"])
+    for split in splits:
+        ours = read_ipc_file(tmp_path / f"{prefix}_{split}.arrow")
+        assert ours.num_rows > 0
+        assert ours.schema.equals(reference[split].schema), (ours.schema, reference[split].schema)
+        assert ours.equals(reference[split])
+        with pa.memory_map(str(tmp_path / f"{prefix}_{split}.arrow")) as source:
+            assert pa.ipc.open_file(source).num_record_batches == -(-ours.num_rows // 4)  # streamed batches
+        assert report.splits[split]["rows"] == ours.num_rows
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["bad_image_count"] == 0 and sum(s["rows"] for s in saved["splits"].values()) == \
+        len(json.loads((root / "karpathy" / f"dataset_{'coco' if dataset == 'coco' else 'flickr30k'}.json")
+                       .read_text())["images"])
+
+
+@pytest.fixture
+def damaged_coco(coco_root, tmp_path):
+    root = tmp_path / "coco"
+    shutil.copytree(coco_root, root)
+    images = json.loads((root / "karpathy" / "dataset_coco.json").read_text())["images"]
+    train = [im for im in images if im["split"] == "train"]
+    missing, corrupt = train[1], train[3]
+    (root / missing["filepath"] / missing["filename"]).unlink()
+    (root / corrupt["filepath"] / corrupt["filename"]).write_bytes(b"\xff\xd8 this is not a jpeg" * 10)
+    return root, missing["filename"], corrupt["filename"], len(train)
+
+
+def test_bad_images_are_reported_and_skipped(damaged_coco, tmp_path):
+    root, missing, corrupt, n_train = damaged_coco
+    report = convert_coco_karpathy(root, tmp_path / "out", ArrowParams(batch_rows=2))
+    table = read_ipc_file(tmp_path / "out" / "coco_caption_karpathy_train.arrow")
+    assert table.num_rows == n_train - 2
+    assert missing not in table["image_id"].to_pylist() and corrupt not in table["image_id"].to_pylist()
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["bad_image_count"] == 2 and saved["splits"]["train"]["skipped"] == 2
+    reasons = {b["path"].split("/")[-1]: b["reason"] for b in saved["bad_images"]}
+    assert reasons[missing] == "missing file"
+    assert reasons[corrupt].startswith("corrupt image")
+    assert report.metrics()["bad_images"] == 2
+
+
+def test_bad_image_fails_when_asked(damaged_coco, tmp_path):
+    root, missing, corrupt, _ = damaged_coco
+    with pytest.raises(DataError) as info:
+        convert_coco_karpathy(root, tmp_path / "out", ArrowParams(on_bad_image="fail"))
+    assert isinstance(info.value, VlflowError)
+    message = str(info.value)
+    assert (missing in message and "missing file" in message) or (corrupt in message and "corrupt" in message)
+    assert "on_bad_image" in message
+
+
+def test_missing_json_key_names_key_and_file(coco_root, tmp_path):
+    root = tmp_path / "coco"
+    shutil.copytree(coco_root, root)
+    json_path = root / "karpathy" / "dataset_coco.json"
+    data = json.loads(json_path.read_text())
+    del data["images"][2]["sentences"]
+    json_path.write_text(json.dumps(data))
+    with pytest.raises(DataError) as info:
+        convert_coco_karpathy(root, tmp_path / "out", ArrowParams())
+    message = str(info.value)
+    assert "dataset_coco.json" in message and "images[2].sentences" in message and "missing key" in message
+
+    json_path.write_text('{"images": [\n  {"filename": }]}')
+    with pytest.raises(DataError, match=r"dataset_coco.json:2: invalid JSON"):
+        convert_coco_karpathy(root, tmp_path / "out", ArrowParams())
+    shutil.rmtree(root / "karpathy")
+    with pytest.raises(DataError, match="dataset_coco.json: annotation file not found"):
+        convert_coco_karpathy(root, tmp_path / "out", ArrowParams())
+
+
+def test_grounding_rows_boxes_and_spans(flickr_root, tmp_path):
+    convert_grounding(flickr_root, tmp_path, GroundingArrowParams(batch_rows=7))
+    for split in ("train", "val", "test"):
+        mdetr = json.loads((flickr_root / "mdetr_annotations" / f"final_flickr_separateGT_{split}.json").read_text())
+        table = read_ipc_file(tmp_path / f"f30k_grounding_{split}.arrow")
+        assert table.schema.field("phrases").type.value_type.field("start").type == pa.int32()
+        assert table.schema.field("phrases").type.value_type.field("boxes").type == pa.list_(pa.list_(pa.float32()))
+        rows = table.drop(["image"]).to_pylist()
+        assert len(rows) == len(mdetr["images"])  # one row per caption
+        anns = defaultdict(list)
+        for ann in mdetr["annotations"]:
+            anns[ann["image_id"]].append(ann)
+        for row, entry in zip(rows, mdetr["images"]):
+            assert (row["caption"], row["image_id"], row["width"], row["height"], row["split"]) == \
+                (entry["caption"], entry["file_name"], entry["width"], entry["height"], split)
+            assert len(row["phrases"]) == len(anns[entry["id"]]) > 0
+            assert [p["start"] for p in row["phrases"]] == sorted(p["start"] for p in row["phrases"])
+            for phrase in row["phrases"]:
+                assert phrase["text"] == row["caption"][phrase["start"]:phrase["end"]]
+                assert phrase["text"].split()[-1] in {"circle", "square", "triangle"}
+                ann = next(a for a in anns[entry["id"]] if a["tokens_positive"] == [[phrase["start"], phrase["end"]]])
+                (x1, y1, x2, y2), = phrase["boxes"]
+                assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
+                x, y, w, h = ann["bbox"]
+                assert [x1, y1, x2, y2] == pytest.approx(
+                    [x / row["width"], y / row["height"], (x + w) / row["width"], (y + h) / row["height"]], abs=1e-6)
