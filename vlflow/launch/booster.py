@@ -1,0 +1,66 @@
+"""Build the Colossal-AI plugin and Booster that a `launch:` block asks for.
+
+Checks the combination first, so that an unsupported one (a GPU-only plugin on a CPU machine, a precision the plugin
+cannot do) fails with a LaunchError naming the field instead of an assertion deep inside colossalai.
+Call after `colossalai.launch_from_*`: plugins read the process group when they are created.
+"""
+from __future__ import annotations
+
+import torch.distributed as dist
+from colossalai.accelerator import get_accelerator
+from colossalai.booster import Booster
+from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin, LowLevelZeroPlugin, TorchDDPPlugin
+from colossalai.booster.plugin.plugin_base import Plugin
+
+from vlflow.errors import LaunchError
+from vlflow.stage import LaunchSpec
+
+GPU_ONLY_PLUGINS = ("low_level_zero", "gemini", "hybrid_parallel")
+
+
+def check_launch(launch: LaunchSpec, device: str, world_size: int) -> None:
+    """Raise LaunchError when `launch` cannot run on `device` ("cuda", "cpu", ...) with `world_size` ranks."""
+    if device != "cuda" and launch.plugin in GPU_ONLY_PLUGINS:
+        raise LaunchError(f"plugin {launch.plugin} needs CUDA GPUs (its ZeRO/Gemini/tensor-parallel kernels do not "
+                          f"run on {device}); use plugin: torch_ddp here", field="launch.plugin")
+    if launch.plugin == "torch_ddp":
+        if launch.precision == "fp16" and device != "cuda":
+            raise LaunchError(f"precision fp16 with torch_ddp uses CUDA automatic mixed precision and does not run "
+                              f"on {device}; use precision: fp32", field="launch.precision")
+        if launch.precision == "bf16":
+            raise LaunchError("precision bf16 is not available with plugin torch_ddp in this Colossal-AI version "
+                              "(its Booster has no bf16 mixed precision); use fp16, or plugin low_level_zero, "
+                              "gemini or hybrid_parallel for bf16", field="launch.precision")
+    if launch.plugin == "low_level_zero" and launch.zero_stage not in (1, 2):
+        raise LaunchError(f"low_level_zero needs zero_stage 1 or 2, got {launch.zero_stage}",
+                          field="launch.zero_stage")
+    if launch.plugin == "gemini" and launch.precision == "fp32":
+        raise LaunchError("plugin gemini trains in fp16 or bf16 only; set precision: fp16 or bf16",
+                          field="launch.precision")
+    if launch.plugin == "hybrid_parallel" and world_size % (launch.tp_size * launch.pp_size) != 0:
+        raise LaunchError(f"world size {world_size} is not divisible by tp_size {launch.tp_size} x pp_size "
+                          f"{launch.pp_size}", field="launch.tp_size")
+
+
+def make_plugin(launch: LaunchSpec) -> Plugin:
+    if launch.plugin == "torch_ddp":
+        return TorchDDPPlugin()
+    if launch.plugin == "low_level_zero":
+        return LowLevelZeroPlugin(stage=launch.zero_stage, precision=launch.precision)
+    if launch.plugin == "gemini":
+        return GeminiPlugin(precision=launch.precision)
+    if launch.plugin == "hybrid_parallel":
+        # Pipeline parallelism needs a micro-batch split; one sample per micro-batch is the simplest valid choice.
+        microbatch_size = 1 if launch.pp_size > 1 else None
+        return HybridParallelPlugin(tp_size=launch.tp_size, pp_size=launch.pp_size, zero_stage=launch.zero_stage,
+                                    precision=launch.precision, microbatch_size=microbatch_size)
+    raise LaunchError(f"unknown plugin {launch.plugin!r}", field="launch.plugin")
+
+
+def make_booster(launch: LaunchSpec) -> tuple[Booster, Plugin]:
+    """The Booster and its plugin for `launch` (precision through Booster for torch_ddp, else through the plugin)."""
+    check_launch(launch, get_accelerator().name, dist.get_world_size())
+    plugin = make_plugin(launch)
+    # Only torch_ddp leaves precision to the Booster; the other plugins take it as a constructor argument.
+    mixed_precision = "fp16" if launch.plugin == "torch_ddp" and launch.precision == "fp16" else None
+    return Booster(plugin=plugin, mixed_precision=mixed_precision), plugin
