@@ -1,0 +1,272 @@
+"""ArtifactStore on a local dir, memory:// and S3 (moto server): commit, manifest, materialise, re-commit, gc, refs,
+error wrapping and credential hygiene."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from vlflow.errors import StoreError, VlflowError
+from vlflow.store import ArtifactStore, FileEntry, Manifest, files_digest
+
+FILES = {
+    "model.bin": os.urandom(300_000),
+    "config.json": b'{"hidden": 8}',
+    "sub/deeper/notes.txt": b"hello\n",
+    "empty": b"",
+}
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and p.name != ".complete"}
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return ArtifactStore(str(tmp_path / "cache"), local_cache=tmp_path / "mirror")
+    if request.param == "memory":
+        return ArtifactStore(f"memory://vlflow-test-{uuid.uuid4().hex[:8]}/cache", local_cache=tmp_path / "mirror")
+    return ArtifactStore(request.getfixturevalue("s3_cache_url"), local_cache=tmp_path / "mirror")
+
+
+def test_commit_manifest_materialize_round_trip(store, tmp_path):
+    out = write_tree(tmp_path / "out", FILES)
+    seen = []
+    manifest = store.commit("k1", out, {"stage": "train", "metrics": {"loss": 0.5}},
+                            progress=lambda done, total: seen.append((done, total)))
+
+    assert [f.path for f in manifest.files] == sorted(FILES)
+    for entry in manifest.files:
+        assert entry.size == len(FILES[entry.path])
+        assert entry.sha256 == hashlib.sha256(FILES[entry.path]).hexdigest()
+    assert manifest.digest == files_digest(manifest.files)
+    assert manifest.size == sum(len(d) for d in FILES.values())
+    assert seen[-1] == (manifest.size, manifest.size)
+
+    reread = store.manifest("k1")
+    assert reread == manifest
+    assert store.has("k1") and not store.has("k2")
+    assert reread.meta == {"stage": "train", "metrics": {"loss": 0.5}}
+
+    local = store.materialize("k1")
+    assert tree_bytes(local) == FILES
+    with store.open("k1", "sub/deeper/notes.txt") as f:
+        assert f.read() == b"hello\n"
+    assert [m.key for m in store.list()] == ["k1"]
+    assert store.garbage() == []
+
+    if store.is_local:
+        # Same filesystem: files are moved (the staging dir is emptied) and the attempt dir is used in place.
+        assert not any(p.is_file() for p in out.rglob("*"))
+        assert local == Path(store.url) / "artifacts" / "k1" / manifest.attempt
+    else:
+        assert tree_bytes(out) == FILES  # uploaded, not moved
+        assert local == tmp_path / "mirror" / manifest.digest
+
+
+def test_recommit_replaces_and_old_attempt_is_garbage(store, tmp_path):
+    first = store.commit("k", write_tree(tmp_path / "v1", {"a.txt": b"one" * 100}), {"v": 1})
+    second = store.commit("k", write_tree(tmp_path / "v2", {"a.txt": b"two", "b.txt": b"new"}), {"v": 2})
+
+    assert second.attempt != first.attempt and second.digest != first.digest
+    assert store.manifest("k").meta == {"v": 2}
+    assert tree_bytes(store.materialize("k")) == {"a.txt": b"two", "b.txt": b"new"}
+    assert store.garbage() == [f"artifacts/k/{first.attempt}"]
+
+    count, freed = store.gc(keep={"k"})
+    assert (count, freed) == (1, 300)
+    assert store.garbage() == []
+    assert tree_bytes(store.materialize("k")) == {"a.txt": b"two", "b.txt": b"new"}
+
+
+def test_gc_removes_unkept_artifacts_and_remove_reports_bytes(store, tmp_path):
+    store.commit("keep", write_tree(tmp_path / "a", {"x": b"1" * 10}), {})
+    store.commit("drop", write_tree(tmp_path / "b", {"y": b"2" * 20}), {})
+    store.commit("gone", write_tree(tmp_path / "c", {"z": b"3" * 30}), {})
+
+    freed = store.remove("gone")
+    assert freed >= 30  # the file plus its manifest
+    assert not store.has("gone") and store.remove("gone") == 0
+
+    count, freed = store.gc(keep={"keep"})
+    assert count == 1 and freed >= 20
+    assert [m.key for m in store.list()] == ["keep"]
+    assert tree_bytes(store.materialize("keep")) == {"x": b"1" * 10}
+
+
+def test_refs_round_trip(store):
+    assert store.get_ref("runs/wf/train") is None
+    store.put_ref("runs/wf/train", {"key": "abc", "components": {"params": {"lr": 0.1}}})
+    store.put_ref("runs/wf/train", {"key": "def"})
+    assert store.get_ref("runs/wf/train") == {"key": "def"}
+    with pytest.raises(StoreError, match="invalid ref name"):
+        store.put_ref("../escape", {})
+
+
+def test_missing_artifacts_and_bad_keys_give_clear_errors(store, tmp_path):
+    with pytest.raises(StoreError, match=r"no committed artifact nope in the artifact store") as err:
+        store.materialize("nope")
+    assert store.url in str(err.value)
+    store.commit("k", write_tree(tmp_path / "o", {"a": b"x"}), {})
+    with pytest.raises(StoreError, match="has no file 'missing.txt'"):
+        store.open("k", "missing.txt")
+    with pytest.raises(StoreError, match="read-only"):
+        store.open("k", "a", "wb")
+    for bad in ("../etc", "a/b", "", ".hidden"):
+        with pytest.raises(StoreError, match="invalid artifact key"):
+            store.has(bad)
+    assert issubclass(StoreError, VlflowError)
+
+
+def test_has_reads_only_the_manifest(tmp_path):
+    store = ArtifactStore(f"memory://vlflow-test-{uuid.uuid4().hex[:8]}/c")
+    store.commit("k", write_tree(tmp_path / "o", {f"f{i}": b"x" * 100 for i in range(50)}), {})
+    calls = []
+    for name in ("cat_file", "open", "cat", "ls", "find"):
+        original = getattr(store.fs, name)
+        setattr(store.fs, name, lambda *a, _n=name, _o=original, **k: (calls.append((_n, a[0])), _o(*a, **k))[1])
+    try:
+        assert store.has("k")
+        assert store.manifest("k").key == "k"
+    finally:
+        for name in ("cat_file", "open", "cat", "ls", "find"):
+            delattr(store.fs, name)
+    assert calls == [("cat_file", store._path("artifacts", "k", "manifest.json"))] * 2
+
+
+def test_corrupt_manifest_is_ignored_with_a_warning(tmp_path, caplog):
+    store = ArtifactStore(str(tmp_path / "cache"))
+    manifest = store.commit("k", write_tree(tmp_path / "o", {"a": b"abc"}), {})
+    manifest_path = tmp_path / "cache" / "artifacts" / "k" / "manifest.json"
+
+    manifest_path.write_text('{"format": 1, "key": "k", "files": [')  # truncated
+    with caplog.at_level(logging.WARNING, logger="vlflow.store"):
+        assert store.manifest("k") is None and not store.has("k")
+    assert "corrupt manifest of artifact k" in caplog.text
+
+    tampered = json.loads(manifest.to_json())
+    tampered["files"][0]["size"] = 4  # the digest no longer matches the file list
+    manifest_path.write_text(json.dumps(tampered))
+    assert store.manifest("k") is None
+    # Its attempt is not referenced by a valid manifest any more, so gc may reclaim it.
+    assert store.garbage() == [f"artifacts/k/{manifest.attempt}"]
+
+
+def test_local_commit_copies_files_reached_through_symlinks(tmp_path):
+    outside = write_tree(tmp_path / "input_artifact", {"data.bin": b"shared"})
+    out = write_tree(tmp_path / "out", {"own.txt": b"mine"})
+    (out / "link.bin").symlink_to(outside / "data.bin")
+    (out / "linked_dir").symlink_to(outside, target_is_directory=True)
+
+    store = ArtifactStore(str(tmp_path / "cache"))
+    store.commit("k", out, {})
+    assert tree_bytes(store.materialize("k")) == {"own.txt": b"mine", "link.bin": b"shared",
+                                                  "linked_dir/data.bin": b"shared"}
+    assert (outside / "data.bin").read_bytes() == b"shared"  # the link target was copied, not moved away
+    assert not (out / "own.txt").exists()  # own files were moved
+
+
+def test_remote_materialize_reuses_complete_copy_and_replaces_stale_one(tmp_path):
+    store = ArtifactStore(f"memory://vlflow-test-{uuid.uuid4().hex[:8]}/c")
+    store.commit("k", write_tree(tmp_path / "o", {"a": b"new content"}), {})
+    dest = tmp_path / "mirror" / "k"
+    write_tree(dest, {"a": b"half", "leftover": b"?"})  # an interrupted earlier download, no .complete marker
+
+    assert tree_bytes(store.materialize("k", dest)) == {"a": b"new content"}
+    (dest / "a").write_bytes(b"touched")  # proves the second call does not download again
+    assert store.materialize("k", dest) == dest and (dest / "a").read_bytes() == b"touched"
+
+
+def test_s3_endpoint_from_explicit_storage_options(moto_server, s3_env, monkeypatch, tmp_path):
+    from tests.conftest import create_bucket
+
+    bucket = create_bucket(moto_server)
+    monkeypatch.delenv("VLFLOW_S3_ENDPOINT_URL")
+    monkeypatch.delenv("FSSPEC_S3_ENDPOINT_URL")
+    store = ArtifactStore(f"s3://{bucket}/x", storage_options={"client_kwargs": {"endpoint_url": moto_server}})
+    store.commit("k", write_tree(tmp_path / "o", {"a": b"abc"}), {})
+    assert store.fs.cat_file(f"{bucket}/x/artifacts/k/manifest.json").startswith(b"{")
+    assert tree_bytes(store.materialize("k", tmp_path / "m")) == {"a": b"abc"}
+
+
+SECRET_KEY_ID = "AKIAVLFLOWSECRETID42"
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+
+def test_credentials_never_appear_in_errors_or_repr(moto_server, s3_env, tmp_path):
+    store = ArtifactStore("s3://no-such-bucket-vlflow/cache",
+                          storage_options={"key": SECRET_KEY_ID, "secret": SECRET,
+                                           "client_kwargs": {"endpoint_url": moto_server}})
+    assert repr(store) == "ArtifactStore('s3://no-such-bucket-vlflow/cache')"
+    with pytest.raises(StoreError) as err:
+        store.commit("abc123", write_tree(tmp_path / "o", {"a": b"x"}), {})
+    message = str(err.value)
+    assert "s3://no-such-bucket-vlflow/cache" in message and "abc123" in message
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    # Backend messages are scrubbed too, whatever they contain.
+    leaked = store._scrub(RuntimeError(f"bad request key={SECRET_KEY_ID} for {SECRET} secret: hunter2"))
+    for text in (message, leaked, repr(store)):
+        assert SECRET not in text and SECRET_KEY_ID not in text and "hunter2" not in text
+
+
+def test_upload_rejected_midway_leaves_no_manifest(moto_server, s3_env, tmp_path):
+    """A second front end on the same moto backend refuses one PUT; the commit fails and commits nothing."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    from tests.conftest import create_bucket
+
+    moto_app = DomainDispatcherApplication(create_backend_app)
+    rejected = []
+
+    def reject_one_put(environ, start_response):
+        if environ["REQUEST_METHOD"] == "PUT" and "poison" in environ["PATH_INFO"]:
+            rejected.append(environ["PATH_INFO"])
+            start_response("403 Forbidden", [("Content-Type", "application/xml")])
+            return [b"<Error><Code>AccessDenied</Code><Message>injected failure</Message></Error>"]
+        return moto_app(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, reject_one_put, threaded=True, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        bucket = create_bucket(moto_server)
+        store = ArtifactStore(f"s3://{bucket}/cache",
+                              storage_options={"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{server.server_port}"}})
+        files = {f"f{i:03d}.bin": b"x" * 1000 for i in range(40)}
+        files["f020_poison.bin"] = b"bad"
+        with pytest.raises(StoreError, match=r"cannot commit artifact k1 in the artifact store s3://"):
+            store.commit("k1", write_tree(tmp_path / "o", files), {})
+        assert rejected
+        assert not store.has("k1") and store.list() == []
+        garbage = store.garbage()
+        assert len(garbage) == 1 and garbage[0].startswith("artifacts/k1/")
+        assert store.gc(keep=set())[0] == 1
+        assert store.fs.find(f"{bucket}/cache") == []
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+def test_manifest_json_round_trip():
+    files = [FileEntry("b", 2, "00"), FileEntry("a", 1, "ff")]
+    manifest = Manifest(key="k", attempt="a1", created=1.0, files=files, digest=files_digest(files), meta={"x": [1]})
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    assert files_digest(files) == files_digest(list(reversed(files)))  # order-independent
+    assert files_digest([FileEntry("a", 1, "fe"), files[0]]) != manifest.digest
