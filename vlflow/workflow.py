@@ -155,6 +155,8 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, Locations]:
         problem = exc.problem or exc.context or "invalid YAML"
         if "'\\t'" in problem or "\t" in problem:
             problem = "tab character; YAML indentation must use spaces"
+        elif exc.context and exc.problem and exc.problem.startswith("but "):
+            problem = f"{exc.context}, {exc.problem}"
         elif exc.context and exc.problem:
             problem = f"{exc.problem} ({exc.context})"
         raise WorkflowError(f"invalid YAML: {problem}", file=file,
@@ -271,6 +273,7 @@ class _Resolver:
         self.resolved: dict[Path_, Any] = {}  # params path -> resolved value
         self.in_progress: list[Path_] = []
         self.used_secrets: set[str] = set()
+        self.current_stage: str | None = None  # the stage whose values are being resolved
 
     def where(self, path: Path_) -> Location:
         while path and path not in self.locations:
@@ -345,6 +348,8 @@ class _Resolver:
             if not allow_stages:
                 raise self.fail(f"${{{body}}} is only allowed in a stage's `with` block", path)
             stage = match.group(1)
+            if stage == self.current_stage:
+                raise self.fail(f"stage {stage!r} depends on itself", path)
             if stage not in self.stage_names:
                 raise self.fail(f"${{{body}}} names no stage of this workflow{_suggest(stage, self.stage_names)}",
                                 path)
@@ -571,6 +576,7 @@ class _Loader:
             _deep_merge(merged, merged_locs, base, base_locs)
         own_locs = {k: v for k, v in locations.items() if k and k[0] not in ("include", "extends")}
         _deep_merge(merged, merged_locs, data, own_locs)
+        merged_locs[()] = locations[()]
         return merged, merged_locs
 
     def apply_overrides(self, document: dict) -> None:
@@ -596,9 +602,10 @@ class _Loader:
             for depth, part in enumerate(parts[:-1]):
                 if part not in target or target[part] is None:
                     target[part] = {}
+                    self.locations[tuple(parts[: depth + 1])] = Location(origin, None)
                 if not isinstance(target[part], dict):
                     where = ".".join(parts[: depth + 1])
-                    raise WorkflowError(f"cannot set {key}: {where} is {_type_name(target[part])}, not a mapping",
+                    raise WorkflowError(f"{where} is {_type_name(target[part])}, not a mapping",
                                         file=origin, field=key)
                 target = target[part]
             target[parts[-1]] = value
@@ -624,7 +631,7 @@ class _Loader:
             key = error["loc"][0] if error["loc"] else None
             field_path = (*path, *error["loc"])
             at = next((p for p in [(*o, key) for o in origin_paths] if p in self.locations), None)
-            message = _pydantic_message(error, list(LaunchSpec.model_fields))
+            message = _pydantic_message(error, list(LaunchSpec.model_fields), noun="launch setting")
             if at is None and key in self.launch_defaults:
                 message += " (from the project's launch defaults)"
             raise self.fail(message + _more(exc), field_path, at=at or path) from None
@@ -643,7 +650,9 @@ class _Loader:
 
         with_path = (*path, "with")
         raw_with = self.expect(raw.get("with"), dict, with_path, "a mapping of parameters")
+        resolver.current_stage = name
         values = resolver.resolve(raw_with, with_path)
+        resolver.current_stage = None
         try:
             params = spec.params(**values).model_dump(mode="json")
         except pydantic.ValidationError as exc:
@@ -727,7 +736,10 @@ class _Loader:
             cycle = nx.find_cycle(graph)
         except nx.NetworkXNoCycle:
             return
-        names = [edge[0] for edge in cycle] + [cycle[0][0]]
+        names = [edge[0] for edge in cycle]
+        order = list(stages)
+        start = min(range(len(names)), key=lambda i: order.index(names[i]))  # same message whatever nx picks
+        names = names[start:] + names[:start] + [names[start]]
         raise self.fail("dependency cycle: " + " -> ".join(names), ("stages", names[0]))
 
 
@@ -738,13 +750,13 @@ def _mark_all(value: Any, path: Path_, locations: Locations, location: Location)
         _mark_all(item, (*path, key), locations, location)
 
 
-def _pydantic_message(error: dict, known: list[str]) -> str:
+def _pydantic_message(error: dict, known: list[str], noun: str = "parameter") -> str:
     kind = error["type"]
     if kind == "missing":
-        return "required parameter missing"
+        return f"required {noun} missing"
     if kind == "extra_forbidden":
         key = str(error["loc"][-1]) if error["loc"] else "?"
-        return f"unknown parameter {key!r}{_suggest(key, known)}"
+        return f"unknown {noun} {key!r}{_suggest(key, known)}"
     message = error["msg"]
     return f"{message[0].lower()}{message[1:]}, got {_short_repr(error.get('input'))}"
 
