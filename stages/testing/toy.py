@@ -24,7 +24,8 @@ def write(ctx: StageContext) -> dict:
 def _text_of(path: Path) -> str:
     if path.is_file():
         return path.read_text()
-    return "".join(p.read_text() for p in sorted(path.rglob("*")) if p.is_file())
+    # `_vlflow/` holds the runner's log and metrics of the upstream run, not its data
+    return "".join(p.read_text() for p in sorted(path.rglob("*")) if p.is_file() and "_vlflow" not in p.relative_to(path).parts)
 
 
 def concat(ctx: StageContext) -> dict:
