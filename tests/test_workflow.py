@@ -1,5 +1,7 @@
 """Workflow loading: include/extends, interpolation, overrides, launch merging, to_dict (happy paths)."""
 import pickle
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -107,10 +109,11 @@ def test_interpolation_keeps_types_of_whole_references(tmp_path):
     assert wf.stages["w"].params == {"files": 3, "size": 7, "text": "n=3 f=true r=0.5", "fail": True}
 
 
-def test_yaml_anchors_merge_keys_and_dates(tmp_path):
+def test_yaml_anchors_merge_keys_dates_and_exponents(tmp_path):
     path = write(tmp_path, """
         params:
           day: 2024-01-02
+          lr: 1e-4
         stages:
           a: &writer
             uses: testing.write
@@ -124,6 +127,7 @@ def test_yaml_anchors_merge_keys_and_dates(tmp_path):
     """)
     wf = load_workflow(path, env=NO_ENV)
     assert wf.params["day"] == "2024-01-02"  # not a datetime: stage params are JSON values
+    assert wf.params["lr"] == 1e-4  # YAML 1.1 would read a string
     assert wf.stages["a"].params["size"] == 4
     assert wf.stages["b"].params == {"files": 2, "size": 9, "text": "2024-01-02", "fail": False}
 
@@ -241,3 +245,13 @@ def test_project_workflows_validate(path):
     """Every workflow shipped in workflows/ loads (with its env references falling back to defaults)."""
     wf = load_workflow(path, env=NO_ENV)
     assert wf.stages
+
+
+def test_validation_imports_no_heavy_libraries():
+    """Loading a workflow (which imports every stage spec) must not import torch, transformers or colossalai."""
+    code = ("import sys; from vlflow.workflow import load_workflow; "
+            f"load_workflow({str(FIXTURES / 'toy.yaml')!r}, env={{}}); "
+            "print(sorted(m for m in ('torch', 'transformers', 'colossalai') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
