@@ -1,0 +1,235 @@
+"""download stage against a local http.server (dropped connections, Range, checksums) and safe archive extraction."""
+import hashlib
+import io
+import os
+import socket
+import tarfile
+import threading
+import time
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from vlflow.stages.data.archive import safe_extract
+from vlflow.stages.data.download import download_files
+from vlflow.stages.data.errors import DataError
+from vlflow.stages.data.spec import DownloadParams
+
+PAYLOAD = os.urandom(300_000)
+
+
+class Handler(BaseHTTPRequestHandler):
+    """/ok/NAME serves with Range support; /drop/NAME drops the first GET mid-file; /norange/NAME drops the first GET
+    and then ignores Range; /flaky/NAME drops every GET and ignores Range."""
+
+    files: dict = {}
+    requests: list = []  # (path, Range header, status) of every GET
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self._respond(send_body=False)
+
+    def do_GET(self):
+        self._respond(send_body=True)
+
+    def _respond(self, send_body: bool):
+        mode, _, name = self.path.strip("/").partition("/")
+        data = self.files.get(name)
+        if data is None:
+            self.send_error(404)
+            return
+        previous = sum(1 for p, _, _ in self.requests if p == self.path)
+        range_header = self.headers.get("Range")
+        honour_range = mode in ("ok", "drop")
+        drop = send_body and ((mode in ("drop", "norange") and previous == 0) or mode == "flaky")
+        start = int(range_header[6:].split("-")[0]) if range_header and honour_range else 0
+        status = 206 if start else 200
+        if send_body:
+            self.requests.append((self.path, range_header, status))
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data) - start))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Accept-Ranges", "bytes" if honour_range else "none")
+        self.end_headers()
+        if not send_body:
+            return
+        if drop:  # announce everything, send a part, hang up
+            self.wfile.write(data[start:start + (len(data) - start) // 3])
+            self.wfile.flush()
+            time.sleep(0.2)  # let the client consume what was sent before the connection breaks
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+            return
+        self.wfile.write(data[start:])
+
+
+@pytest.fixture(scope="module")
+def server():
+    Handler.files = {"a.bin": PAYLOAD, "b.bin": PAYLOAD[::-1], "data.tar.gz": _tar_gz({"d/x.txt": b"hello"})}
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture(autouse=True)
+def clear_requests():
+    Handler.requests.clear()
+
+
+def _tar_gz(files: dict) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, content in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def params(*files, **kwargs):
+    return DownloadParams(files=list(files), progress=False, chunk_bytes=16384, timeout_s=10, **kwargs)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_parallel_download_with_checksums(server, tmp_path):
+    metrics = download_files(params(
+        {"url": f"{server}/ok/a.bin", "sha256": sha256(PAYLOAD), "md5": hashlib.md5(PAYLOAD).hexdigest()},
+        {"url": f"{server}/ok/b.bin", "path": "sub/b.bin"}), tmp_path)
+    assert (tmp_path / "a.bin").read_bytes() == PAYLOAD
+    assert (tmp_path / "sub" / "b.bin").read_bytes() == PAYLOAD[::-1]
+    assert metrics == {"files": 2, "bytes": 2 * len(PAYLOAD)}
+    assert not (tmp_path / ".staging").exists()
+
+
+def test_dropped_connection_resumes_with_range(server, tmp_path):
+    download_files(params({"url": f"{server}/drop/a.bin", "sha256": sha256(PAYLOAD)}), tmp_path)
+    assert (tmp_path / "a.bin").read_bytes() == PAYLOAD
+    (first_path, first_range, _), (_, second_range, second_status) = Handler.requests
+    assert first_range is None
+    assert second_range == f"bytes={len(PAYLOAD) // 3}-" and second_status == 206  # resumed, not restarted
+
+
+def test_server_ignoring_range_restarts_from_zero_once(server, tmp_path):
+    download_files(params({"url": f"{server}/norange/a.bin", "sha256": sha256(PAYLOAD)}), tmp_path)
+    assert (tmp_path / "a.bin").read_bytes() == PAYLOAD
+    assert [(r is not None, s) for _, r, s in Handler.requests] == [(False, 200), (True, 200)]
+
+
+def test_server_ignoring_range_and_dropping_again_is_refused(server, tmp_path):
+    with pytest.raises(DataError, match=r"flaky/a.bin: the server ignores HTTP Range requests"):
+        download_files(params({"url": f"{server}/flaky/a.bin"}, retries=5), tmp_path)
+    assert len(Handler.requests) == 3  # first try, restart from zero, refused on the next 200
+    assert not (tmp_path / "a.bin").exists()
+
+
+def test_retries_exhausted(server, tmp_path):
+    with pytest.raises(DataError, match=r"flaky/b.bin: download failed after 1 attempts"):
+        download_files(params({"url": f"{server}/flaky/b.bin"}, retries=0), tmp_path)
+
+
+def test_checksum_mismatch_discards_file(server, tmp_path):
+    wrong = "0" * 64
+    with pytest.raises(DataError) as info:
+        download_files(params({"url": f"{server}/ok/a.bin", "sha256": wrong}), tmp_path)
+    message = str(info.value)
+    assert f"{server}/ok/a.bin" in message and wrong in message and sha256(PAYLOAD) in message
+    assert not (tmp_path / "a.bin").exists()
+    assert not list((tmp_path / ".staging").glob("*"))  # the .part file is gone too
+
+
+def test_not_found_and_several_errors(server, tmp_path):
+    with pytest.raises(DataError, match=r"2 downloads failed:(.|\n)*missing.bin: not found"):
+        download_files(params({"url": f"{server}/ok/missing.bin"},
+                              {"url": f"{server}/ok/b.bin", "md5": "1" * 32}), tmp_path)
+
+
+def test_download_and_extract_archive(server, tmp_path):
+    download_files(params({"url": f"{server}/ok/data.tar.gz", "extract": True, "extract_to": "unpacked",
+                           "keep_archive": False}), tmp_path)
+    assert (tmp_path / "unpacked" / "d" / "x.txt").read_bytes() == b"hello"
+    assert not (tmp_path / "data.tar.gz").exists()
+
+
+def test_file_url_download(tmp_path):
+    source = tmp_path / "src.bin"
+    source.write_bytes(PAYLOAD)
+    download_files(params({"url": f"file://{source}", "path": "copy.bin", "sha256": sha256(PAYLOAD)}),
+                   tmp_path / "out")
+    assert (tmp_path / "out" / "copy.bin").read_bytes() == PAYLOAD
+
+
+def test_params_reject_escaping_paths():
+    with pytest.raises(ValueError, match="relative path inside the output dir"):
+        DownloadParams(files=[{"url": "http://127.0.0.1/x", "path": "../x"}])
+    with pytest.raises(ValueError, match="two files write 'x'"):
+        DownloadParams(files=[{"url": "http://127.0.0.1/a/x"}, {"url": "http://127.0.0.1/b/x"}])
+
+
+def _tar_with(tmp_path, build) -> str:
+    path = tmp_path / "evil.tar"
+    with tarfile.open(path, "w") as tar:
+        build(tar)
+    return path
+
+
+def _add_file(tar, name, content=b"x"):
+    info = tarfile.TarInfo(name)
+    info.size = len(content)
+    tar.addfile(info, io.BytesIO(content))
+
+
+def _add_link(tar, name, target, kind=tarfile.SYMTYPE):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    tar.addfile(info)
+
+
+@pytest.mark.parametrize("entry,build,reason", [
+    ("/tmp/evil.txt", lambda t: _add_file(t, "/tmp/evil.txt"), "absolute path"),
+    ("a/../../evil.txt", lambda t: _add_file(t, "a/../../evil.txt"), "'..'"),
+    ("sub/link", lambda t: _add_link(t, "sub/link", "../../outside"), "symlink"),
+    ("abs_link", lambda t: _add_link(t, "abs_link", "/etc/passwd"), "symlink"),
+    ("hard", lambda t: _add_link(t, "hard", "../outside", tarfile.LNKTYPE), "hard link"),
+])
+def test_tar_entries_escaping_target_are_refused(tmp_path, entry, build, reason):
+    def with_a_safe_file_first(tar):
+        _add_file(tar, "good.txt")
+        build(tar)
+
+    archive = _tar_with(tmp_path, with_a_safe_file_first)
+    with pytest.raises(DataError) as info:
+        safe_extract(archive, tmp_path / "dest")
+    assert repr(entry) in str(info.value) and reason in str(info.value) and "evil.tar" in str(info.value)
+    assert not (tmp_path / "dest" / "good.txt").exists()  # nothing extracted before the check
+
+
+def test_zip_entries_escaping_target_are_refused(tmp_path):
+    for name in ("../evil.txt", "/abs.txt"):
+        archive = tmp_path / "evil.zip"
+        with zipfile.ZipFile(archive, "w") as zf:
+            zf.writestr("ok.txt", "fine")
+            zf.writestr(zipfile.ZipInfo(name), "bad")
+        with pytest.raises(DataError, match=f"refusing to extract entry {name!r}"):
+            safe_extract(archive, tmp_path / "dest")
+        assert not (tmp_path / "dest" / "ok.txt").exists()
+
+
+def test_safe_archives_extract(tmp_path):
+    archive = _tar_with(tmp_path, lambda t: (_add_file(t, "d/f.txt", b"data"), _add_link(t, "d/l", "f.txt")))
+    safe_extract(archive, tmp_path / "t")
+    assert (tmp_path / "t" / "d" / "l").read_bytes() == b"data"
+    with zipfile.ZipFile(tmp_path / "ok.zip", "w") as zf:
+        zf.writestr("z/a.txt", "zip")
+    safe_extract(tmp_path / "ok.zip", tmp_path / "z")
+    assert (tmp_path / "z" / "z" / "a.txt").read_text() == "zip"
