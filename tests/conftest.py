@@ -1,6 +1,7 @@
 """Shared fixtures. Keep each fixture small and documented; put topic-specific helpers in the test module itself."""
 from __future__ import annotations
 
+import logging
 import socket
 import uuid
 
@@ -25,6 +26,7 @@ def moto_server():
     """Endpoint URL (http://127.0.0.1:PORT) of an S3 server (moto) running in this process for the whole session."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request in failure reports
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()
