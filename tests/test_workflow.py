@@ -1,5 +1,6 @@
 """Workflow loading: include/extends, interpolation, overrides, launch merging, to_dict (happy paths)."""
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -57,6 +58,22 @@ def test_inputs_needs_and_stage_refs_are_dependencies():
     assert report.params["text"] == "trained from ${stages.train.output} (${not a reference})"
     assert report.deps() == {"train"}
     assert wf.stages["source"].deps() == set()
+
+
+def test_stage_outputs_referenced_through_params(tmp_path):
+    path = write(tmp_path, """
+        params:
+          model: "${stages.train.output}/model"
+        stages:
+          train: {uses: testing.write}
+          use:
+            uses: testing.write
+            with: {text: "${params.model}"}
+    """)
+    wf = load_workflow(path, env=NO_ENV)
+    assert wf.params["model"] == "${stages.train.output}/model"
+    assert wf.stages["use"].params["text"] == "${stages.train.output}/model"
+    assert wf.stages["use"].deps() == {"train"}
 
 
 def test_interpolation_env_default_and_value():
@@ -242,8 +259,9 @@ def test_input_subpaths_are_normalised(tmp_path):
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "workflows").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_project_workflows_validate(path):
-    """Every workflow shipped in workflows/ loads (with its env references falling back to defaults)."""
-    wf = load_workflow(path, env=NO_ENV)
+    """Every workflow shipped in workflows/ loads; variables it requires (no default) get a URL-shaped value."""
+    required = re.findall(r"\$\{env\.([A-Za-z_][A-Za-z0-9_]*)\}", path.read_text())
+    wf = load_workflow(path, env={name: "https://example.invalid/placeholder" for name in required})
     assert wf.stages
 
 

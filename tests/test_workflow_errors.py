@@ -372,6 +372,20 @@ CASES = [
             with:
               text: ${stages.w.output}
     """, "wf.yaml", 5, "stages.w.with.text", "stage 'w' depends on itself"),
+    Case("escaped-stage-ref", """
+        stages:
+          w: {uses: testing.write}
+          v:
+            uses: testing.write
+            with:
+              text: "$${stages.w.output}"
+    """, "wf.yaml", 6, "stages.v.with.text", "a stage output reference cannot be escaped"),
+    Case("params-stage-ref-unknown", """
+        params:
+          model: ${stages.pretrain.output}/model
+        stages:
+          w: {uses: testing.write}
+    """, "wf.yaml", 2, "params.model", "${stages.pretrain.output} names no stage of this workflow"),
     Case("params-cycle", """
         params:
           a: ${params.b}
@@ -417,6 +431,8 @@ CASES = [
          "stages.w.with.files", "got 'abc'", overrides=["stages.w.with.files=abc"]),
     Case("set-unknown-top-level", "stages: {w: {uses: testing.write}}\n", "--set seed=1", None, "seed",
          "unknown top-level key 'seed'", overrides=["seed=1"]),
+    Case("set-include", "stages: {w: {uses: testing.write}}\n", "--set include=[other.yaml]", None, "include",
+         "`include` cannot be changed with --set", overrides=["include=[other.yaml]"]),
     Case("set-unknown-stage-key", "stages: {w: {uses: testing.write}}\n", "--set stages.w.witth.files=2",
          None, "stages.w.witth", "unknown stage key 'witth'", overrides=["stages.w.witth.files=2"]),
     # --- include / extends -------------------------------------------------------------------------------------

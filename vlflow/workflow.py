@@ -122,11 +122,11 @@ class Location(NamedTuple):
     line: int | None
 
 
-Path_ = tuple  # a path into the document: ("stages", "train", "with", "max_steps")
-Locations = dict  # Path_ -> Location
+KeyPath = tuple  # a path of keys into the document: ("stages", "train", "with", "max_steps"); list items by index
+Locations = dict  # KeyPath -> Location
 
 
-def _dotted(path: Path_) -> str:
+def _dotted(path: KeyPath) -> str:
     return ".".join(str(part) for part in path)
 
 
@@ -170,7 +170,7 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, Locations]:
         loader.dispose()
 
 
-def _from_node(loader: _YamlLoader, node: yaml.Node, path: Path_, locations: Locations, file: str,
+def _from_node(loader: _YamlLoader, node: yaml.Node, path: KeyPath, locations: Locations, file: str,
                active: set[int]) -> Any:
     if isinstance(node, yaml.ScalarNode):
         return loader.construct_object(node)
@@ -200,6 +200,7 @@ def _from_node(loader: _YamlLoader, node: yaml.Node, path: Path_, locations: Loc
             raise WorkflowError(f"duplicate key {key!r} (first defined on line {first_line[key]})", file=file,
                                 line=line, field=_dotted((*path, key)))
         first_line[key] = line
+    uses_merge_keys = any(key_node.tag == "tag:yaml.org,2002:merge" for key_node, _ in node.value)
     loader.flatten_mapping(node)
     mapping = {}
     for key_node, value_node in node.value:
@@ -208,19 +209,20 @@ def _from_node(loader: _YamlLoader, node: yaml.Node, path: Path_, locations: Loc
             raise WorkflowError(f"mapping keys must be strings, got {key!r}", file=file,
                                 line=key_node.start_mark.line + 1, field=_dotted(path) or None)
         key_path = (*path, key)
-        _drop_under(locations, key_path)  # a key from `<<` replaced by the mapping's own
+        if uses_merge_keys:
+            _drop_under(locations, key_path)  # a key from `<<` replaced by the mapping's own
         locations[key_path] = Location(file, key_node.start_mark.line + 1)
         mapping[key] = _from_node(loader, value_node, key_path, locations, file, active)
     return mapping
 
 
-def _drop_under(locations: Locations, prefix: Path_) -> None:
+def _drop_under(locations: Locations, prefix: KeyPath) -> None:
     n = len(prefix)
     for key in [k for k in locations if k[:n] == prefix]:
         del locations[key]
 
 
-def _deep_merge(base: dict, base_locs: Locations, over: dict, over_locs: Locations, path: Path_ = ()) -> None:
+def _deep_merge(base: dict, base_locs: Locations, over: dict, over_locs: Locations, path: KeyPath = ()) -> None:
     """Merge `over` into `base` in place: mappings merge key by key, anything else is replaced."""
     for key, value in over.items():
         key_path = (*path, key)
@@ -273,21 +275,21 @@ class _Resolver:
         self.locations = locations
         self.env = env
         self.stage_names = stage_names
-        self.resolved: dict[Path_, Any] = {}  # params path -> resolved value
-        self.in_progress: list[Path_] = []
+        self.resolved: dict[KeyPath, Any] = {}  # params path -> resolved value
+        self.in_progress: list[KeyPath] = []
         self.used_secrets: set[str] = set()
         self.current_stage: str | None = None  # the stage whose values are being resolved
 
-    def where(self, path: Path_) -> Location:
+    def where(self, path: KeyPath) -> Location:
         while path and path not in self.locations:
             path = path[:-1]
         return self.locations.get(path, Location(None, None))
 
-    def fail(self, message: str, path: Path_) -> WorkflowError:
+    def fail(self, message: str, path: KeyPath) -> WorkflowError:
         file, line = self.where(path)
         return WorkflowError(message, file=file, line=line, field=_dotted(path))
 
-    def resolve(self, value: Any, path: Path_, allow_stages: bool = True) -> Any:
+    def resolve(self, value: Any, path: KeyPath, allow_stages: bool = True) -> Any:
         if isinstance(value, str):
             return self._resolve_text(value, path, allow_stages)
         if isinstance(value, dict):
@@ -296,7 +298,7 @@ class _Resolver:
             return [self.resolve(v, (*path, i), allow_stages) for i, v in enumerate(value)]
         return value
 
-    def _resolve_text(self, text: str, path: Path_, allow_stages: bool) -> Any:
+    def _resolve_text(self, text: str, path: KeyPath, allow_stages: bool) -> Any:
         matches = list(_TOKEN.finditer(text))
         if not matches:
             return text
@@ -309,6 +311,9 @@ class _Resolver:
             position = match.end()
             token = match.group(0)
             if token == "$${":
+                if _STAGE_OUTPUT_TEXT.match(text, match.start() + 1):
+                    raise self.fail("a stage output reference cannot be escaped: the runner replaces every "
+                                    "${stages.NAME.output} in params with a path", path)
                 pieces.append("${")
             elif match.group(1) is None:
                 raise self.fail(f"unterminated or nested '${{' in {text!r} (write '$${{' for a literal '${{')", path)
@@ -321,7 +326,7 @@ class _Resolver:
         pieces.append(text[position:])
         return "".join(pieces)
 
-    def _reference(self, body: str, path: Path_, allow_stages: bool) -> Any:
+    def _reference(self, body: str, path: KeyPath, allow_stages: bool) -> Any:
         expression = body.strip()
         if expression.startswith("params.") or expression == "params":
             keys = [part for part in expression.split(".")[1:]]
@@ -360,9 +365,9 @@ class _Resolver:
         raise self.fail(f"unknown reference ${{{body}}} (expected ${{params.NAME}}, ${{env.NAME}}, "
                         f"${{env.NAME:-default}} or ${{stages.NAME.output}})", path)
 
-    def _param(self, keys: list[str], body: str, path: Path_) -> Any:
+    def _param(self, keys: list[str], body: str, path: KeyPath) -> Any:
         """The resolved value of params.<keys>, resolving only what the lookup passes through."""
-        current_path: Path_ = ("params",)
+        current_path: KeyPath = ("params",)
         current: Any = self.raw_params
         resolved = False  # once inside a resolved value, nothing below it needs resolving again
         for key in keys:
@@ -383,7 +388,7 @@ class _Resolver:
             current = self.resolve_param(current_path, current)
         return copy.deepcopy(current)
 
-    def resolve_param(self, param_path: Path_, raw: Any) -> Any:
+    def resolve_param(self, param_path: KeyPath, raw: Any) -> Any:
         key = tuple(str(part) for part in param_path)
         if key in self.resolved:
             return self.resolved[key]
@@ -399,7 +404,7 @@ class _Resolver:
         return value
 
 
-def _typed_path(param_path: Path_, raw_params: dict) -> Path_:
+def _typed_path(param_path: KeyPath, raw_params: dict) -> KeyPath:
     """("params", "sizes", "0") -> ("params", "sizes", 0) so list items find their locations."""
     out: list = ["params"]
     current: Any = raw_params
@@ -462,23 +467,25 @@ class _Loader:
 
     # -- errors ------------------------------------------------------------------------------------------------
 
-    def where(self, path: Path_) -> Location:
+    def where(self, path: KeyPath) -> Location:
         while path and path not in self.locations:
             path = path[:-1]
         return self.locations.get(path, Location(str(self.path), None))
 
-    def fail(self, message: str, path: Path_, at: Path_ | None = None) -> WorkflowError:
+    def fail(self, message: str, path: KeyPath, at: KeyPath | None = None) -> WorkflowError:
         """An error about `path`, located where `at` (default: `path` or its nearest located parent) was written."""
         file, line = self.where(path if at is None else at)
         return WorkflowError(message, file=file, line=line, field=_dotted(path) or None)
 
-    def expect(self, value: Any, kind: type, path: Path_, what: str) -> Any:
+    def expect(self, value: Any, kind: type, path: KeyPath, what: str) -> Any:
+        """`value` if it is a `kind` (an empty block counts as an empty mapping/list), else an error."""
         if value is None and kind in (dict, list):
             return kind()
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.fail(f"expected {what}, got {_type_name(value)}"
-                            + (f" {_short_repr(value)}" if not isinstance(value, (dict, list)) and value is not None
-                               else ""), path)
+        if not isinstance(value, kind):
+            got = _type_name(value)
+            if value is not None and not isinstance(value, (dict, list)):
+                got += f" {_short_repr(value)}"
+            raise self.fail(f"expected {what}, got {got}", path)
         return value
 
     # -- phases ------------------------------------------------------------------------------------------------
@@ -487,6 +494,10 @@ class _Loader:
         document, self.locations = self.read_document(self.path, chain=[])
         name_given = "name" in document and self.locations.get(("name",), Location(None, None)).file == str(self.path)
         self.apply_overrides(document)
+        for key in ("include", "extends"):
+            if key in document:
+                raise self.fail(f"`{key}` cannot be changed with --set (files are merged before overrides)",
+                                (key,))
         if not name_given and not any(o.split("=", 1)[0].strip() == "name" for o in self.overrides):
             document["name"] = self.path.stem  # an extending file is its own workflow, not its base's
         for key in document:
@@ -550,7 +561,7 @@ class _Loader:
         chain = [*chain, real]
         merged: dict = {}
         merged_locs: Locations = {}
-        bases: list[tuple[str, Path_]] = []
+        bases: list[tuple[str, KeyPath]] = []
         if "extends" in data:
             extends = data.pop("extends")
             if not isinstance(extends, str) or not extends:
@@ -626,7 +637,7 @@ class _Loader:
         self.validate_launch(merged, ("defaults", "launch"), origin_paths=[("defaults", "launch")])
         return merged
 
-    def validate_launch(self, settings: dict, path: Path_, origin_paths: list[Path_]) -> LaunchSpec:
+    def validate_launch(self, settings: dict, path: KeyPath, origin_paths: list[KeyPath]) -> LaunchSpec:
         try:
             return LaunchSpec(**settings)
         except pydantic.ValidationError as exc:
@@ -690,13 +701,13 @@ class _Loader:
             self.check_stage_ref(ref, name, with_path, stage_names)  # e.g. from an escaped `$${stages...}`
         return decl
 
-    def spec(self, uses: str, path: Path_) -> StageSpec:
+    def spec(self, uses: str, path: KeyPath) -> StageSpec:
         try:
             return get_spec(uses)
         except KeyError:
             raise self.fail(f"unknown stage type {uses!r}{_suggest(uses, sorted(registry()))}", path) from None
 
-    def inputs(self, spec: StageSpec, raw: Any, path: Path_, stage_names: list[str]) -> dict[str, InputRef]:
+    def inputs(self, spec: StageSpec, raw: Any, path: KeyPath, stage_names: list[str]) -> dict[str, InputRef]:
         inputs_path = (*path, "inputs")
         raw = self.expect(raw, dict, inputs_path, "a mapping of input name -> STAGE or STAGE/sub/path")
         declared = [*spec.inputs, *spec.optional_inputs]
@@ -721,7 +732,7 @@ class _Loader:
                 raise self.fail(f"missing required input {required!r} of {spec.name}", (*inputs_path, required))
         return refs
 
-    def check_stage_ref(self, stage: str, owner: str, path: Path_, stage_names: list[str], what: str = "need"
+    def check_stage_ref(self, stage: str, owner: str, path: KeyPath, stage_names: list[str], what: str = "need"
                         ) -> None:
         if stage == owner:
             raise self.fail(f"stage {owner!r} depends on itself", path)
@@ -746,7 +757,7 @@ class _Loader:
         raise self.fail("dependency cycle: " + " -> ".join(names), ("stages", names[0]))
 
 
-def _mark_all(value: Any, path: Path_, locations: Locations, location: Location) -> None:
+def _mark_all(value: Any, path: KeyPath, locations: Locations, location: Location) -> None:
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
         locations[(*path, key)] = location
