@@ -133,8 +133,9 @@ def registry() -> dict[str, StageSpec]:
             try:
                 module = importlib.import_module(module_name)
             except ModuleNotFoundError as exc:
-                if exc.name == module_name:  # stage package not present in this build
-                    continue
+                if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+                    continue  # that stage package is not present in this build
+
                 raise
             _collect(getattr(module, "STAGES"), found, module_name)
         from importlib.metadata import entry_points

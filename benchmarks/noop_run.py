@@ -1,0 +1,79 @@
+"""No-op `vlflow run` on a fully cached 5-stage workflow holding 20k artifact files.
+
+Usage: .venv/bin/python benchmarks/noop_run.py [--files 20000] [--repeats 5]
+Prints the median wall time of the no-op run (a fresh `vlflow run` process, as a user types it) and, when installed,
+the same pipeline's `dvc repro` / `snakemake` no-op for comparison (goal: <= 0.5x theirs and < 1 s).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VLFLOW = str(Path(sys.executable).with_name("vlflow"))
+
+
+def timed(cmd: list[str], cwd: Path) -> float:
+    started = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def write_vlflow_project(root: Path, files_per_stage: int) -> None:
+    (root / "vlflow.toml").write_text('[cache]\nurl = "cache"\n[state]\ndir = "state"\n')
+    stages = []
+    for i in range(5):
+        needs = f", needs: [s{i - 1}]" if i else ""
+        stages.append(f"  s{i}: {{uses: testing.write, with: {{files: {files_per_stage}, size: 64, text: s{i}}}{needs}}}")
+    (root / "wf.yaml").write_text("name: noop\nstages:\n" + "\n".join(stages) + "\n")
+
+
+def write_dvc_project(root: Path, files_per_stage: int) -> list[str] | None:
+    if shutil.which("dvc") is None:
+        return None
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=root, check=True)
+    lines = ["stages:"]
+    for i in range(5):
+        lines += [f"  s{i}:", f"    cmd: python -c \"import os; os.makedirs('s{i}', exist_ok=True); "
+                  f"[open(f's{i}/f{{j}}', 'w').write('x'*64) for j in range({files_per_stage})]\"",
+                  f"    outs: [s{i}]"] + ([f"    deps: [s{i - 1}]"] if i else [])
+    (root / "dvc.yaml").write_text("\n".join(lines) + "\n")
+    return ["dvc", "repro"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--files", type=int, default=20000, help="artifact files in total (5 stages)")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    per_stage = args.files // 5
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "vlflow"
+        root.mkdir()
+        write_vlflow_project(root, per_stage)
+        first = timed([VLFLOW, "run", "wf.yaml"], root)
+        noop = [timed([VLFLOW, "run", "wf.yaml"], root) for _ in range(args.repeats)]
+        ours = statistics.median(noop)
+        print(f"vlflow: first run {first:.2f}s ({args.files} files); no-op run median {ours:.3f}s "
+              f"(min {min(noop):.3f}s, {args.repeats} runs)")
+        baseline = Path(tmp) / "dvc"
+        baseline.mkdir()
+        cmd = write_dvc_project(baseline, per_stage)
+        if cmd is None:
+            print("dvc: not installed (pip install dvc to compare); snakemake: "
+                  + ("installed but not wired" if shutil.which("snakemake") else "not installed"))
+        else:
+            timed(cmd, baseline)
+            theirs = statistics.median(timed(cmd, baseline) for _ in range(args.repeats))
+            print(f"dvc repro no-op median {theirs:.3f}s; ratio vlflow/dvc = {ours / theirs:.2f}x (goal <= 0.5x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""End-to-end through the `vlflow` executable: a killed training run resumes; concurrent runs serialise on the lock;
+an S3 cache (moto on 127.0.0.1) works like a local one."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+VLFLOW = str(Path(sys.executable).with_name("vlflow"))
+
+TRAIN = """
+name: resume
+stages:
+  data: {uses: testing.write, with: {files: 2}}
+  train:
+    uses: testing.train
+    inputs: {data: data}
+    with: {steps: 40, checkpoint_every: 5, sleep: 0.15}
+    launch: {nproc_per_node: 2}
+"""
+
+
+def _project(tmp_path: Path, workflow: str) -> Path:
+    (tmp_path / "vlflow.toml").write_text('[cache]\nurl = "cache"\n[state]\ndir = "state"\n')
+    (tmp_path / "wf.yaml").write_text(workflow)
+    return tmp_path
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _checkpoints(project: Path) -> list[Path]:
+    return list((project / "state" / "work").glob("*/checkpoints/step_*"))
+
+
+@pytest.mark.dist
+def test_killed_training_resumes_from_its_checkpoint(tmp_path):
+    project = _project(tmp_path, TRAIN)
+    proc = subprocess.Popen([VLFLOW, "run", "wf.yaml"], cwd=project, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(lambda: len(_checkpoints(project)) >= 2, 120, "two checkpoints")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole tree: vlflow, torchrun and its workers
+        proc.wait(timeout=30)
+    # nothing of the training stage was committed
+    committed = [json.loads(p.read_text())["meta"]["stage"] for p in (project / "cache").rglob("manifest.json")]
+    assert committed == ["data"]
+    done = subprocess.run([VLFLOW, "run", "wf.yaml"], cwd=project, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "cached" in done.stdout and "data" in done.stdout
+    logs = [p.read_text() for p in (project / "cache").rglob("stage.log")]
+    train_log = next(text for text in logs if "resum" in text.lower())
+    assert "step" in train_log
+    # work dir is dropped once the artifact is committed
+    assert not _checkpoints(project)
+
+
+def test_concurrent_runs_serialise_on_the_lock(tmp_path):
+    project = _project(tmp_path, textwrap.dedent("""
+        name: locked
+        stages:
+          slow: {uses: testing.write, with: {files: 2000, size: 8}}
+    """))
+    first = subprocess.Popen([VLFLOW, "run", "wf.yaml"], cwd=project, env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: any((project / "state" / "locks").glob("*.lock")), 30, "the first run's lock")
+    second = subprocess.run([VLFLOW, "run", "wf.yaml"], cwd=project, env=_env(), capture_output=True, text=True,
+                            timeout=120)
+    out1, _ = first.communicate(timeout=120)
+    assert first.returncode == 0 and second.returncode == 0, out1 + second.stdout + second.stderr
+    assert "waiting" in second.stdout.lower()
+    assert "1 ran" in out1 and "0 ran, 1 cached" in second.stdout
+    assert len(list((project / "cache").rglob("manifest.json"))) == 1
+
+
+SECRET = "vlflow-test-secret-value"
+
+
+def test_s3_cache_on_moto(tmp_path, s3_cache_url, moto_server):
+    project = _project(tmp_path, textwrap.dedent("""
+        name: s3
+        stages:
+          a: {uses: testing.write, with: {files: 3}}
+          b: {uses: testing.concat, inputs: {a: a}}
+    """))
+    env = dict(_env(), VLFLOW_S3_ENDPOINT_URL=moto_server, AWS_ACCESS_KEY_ID="testing",
+               AWS_SECRET_ACCESS_KEY=SECRET, AWS_DEFAULT_REGION="us-east-1")
+    first = subprocess.run([VLFLOW, "run", "wf.yaml", "--cache", s3_cache_url], cwd=project, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "2 ran" in first.stdout
+    again = subprocess.run([VLFLOW, "run", "wf.yaml", "--cache", s3_cache_url], cwd=project, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "0 ran, 2 cached" in again.stdout
+    shown = subprocess.run([VLFLOW, "ls", "wf.yaml", "b", "--cache", s3_cache_url], cwd=project, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert "out.txt" in shown.stdout
+    logs = "".join(p.read_text() for p in (project / "state").rglob("*.log"))
+    assert SECRET not in first.stdout + first.stderr + again.stdout + shown.stdout + logs

@@ -1,0 +1,356 @@
+"""`vlflow` command line. Keep imports here light: validate/plan/graph must not import torch."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from vlflow.errors import VlflowError
+
+
+def _add_workflow_args(p: argparse.ArgumentParser, selectors: bool = True) -> None:
+    p.add_argument("workflow", type=Path, help="workflow YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value, e.g. --set stages.pretrain.with.max_steps=10 (repeatable)")
+    if selectors:
+        p.add_argument("--until", action="append", default=[], metavar="STAGE", help="run up to STAGE (with its inputs)")
+        p.add_argument("--only", action="append", default=[], metavar="STAGE", help="run only STAGE (inputs cached)")
+        p.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun STAGE and downstream")
+
+
+def _add_cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", help="artifact cache URL (any fsspec URL; default from vlflow.toml or VLFLOW_CACHE)")
+    p.add_argument("--state-dir", help="local state dir: locks, work dirs, logs (default .vlflow)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlflow", description="Declarative, cached, resumable vision-language "
+                                     "training workflows on Colossal-AI.")
+    parser.add_argument("--version", action="version", version=f"vlflow {__import__('vlflow').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run what is missing (cached stages are skipped)")
+    _add_workflow_args(p)
+    _add_cache_args(p)
+    p.add_argument("-j", "--jobs", type=int, help="independent stages to run at once (default from vlflow.toml)")
+    p.add_argument("--lock-timeout", type=float, default=None, help="give up waiting for the cache lock after N s")
+
+    p = sub.add_parser("plan", help="show, per stage, whether it runs or is cached, and why it reruns")
+    _add_workflow_args(p)
+    _add_cache_args(p)
+
+    p = sub.add_parser("validate", help="check a workflow and print it resolved")
+    _add_workflow_args(p, selectors=False)
+
+    p = sub.add_parser("graph", help="show the stage graph")
+    _add_workflow_args(p, selectors=False)
+    p.add_argument("--format", choices=["tree", "dot", "mermaid"], default="tree")
+
+    p = sub.add_parser("status", help="what is cached for a workflow (or the whole cache), sizes, when")
+    p.add_argument("workflow", type=Path, nargs="?")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_cache_args(p)
+
+    for name, help_text in (("ls", "list the files of a stage's artifact"),
+                            ("show", "show a stage's artifact: params, metrics, files, log tail")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("workflow", type=Path)
+        p.add_argument("stage")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        _add_cache_args(p)
+
+    p = sub.add_parser("gc", help="remove artifacts not reachable from the given workflows")
+    p.add_argument("workflows", type=Path, nargs="+")
+    p.add_argument("--dry-run", action="store_true")
+    _add_cache_args(p)
+    return parser
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _config(args, workflow_path: Path | None):
+    from vlflow.config import load_config
+
+    return load_config(workflow_path, cache=getattr(args, "cache", None), state_dir=getattr(args, "state_dir", None))
+
+
+def _load(args, config=None):
+    from vlflow.workflow import load_workflow
+
+    config = config or _config(args, args.workflow)
+    return load_workflow(args.workflow, overrides=args.overrides, launch_defaults=config.launch), config
+
+
+def _store(config):
+    from vlflow.store import ArtifactStore
+
+    return ArtifactStore(config.cache_url, storage_options=config.storage_options or None)
+
+
+def _runner(args):
+    from vlflow.runner import Runner
+
+    workflow, config = _load(args)
+    return Runner(workflow, _store(config), config.state_dir, jobs=getattr(args, "jobs", None) or config.jobs), config
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+# ---- commands ------------------------------------------------------------------------------------------------
+
+def cmd_validate(args) -> int:
+    import yaml
+
+    workflow, _ = _load(args)
+    sys.stdout.write(yaml.safe_dump(workflow.to_dict(), sort_keys=False))
+    print(f"# ok: {len(workflow.stages)} stages", file=sys.stderr)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from rich.table import Table
+
+    runner, _ = _runner(args)
+    plans = runner.plan(until=args.until, only=args.only, force=args.force)
+    table = Table(title=f"plan: {runner.workflow.name} (cache {runner.store.url})")
+    for col in ("stage", "uses", "action", "key", "why"):
+        table.add_column(col, overflow="fold")
+    for plan in plans:
+        action = "[green]cached[/]" if plan.action == "cached" else "[yellow]run[/]"
+        table.add_row(plan.name, plan.decl.uses, action, (plan.key or "?")[:12], "\n".join(plan.reasons))
+    _console().print(table)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from vlflow.lock import CacheLock
+    from vlflow.runner import Runner
+
+    workflow, config = _load(args)
+    store = _store(config)
+    console = _console()
+    lock_name = f"{workflow.name}-{__import__('hashlib').sha256(store.url.encode()).hexdigest()[:12]}"
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                        transient=True)
+    tasks: dict[str, int] = {}
+
+    def on_event(stage: str, kind: str, text: str) -> None:
+        if kind == "log":
+            if stage in tasks and text.strip():
+                progress.update(tasks[stage], description=f"[bold]{stage}[/] {text.strip()[:100]}")
+            return
+        if kind == "start":
+            progress.console.print(f"[yellow]▶ run[/]    {stage}  [dim]{text}[/]")
+            tasks[stage] = progress.add_task(f"[bold]{stage}[/]")
+        elif kind == "cached":
+            progress.console.print(f"[green]✓ cached[/] {stage}  [dim]{text}[/]")
+        elif kind == "done":
+            progress.console.print(f"[green]✓ done[/]   {stage}  [dim]{text}[/]")
+        elif kind == "failed":
+            progress.console.print(f"[red]✗ failed[/] {stage}")
+        if kind in ("done", "failed") and stage in tasks:
+            progress.remove_task(tasks.pop(stage))
+
+    runner = Runner(workflow, store, config.state_dir, jobs=args.jobs or config.jobs, on_event=on_event)
+    lock_path = config.state_dir / "locks" / f"{lock_name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with CacheLock(lock_path, name=str(store.url), on_wait=lambda msg: console.print(f"[dim]{msg}[/]"),
+                   timeout=args.lock_timeout):
+        with progress:
+            plans = runner.run(until=args.until, only=args.only, force=args.force)
+    ran = sum(1 for p in plans if p.manifest is not None and p.manifest.meta.get("started", 0) >= started)
+    console.print(f"[bold]{workflow.name}[/]: {len(plans)} stages, {ran} ran, {len(plans) - ran} cached "
+                  f"({time.time() - started:.1f}s)")
+    return 0
+
+
+def _workflow_artifacts(args):
+    runner, config = _runner(args)
+    return runner, runner.plan()
+
+
+def cmd_status(args) -> int:
+    from rich.table import Table
+
+    console = _console()
+    if args.workflow is None:
+        config = _config(args, None)
+        store = _store(config)
+        table = Table(title=f"cache {store.url}")
+        for col in ("key", "workflow", "stage", "uses", "size", "files", "created"):
+            table.add_column(col)
+        for m in sorted(store.list(), key=lambda m: m.created):
+            table.add_row(m.key[:12], m.meta.get("workflow", ""), m.meta.get("stage", ""), m.meta.get("uses", ""),
+                          _size(m.size), str(len(m.files)), _when(m.created))
+        console.print(table)
+        return 0
+    args.until, args.only, args.force = [], [], []
+    runner, plans = _workflow_artifacts(args)
+    table = Table(title=f"{runner.workflow.name} in {runner.store.url}")
+    for col in ("stage", "uses", "state", "key", "size", "created"):
+        table.add_column(col)
+    for plan in plans:
+        m = plan.manifest
+        state = "[green]cached[/]" if plan.action == "cached" else "[yellow]missing[/]"
+        table.add_row(plan.name, plan.decl.uses, state, (plan.key or "?")[:12], _size(m.size) if m else "",
+                      _when(m.created) if m else "")
+    console.print(table)
+    return 0
+
+
+def _stage_manifest(args):
+    args.until, args.only, args.force = [], [], []
+    runner, plans = _workflow_artifacts(args)
+    for plan in plans:
+        if plan.name == args.stage:
+            if plan.manifest is None:
+                raise VlflowError(f"stage {args.stage} has no cached artifact for the current workflow "
+                                  f"({'; '.join(plan.reasons)})")
+            return runner, plan.manifest
+    raise VlflowError(f"no stage named {args.stage!r} in {args.workflow}")
+
+
+def cmd_ls(args) -> int:
+    _, manifest = _stage_manifest(args)
+    for entry in manifest.files:
+        print(f"{entry.size:>12}  {entry.path}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from rich.table import Table
+
+    runner, m = _stage_manifest(args)
+    console = _console()
+    console.print(f"[bold]{args.stage}[/] ({m.meta.get('uses')})  key {m.key}")
+    console.print(f"created {_when(m.created)}, {len(m.files)} files, {_size(m.size)}, "
+                  f"ran {m.meta.get('duration', 0):.1f}s on {m.meta.get('host', '?')}")
+    console.print("params: " + json.dumps(m.meta.get("params", {}), sort_keys=True))
+    metrics = m.meta.get("metrics") or {}
+    if metrics:
+        table = Table(title="metrics")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for k, v in _flatten(metrics):
+            table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+        console.print(table)
+    paths = {e.path for e in m.files}
+    if "_vlflow/stage.log" in paths:
+        with runner.store.open(m.key, "_vlflow/stage.log") as f:
+            tail = f.read().decode(errors="replace").splitlines()[-10:]
+        console.print("[dim]log tail:[/]")
+        for line in tail:
+            console.print("  " + line, markup=False)
+    return 0
+
+
+def _flatten(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def cmd_graph(args) -> int:
+    from vlflow.runner import build_graph
+
+    workflow, _ = _load(args)
+    graph = build_graph(workflow)
+    if args.format == "dot":
+        print("digraph vlflow {")
+        for name, decl in workflow.stages.items():
+            print(f'  "{name}" [label="{name}\\n{decl.uses}"];')
+        for a, b in graph.edges:
+            print(f'  "{a}" -> "{b}";')
+        print("}")
+    elif args.format == "mermaid":
+        print("graph TD")
+        for name, decl in workflow.stages.items():
+            print(f'  {name}["{name}<br/>{decl.uses}"]')
+        for a, b in graph.edges:
+            print(f"  {a} --> {b}")
+    else:
+        from rich.tree import Tree
+
+        tree = Tree(f"[bold]{workflow.name}[/]")
+        shown: set[str] = set()
+
+        def add(node: Tree, name: str) -> None:
+            label = f"{name} [dim]({workflow.stages[name].uses})[/]"
+            if name in shown:
+                node.add(label + " [dim]↑ see above[/]")
+                return
+            shown.add(name)
+            child = node.add(label)
+            for succ in sorted(graph.successors(name)):
+                add(child, succ)
+
+        for root in [n for n in workflow.stages if graph.in_degree(n) == 0]:
+            add(tree, root)
+        _console().print(tree)
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from vlflow.runner import Runner
+
+    config = _config(args, args.workflows[0])
+    store = _store(config)
+    keep: set[str] = set()
+    for path in args.workflows:
+        from vlflow.workflow import load_workflow
+
+        workflow = load_workflow(path, launch_defaults=config.launch)
+        keep |= {p.key for p in Runner(workflow, store, config.state_dir).plan() if p.action == "cached"}
+    doomed = [m for m in store.list() if m.key not in keep]
+    garbage = store.garbage()
+    if args.dry_run:
+        for m in doomed:
+            print(f"would remove {m.key[:12]} {m.meta.get('workflow', '')}/{m.meta.get('stage', '')} {_size(m.size)}")
+        print(f"would remove {len(doomed)} artifacts and {len(garbage)} unreferenced attempt dirs; keeping {len(keep)}")
+        return 0
+    count, freed = store.gc(keep)
+    print(f"removed {count} artifacts/attempts, freed {_size(freed)}; kept {len(keep)}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "validate": cmd_validate, "graph": cmd_graph, "status": cmd_status,
+            "ls": cmd_ls, "show": cmd_show, "gc": cmd_gc}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except VlflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing partial was committed; rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

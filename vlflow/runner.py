@@ -1,0 +1,380 @@
+"""Plans and runs a workflow: DAG selection, cache keys, why-reruns, execution and commit.
+
+The runner is the only part that knows the workflow model, the store and the launcher at once. Stages run in child
+processes (`vlflow.execute` or the distributed launcher); their output directory is committed to the store only when
+they succeed, so a failure or kill never leaves a committed partial artifact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import networkx as nx
+
+from vlflow.errors import StageError, VlflowError
+from vlflow.stage import StageSpec, get_spec
+from vlflow.store import ArtifactStore, Manifest
+from vlflow.workflow import StageDecl, Workflow
+
+STAGE_REF = "${stages.%s.output}"
+META_DIR = "_vlflow"  # the runner's per-run files inside each artifact: stage.log, metrics.json
+# Launch fields that change what a stage computes (and so its cache key); where it runs (nodes, addresses) does not.
+RESULT_LAUNCH_FIELDS = ("plugin", "precision", "tp_size", "pp_size", "zero_stage")
+
+
+def build_graph(workflow: Workflow) -> nx.DiGraph:
+    graph = nx.DiGraph()
+    for name, decl in workflow.stages.items():
+        graph.add_node(name)
+        for dep in decl.deps():
+            graph.add_edge(dep, name)
+    return graph
+
+
+def select_stages(graph: nx.DiGraph, until: Iterable[str] = (), only: Iterable[str] = ()) -> list[str]:
+    """Stages to consider, in a deterministic topological order."""
+    until, only = list(until), list(only)
+    for name in until + only:
+        if name not in graph:
+            raise VlflowError(f"no stage named {name!r} (stages: {', '.join(graph.nodes)})")
+    if only:
+        chosen = set(only)
+    elif until:
+        chosen = set(until)
+        for name in until:
+            chosen |= nx.ancestors(graph, name)
+    else:
+        chosen = set(graph.nodes)
+    return [n for n in nx.lexicographical_topological_sort(graph) if n in chosen]
+
+
+def forced_stages(graph: nx.DiGraph, force: Iterable[str]) -> set[str]:
+    forced: set[str] = set()
+    for name in force:
+        if name not in graph:
+            raise VlflowError(f"--force: no stage named {name!r}")
+        forced |= {name} | nx.descendants(graph, name)
+    return forced
+
+
+@dataclass
+class StagePlan:
+    name: str
+    decl: StageDecl
+    spec: StageSpec
+    action: str = "run"  # "run" or "cached"
+    key: str | None = None  # None while an upstream has still to run
+    reasons: list[str] = field(default_factory=list)
+    manifest: Manifest | None = None
+    components: dict | None = None
+
+
+def content_digest(manifest: Manifest) -> str:
+    """Digest of an artifact's data files, leaving out the run's own log and metrics (`_vlflow/`), so a rerun that
+    produces the same data does not invalidate everything downstream. Computed from the manifest: no data is read."""
+    entries = sorted((f.path, f.size, f.sha256) for f in manifest.files if not f.path.startswith(META_DIR + "/"))
+    return _digest(entries)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _diff(old, new, prefix: str) -> list[str]:
+    """Human-readable differences between two JSON-like values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            path = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old:
+                out.append(f"{path} added ({_short(new[k])})")
+            elif k not in new:
+                out.append(f"{path} removed (was {_short(old[k])})")
+            else:
+                out += _diff(old[k], new[k], path)
+        return out
+    return [] if old == new else [f"{prefix}: {_short(old)} -> {_short(new)}"]
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class Runner:
+    def __init__(self, workflow: Workflow, store: ArtifactStore, state_dir: Path, jobs: int = 1,
+                 on_event: Callable[[str, str, str], None] | None = None, python: str = sys.executable):
+        self.workflow = workflow
+        self.store = store
+        self.state_dir = Path(state_dir)
+        self.jobs = max(1, jobs)
+        self.graph = build_graph(workflow)
+        self.on_event = on_event or (lambda stage, kind, text: None)
+        self.python = python
+        self._code_digests: dict[str, str] = {}
+
+    # ---- planning -------------------------------------------------------------------------------------------
+    def _code_digest(self, spec: StageSpec) -> str:
+        if spec.name not in self._code_digests:
+            self._code_digests[spec.name] = spec.code_digest()
+        return self._code_digests[spec.name]
+
+    def key_components(self, decl: StageDecl, artifacts: dict[str, Manifest]) -> dict:
+        spec = get_spec(decl.uses)
+        launch = decl.launch.model_dump() if decl.launch else {}
+        return {
+            "uses": decl.uses,
+            "code": self._code_digest(spec),
+            "params": decl.params,
+            "launch": {k: launch[k] for k in RESULT_LAUNCH_FIELDS if k in launch},
+            "inputs": {name: {"digest": content_digest(artifacts[ref.stage]), "subpath": ref.subpath}
+                       for name, ref in sorted(decl.inputs.items())},
+            "stage_refs": {s: content_digest(artifacts[s]) for s in sorted(self._stage_refs(decl))},
+        }
+
+    @staticmethod
+    def _stage_refs(decl: StageDecl) -> set[str]:
+        text = json.dumps(decl.params)
+        return {s for s in decl.deps() if STAGE_REF % s in text}
+
+    def _ref_name(self, stage: str) -> str:
+        return f"runs/{self.workflow.name}/{stage}"
+
+    def _data_deps(self, decl: StageDecl) -> set[str]:
+        return {ref.stage for ref in decl.inputs.values()} | self._stage_refs(decl)
+
+    def plan_stage(self, name: str, artifacts: dict[str, Manifest], forced: set[str]) -> StagePlan:
+        decl = self.workflow.stages[name]
+        plan = StagePlan(name=name, decl=decl, spec=get_spec(decl.uses))
+        missing = sorted(d for d in self._data_deps(decl) if d not in artifacts)
+        if missing:
+            plan.reasons.append(f"upstream {', '.join(missing)} will run first")
+            return plan
+        plan.components = self.key_components(decl, artifacts)
+        plan.key = _digest(plan.components)
+        plan.manifest = self.store.manifest(plan.key)
+        if name in forced:
+            plan.reasons.append("forced")
+        elif plan.manifest is not None:
+            plan.action = "cached"
+        else:
+            plan.reasons.extend(self.why(name, plan.components))
+        return plan
+
+    def why(self, name: str, components: dict) -> list[str]:
+        """Explain a cache miss against the last committed run of this stage in this workflow."""
+        last = self.store.get_ref(self._ref_name(name))
+        if last is None:
+            return ["never run in this cache"]
+        old = last.get("components", {})
+        reasons = []
+        if old.get("uses") != components["uses"]:
+            reasons.append(f"stage type changed: {old.get('uses')} -> {components['uses']}")
+        if old.get("code") != components["code"]:
+            reasons.append(f"code of {components['uses']} changed")
+        reasons += [f"param {d}" for d in _diff(old.get("params", {}), components["params"], "")]
+        reasons += [f"launch {d}" for d in _diff(old.get("launch", {}), components["launch"], "")]
+        for input_name in sorted(set(old.get("inputs", {})) | set(components["inputs"])):
+            before, after = old.get("inputs", {}).get(input_name), components["inputs"].get(input_name)
+            if before is None or after is None:
+                reasons.append(f"input {input_name} {'added' if before is None else 'removed'}")
+            elif before["subpath"] != after["subpath"]:
+                reasons.append(f"input {input_name} path changed: {before['subpath']!r} -> {after['subpath']!r}")
+            elif before["digest"] != after["digest"]:
+                reasons.append(f"input {input_name} changed (upstream artifact differs)")
+        if old.get("stage_refs") != components["stage_refs"]:
+            reasons.append("a referenced stage output changed")
+        return reasons or ["artifact missing from cache (removed or never committed)"]
+
+    def plan(self, until: Iterable[str] = (), only: Iterable[str] = (), force: Iterable[str] = ()) -> list[StagePlan]:
+        selected = select_stages(self.graph, until, only)
+        forced = forced_stages(self.graph, force)
+        artifacts: dict[str, Manifest] = {}
+        plans = []
+        for name in selected:
+            plan = self.plan_stage(name, artifacts, forced)
+            if plan.action == "cached":
+                artifacts[name] = plan.manifest
+            plans.append(plan)
+        if only:  # --only runs just these stages: their inputs must already be in the cache
+            self._add_cached_upstreams(plans, selected, artifacts, forced)
+        return plans
+
+    def _add_cached_upstreams(self, plans, selected, artifacts, forced) -> None:
+        outside = [n for n in nx.lexicographical_topological_sort(self.graph) if n not in selected]
+        for name in outside:
+            plan = self.plan_stage(name, artifacts, set())
+            if plan.action == "cached":
+                artifacts[name] = plan.manifest
+        for i, plan in enumerate(plans):
+            if plan.key is None:
+                plans[i] = self.plan_stage(plan.name, artifacts, forced)
+                if plans[i].key is None:
+                    missing = [d for d in self._data_deps(plan.decl) if d not in artifacts]
+                    raise VlflowError(f"--only {plan.name}: input stage(s) {', '.join(sorted(missing))} not in the "
+                                      "cache; run them first (e.g. --until " + plan.name + ")")
+            if plans[i].action == "cached":
+                artifacts[plan.name] = plans[i].manifest
+
+    # ---- running --------------------------------------------------------------------------------------------
+    def run(self, until: Iterable[str] = (), only: Iterable[str] = (), force: Iterable[str] = ()) -> list[StagePlan]:
+        """Run what is missing. Returns the plan entries of the selected stages (all committed); raises on failure.
+
+        Independent stages run concurrently (up to `jobs`); after a failure no new stage starts, running ones finish.
+        """
+        selected = select_stages(self.graph, until, only)
+        forced = forced_stages(self.graph, force)
+        artifacts: dict[str, Manifest] = {}
+        if only:  # upstream stages outside the selection must already be cached
+            for name in nx.lexicographical_topological_sort(self.graph):
+                if name not in selected:
+                    plan = self.plan_stage(name, artifacts, set())
+                    if plan.action == "cached":
+                        artifacts[name] = plan.manifest
+        done: dict[str, StagePlan] = {}
+        pending = list(selected)
+        running: dict[Future, StagePlan] = {}
+        failure: BaseException | None = None
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            while True:
+                for name in list(pending) if failure is None else []:
+                    if len(running) >= self.jobs:
+                        break
+                    if not self._ready(name, selected, done):
+                        continue
+                    pending.remove(name)
+                    plan = self.plan_stage(name, artifacts, forced)
+                    if plan.key is None:
+                        missing = sorted(d for d in self._data_deps(plan.decl) if d not in artifacts)
+                        raise VlflowError(f"stage {name}: input stage(s) {', '.join(missing)} not in the cache; "
+                                          f"run them first (e.g. --until {name})")
+                    if plan.action == "cached":
+                        self.on_event(name, "cached", plan.key[:12])
+                        artifacts[name] = plan.manifest
+                        done[name] = plan
+                        continue
+                    self.on_event(name, "start", "; ".join(plan.reasons))
+                    running[pool.submit(self._execute, plan, artifacts)] = plan
+                if not running:
+                    break
+                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in finished:
+                    plan = running.pop(future)
+                    try:
+                        plan.manifest = future.result()
+                    except BaseException as exc:  # keep the first failure; let running stages finish
+                        failure = failure or exc
+                        self.on_event(plan.name, "failed", str(exc))
+                        continue
+                    plan.action = "cached"
+                    artifacts[plan.name] = plan.manifest
+                    done[plan.name] = plan
+                    self.on_event(plan.name, "done", f"{plan.manifest.meta.get('duration', 0):.1f}s")
+        if failure is not None:
+            raise failure
+        return [done[n] for n in selected]
+
+    def _ready(self, name: str, selected: list[str], done: dict) -> bool:
+        return all(d not in selected or d in done for d in self.workflow.stages[name].deps())
+
+    def _execute(self, plan: StagePlan, artifacts: dict[str, Manifest]) -> Manifest:
+        decl, spec = plan.decl, plan.spec
+        run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        staging = self.state_dir / "staging" / f"{decl.name}-{run_id}"
+        output_dir = staging / "output"
+        output_dir.mkdir(parents=True)
+        logs_dir = self.state_dir / "logs" / self.workflow.name
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        log_path = logs_dir / f"{decl.name}-{run_id}.log"
+        work_dir = None
+        if spec.resumable:
+            work_dir = self.state_dir / "work" / plan.key
+            work_dir.mkdir(parents=True, exist_ok=True)
+
+        inputs = {}
+        for input_name, ref in decl.inputs.items():
+            base = self._materialize(artifacts[ref.stage])
+            path = base / ref.subpath if ref.subpath else base
+            if not path.exists():
+                raise StageError(f"stage {decl.name}: input {input_name} = {ref.stage}/{ref.subpath} does not exist "
+                                 f"in the artifact of {ref.stage}", file=decl.file, line=decl.line)
+            inputs[input_name] = str(path)
+        params = self._substitute_refs(decl.params, artifacts)
+        payload = {
+            "stage": decl.name, "uses": decl.uses, "params": params, "inputs": inputs,
+            "output_dir": str(output_dir), "work_dir": str(work_dir) if work_dir else None,
+            "launch": decl.launch.model_dump() if decl.launch else None, "log_level": "INFO",
+        }
+        payload_path = staging / "payload.json"
+        payload_path.write_text(json.dumps(payload, indent=1))
+        started = time.time()
+        if spec.distributed:
+            from vlflow.launch import run_distributed
+
+            metrics = run_distributed(spec, payload_path, decl.launch, log_path,
+                                      on_line=lambda line: self.on_event(decl.name, "log", line))
+        else:
+            metrics = self._run_local(decl, payload_path, log_path)
+        duration = time.time() - started
+        meta_dir = output_dir / META_DIR
+        meta_dir.mkdir(exist_ok=True)
+        shutil.copyfile(log_path, meta_dir / "stage.log")
+        (meta_dir / "metrics.json").write_text(json.dumps(metrics or {}, indent=1, default=float))
+        meta = {
+            "workflow": self.workflow.name, "stage": decl.name, "uses": decl.uses, "params": decl.params,
+            "components": plan.components, "metrics": metrics or {}, "started": started, "duration": duration,
+            "host": os.uname().nodename,
+        }
+        manifest = self.store.commit(plan.key, output_dir, meta)
+        self.store.put_ref(self._ref_name(decl.name), {"key": plan.key, "components": plan.components,
+                                                        "committed": time.time()})
+        shutil.rmtree(staging, ignore_errors=True)
+        if work_dir is not None:  # the artifact is committed: checkpoints are no longer needed to resume
+            shutil.rmtree(work_dir, ignore_errors=True)
+        return manifest
+
+    def _materialize(self, manifest: Manifest) -> Path:
+        return self.store.materialize(manifest.key, self.state_dir / "mirror" / manifest.digest)
+
+    def _substitute_refs(self, params, artifacts: dict[str, Manifest]):
+        text = json.dumps(params)
+        for stage in self._stage_refs_in(text):
+            local = self._materialize(artifacts[stage])
+            text = text.replace(STAGE_REF % stage, json.dumps(str(local))[1:-1])
+        return json.loads(text)
+
+    def _stage_refs_in(self, text: str) -> list[str]:
+        return [s for s in self.workflow.stages if STAGE_REF % s in text]
+
+    def _run_local(self, decl: StageDecl, payload_path: Path, log_path: Path) -> dict | None:
+        from vlflow.execute import result_path
+
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(log_path, "w") as log, subprocess.Popen(
+                [self.python, "-m", "vlflow.execute", str(payload_path)], stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True) as proc:
+            try:
+                for line in proc.stdout:
+                    log.write(line)
+                    log.flush()
+                    self.on_event(decl.name, "log", line.rstrip("\n"))
+                rc = proc.wait()
+            except BaseException:
+                os.killpg(proc.pid, 9)
+                raise
+        if rc != 0:
+            tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
+            raise StageError(f"stage {decl.name} ({decl.uses}) failed with exit code {rc}; log: {log_path}\n{tail}",
+                             file=decl.file, line=decl.line)
+        result = result_path(payload_path)
+        return json.loads(result.read_text()) if result.exists() else None
