@@ -135,7 +135,6 @@ def registry() -> dict[str, StageSpec]:
             except ModuleNotFoundError as exc:
                 if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
                     continue  # that stage package is not present in this build
-
                 raise
             _collect(getattr(module, "STAGES"), found, module_name)
         from importlib.metadata import entry_points
