@@ -72,7 +72,6 @@ class ViltEvaluateRetrievalParams(Params):
                     "smaller splits are evaluated whole ('all')")
     max_images: int | None = Field(None, ge=1, description="evaluate only the first N images of the split")
     text_batch_size: int = Field(256, ge=1)
-    image_batch_size: int = Field(32, ge=1)
     image_size: int | None = Field(None, description="defaults to the trained model's")
     max_image_size: int | None = None
     max_text_len: int | None = None

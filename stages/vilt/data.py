@@ -1,0 +1,133 @@
+"""ViLT batches: image-caption pairs from ViLT arrows, collation (image padding + pixel mask, tokenisation),
+MLM masking and ITM negative swapping. Randomness comes from an explicit `torch.Generator`, so a resumed run can
+reproduce the same masks and negatives for a step."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from transformers import AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedTokenizerBase
+
+from vlflow.errors import StageError
+from vlflow.stages.data.reader import CaptionArrowDataset
+from vlflow.stages.data.transforms import pixelbert_transform
+
+SPLIT_FILES = {  # ViLT trains on train + restval
+    "train": ("train", "restval"),
+    "val": ("val",),
+    "test": ("test",),
+}
+
+
+def arrow_files(arrows: Path, split: str, prefix: str = "coco_caption_karpathy") -> list[Path]:
+    if arrows.is_file():
+        return [arrows]
+    files = [arrows / f"{prefix}_{name}.arrow" for name in SPLIT_FILES.get(split, (split,))]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise StageError(f"no {prefix}_{split}*.arrow in {arrows}", field="inputs.arrows")
+    return files
+
+
+def load_tokenizer(inputs: dict[str, Path], name_or_path: str) -> PreTrainedTokenizerBase:
+    """The `tokenizer` input directory when given, else `name_or_path` (hub name or local dir)."""
+    source = inputs.get("tokenizer") or name_or_path
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as exc:
+        raise StageError(f"cannot load tokenizer {str(source)!r}: {exc}", field="with.tokenizer") from exc
+
+
+def image_dataset(arrows: Path, split: str, image_size: int, max_image_size: int) -> CaptionArrowDataset:
+    return CaptionArrowDataset(arrow_files(arrows, split), pixelbert_transform(image_size, max_image_size))
+
+
+class CaptionPairs(Dataset):
+    """One item per (image, caption) pair, like ViLT's index mapper: an epoch sees every caption once."""
+
+    def __init__(self, images: CaptionArrowDataset):
+        self.images = images
+        self.pairs = [(i, j) for i in range(len(images)) for j in range(len(images.captions(i)))]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        image_index, caption_index = self.pairs[index]
+        row = self.images[image_index]
+        return {"pixel_values": row["image"], "text": row["captions"][caption_index],
+                "image_index": image_index}
+
+
+def pad_images(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pads CHW images to the batch's largest height/width; pixel_mask is 1 on real pixels."""
+    height = max(img.shape[1] for img in images)
+    width = max(img.shape[2] for img in images)
+    pixel_values = images[0].new_zeros(len(images), images[0].shape[0], height, width)
+    pixel_mask = torch.zeros(len(images), height, width, dtype=torch.long)
+    for i, img in enumerate(images):
+        pixel_values[i, :, : img.shape[1], : img.shape[2]] = img
+        pixel_mask[i, : img.shape[1], : img.shape[2]] = 1
+    return pixel_values, pixel_mask
+
+
+def tokenize(tokenizer, texts: list[str], max_text_len: int) -> dict:
+    return tokenizer(texts, padding="longest", truncation=True, max_length=max_text_len, return_tensors="pt",
+                     return_special_tokens_mask=True, return_offsets_mapping=tokenizer.is_fast)
+
+
+class PairCollator:
+    """Collates CaptionPairs items into pixel_values/pixel_mask + tokenised text (picklable for worker processes)."""
+
+    def __init__(self, tokenizer, max_text_len: int):
+        self.tokenizer = tokenizer
+        self.max_text_len = max_text_len
+
+    def __call__(self, samples: list[dict]) -> dict:
+        pixel_values, pixel_mask = pad_images([s["pixel_values"] for s in samples])
+        batch = dict(tokenize(self.tokenizer, [s["text"] for s in samples], self.max_text_len))
+        batch.update(pixel_values=pixel_values, pixel_mask=pixel_mask, text=[s["text"] for s in samples],
+                     image_index=torch.tensor([s["image_index"] for s in samples]))
+        return batch
+
+
+class MlmMasker:
+    """BERT masking (15%: 80% [MASK], 10% random, 10% kept) via transformers' collator; with whole-word masking all
+    tokens of a word are masked together (transformers then replaces all of them with [MASK])."""
+
+    def __init__(self, tokenizer, mlm_prob: float, whole_word: bool):
+        if tokenizer.mask_token is None:
+            raise StageError(f"tokenizer {tokenizer.name_or_path!r} has no mask token, needed for MLM",
+                             field="with.tokenizer")
+        extra = {"mask_replace_prob": 1.0, "random_replace_prob": 0.0} if whole_word else {}
+        self.collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_prob,
+                                                        whole_word_mask=whole_word, **extra)
+
+    def __call__(self, batch: dict, generator: torch.Generator) -> dict:
+        self.collator.generator = generator
+        input_ids, labels = self.collator.torch_mask_tokens(
+            batch["input_ids"].clone(), special_tokens_mask=batch["special_tokens_mask"],
+            offset_mapping=batch.get("offset_mapping"))
+        labels[batch["attention_mask"] == 0] = -100
+        return {**batch, "input_ids": input_ids, "labels": labels}
+
+
+def swap_images_for_itm(batch: dict, generator: torch.Generator) -> dict:
+    """ITM batch: half of the pairs (chosen at random) get another image of the batch; itm_labels 1 = matching."""
+    size = len(batch["input_ids"])
+    if size < 2:
+        raise StageError("ITM needs at least 2 samples per device batch", field="with.per_device_batch_size")
+    negatives = torch.randperm(size, generator=generator)[: size // 2]
+    # a random other position for each negative: shift by 1..size-1 (never itself)
+    others = (negatives + torch.randint(1, size, (len(negatives),), generator=generator)) % size
+    # only swap where the other position shows a different image (duplicates possible in small datasets)
+    different = batch["image_index"][others] != batch["image_index"][negatives]
+    negatives, others = negatives[different], others[different]
+    pixel_values = batch["pixel_values"].clone()
+    pixel_mask = batch["pixel_mask"].clone()
+    pixel_values[negatives] = batch["pixel_values"][others]
+    pixel_mask[negatives] = batch["pixel_mask"][others]
+    itm_labels = torch.ones(size, dtype=torch.long)
+    itm_labels[negatives] = 0
+    return {**batch, "pixel_values": pixel_values, "pixel_mask": pixel_mask, "itm_labels": itm_labels}

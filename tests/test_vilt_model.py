@@ -1,0 +1,247 @@
+"""ViLT model, batches and metrics, in-process (no launcher): shapes, masking, ITM negatives, saved layout,
+ViT initialisation and exact recall@k."""
+import io
+
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+from transformers import ViltForImageAndTextRetrieval, ViltForMaskedLM
+
+from vlflow.stages.text.tokenizer import train_wordpiece
+from vlflow.stages.vilt.data import CaptionPairs, MlmMasker, PairCollator, image_dataset, swap_images_for_itm
+from vlflow.stages.vilt.evaluate import recall_at_k, subset_recall, subsets_for
+from vlflow.stages.vilt.model import (ITM_HEAD_FILE, ViltPretrainingModel, ViltRetrievalTrainingModel, build_config,
+                                      embed_images, encode, load_vit_weights, retrieval_model_from_pretraining)
+from vlflow.stages.vilt.spec import ViltPretrainParams
+
+torch.set_num_threads(1)
+
+CAPTIONS = [
+    ["a red circle at the top left", "one red circle"],
+    ["a blue square to the right of a green triangle", "blue square and green triangle"],
+    ["a yellow triangle in the center", "the yellow triangle"],
+    ["an orange circle below a purple square", "purple square above orange circle"],
+]
+TEXTS = [caption for captions in CAPTIONS for caption in captions]
+COLOURS = [(215, 40, 40), (45, 85, 215), (235, 205, 35), (240, 135, 30)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    words = [c for caps in CAPTIONS for c in caps] * 5
+    return train_wordpiece(iter(words), vocab_size=60, lowercase=True, min_frequency=1)  # small: words split
+
+
+@pytest.fixture(scope="module")
+def params():
+    return ViltPretrainParams(hidden_size=32, num_layers=2, num_heads=4, patch_size=16, image_size=64,
+                              max_image_size=96, max_text_len=16, max_image_len=-1, mlp_ratio=2)
+
+
+def make_model(params, tokenizer, tasks=("mlm", "itm")):
+    torch.manual_seed(0)
+    return ViltPretrainingModel(build_config(params, len(tokenizer), tokenizer.pad_token_id), tasks)
+
+
+@pytest.fixture(scope="module")
+def arrows(tmp_path_factory):
+    """A ViLT-schema arrow with 4 JPEGs of different sizes (one landscape) and their captions."""
+    directory = tmp_path_factory.mktemp("arrows")
+    images = []
+    for i, colour in enumerate(COLOURS):
+        buffer = io.BytesIO()
+        Image.new("RGB", (96 if i == 3 else 64, 64), colour).save(buffer, format="JPEG")
+        images.append(buffer.getvalue())
+    table = pa.table({"image": pa.array(images, pa.binary()), "caption": pa.array(CAPTIONS, pa.list_(pa.string())),
+                      "image_id": [f"img{i}.jpg" for i in range(4)], "split": ["train"] * 4})
+    with pa.OSFile(str(directory / "coco_caption_karpathy_train.arrow"), "wb") as sink:
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def batch(arrows, tokenizer, params):
+    pairs = CaptionPairs(image_dataset(arrows, "train", params.image_size, params.max_image_size))
+    return PairCollator(tokenizer, params.max_text_len)([pairs[i] for i in range(len(pairs))])
+
+
+def test_pairs_and_collation(arrows, batch, params):
+    pairs = CaptionPairs(image_dataset(arrows, "train", params.image_size, params.max_image_size))
+    assert len(pairs) == 8  # every caption of every image
+    assert batch["image_index"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    # the landscape image (96x64) sets the padded width; the others are masked beyond 64 pixels
+    assert batch["pixel_values"].shape == (8, 3, 64, 96)
+    assert batch["pixel_mask"][0, :, :64].all() and not batch["pixel_mask"][0, :, 64:].any()
+    assert batch["pixel_mask"][6].all()
+    assert batch["input_ids"].shape[1] <= params.max_text_len
+
+
+def test_forward_backward_shapes(params, tokenizer, batch):
+    model = make_model(params, tokenizer)
+    image_embeds, image_mask = embed_images(model.vilt, batch["pixel_values"], batch["pixel_mask"], -1)
+    assert image_embeds.shape == (8, 1 + 4 * 6, 32)  # image CLS + 4x6 patches of the padded 64x96 batch
+    enc = encode(model.vilt, batch["input_ids"], batch["attention_mask"], image_embeds, image_mask)
+    assert enc.text_feats.shape == (*batch["input_ids"].shape, 32)
+    assert enc.image_feats.shape == image_embeds.shape and enc.pooled.shape == (8, 32)
+
+    generator = torch.Generator().manual_seed(0)
+    mlm_batch = MlmMasker(tokenizer, 0.5, whole_word=False)(batch, generator)
+    itm_batch = swap_images_for_itm(batch, generator)
+    out = model(mlm_batch=mlm_batch, itm_batch=itm_batch, wpa_weight=0.1)
+    assert set(out) == {"loss", "mlm_loss", "mlm_acc", "itm_loss", "itm_acc", "itm_wpa_loss"}
+    assert out["loss"].item() == pytest.approx(sum(out[k].item() for k in ("mlm_loss", "itm_loss", "itm_wpa_loss")),
+                                               rel=1e-5)
+    out["loss"].backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []  # DDP needs a gradient for every trainable parameter
+    # the MLM decoder is tied to the word embeddings
+    assert model.mlm.mlm_score.decoder.weight is model.vilt.embeddings.text_embeddings.word_embeddings.weight
+
+
+def test_single_task_freezes_unused_heads(params, tokenizer, batch):
+    model = make_model(params, tokenizer, tasks=["mlm"])
+    mlm_batch = MlmMasker(tokenizer, 0.5, whole_word=False)(batch, torch.Generator().manual_seed(0))
+    model(mlm_batch=mlm_batch)["loss"].backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert not model.itm_score.weight.requires_grad
+
+
+def test_mlm_masking_token_level(tokenizer, batch):
+    masker = MlmMasker(tokenizer, 0.15, whole_word=False)
+    masked = [masker(batch, torch.Generator().manual_seed(seed)) for seed in range(200)]
+    special = batch["special_tokens_mask"].bool()
+    labels = torch.stack([m["labels"] for m in masked])
+    predicted = labels != -100
+    assert not predicted[:, special].any()  # never [CLS]/[SEP]/[PAD]
+    assert (labels[predicted] == batch["input_ids"].expand_as(labels)[predicted]).all()  # labels are the originals
+    rate = predicted.float().sum() / (~special).sum() / len(masked)
+    assert 0.12 < rate < 0.18
+    inputs = torch.stack([m["input_ids"] for m in masked])[predicted]
+    replaced = (inputs == tokenizer.mask_token_id).float().mean()
+    assert 0.72 < replaced < 0.88  # BERT's 80% [MASK] (rest random or kept)
+    again = masker(batch, torch.Generator().manual_seed(3))
+    assert torch.equal(again["input_ids"], masked[3]["input_ids"])  # reproducible from the generator
+
+
+def test_whole_word_masking_masks_all_pieces_of_a_word(tokenizer, batch):
+    texts = [tokenizer.convert_ids_to_tokens(ids) for ids in batch["input_ids"]]
+    assert any(t.startswith("##") for tokens in texts for t in tokens)  # the small vocabulary splits words
+    masker = MlmMasker(tokenizer, 0.3, whole_word=True)
+    saw_multi_piece_word_masked = False
+    for seed in range(50):
+        masked = masker(batch, torch.Generator().manual_seed(seed))["labels"] != -100
+        for row in range(len(texts)):
+            # the batch is image-major: row = caption TEXTS[row], truncated like the batch
+            word_ids = tokenizer(TEXTS[row], truncation=True, max_length=batch["input_ids"].shape[1]).word_ids()
+            for word in set(w for w in word_ids if w is not None):
+                positions = [i for i, w in enumerate(word_ids) if w == word]
+                flags = {bool(masked[row, i]) for i in positions}
+                assert len(flags) == 1, (texts[row], positions)  # all pieces of a word, or none
+                saw_multi_piece_word_masked |= len(positions) > 1 and flags == {True}
+    assert saw_multi_piece_word_masked
+
+
+def test_itm_negatives_swap_in_another_image(batch):
+    generator = torch.Generator().manual_seed(0)
+    negatives_seen = 0
+    for _ in range(20):
+        itm = swap_images_for_itm(batch, generator)
+        labels = itm["itm_labels"]
+        for i in range(len(labels)):
+            same = torch.equal(itm["pixel_values"][i], batch["pixel_values"][i])
+            assert same == bool(labels[i] == 1)  # negatives carry a different image, positives their own
+        negatives_seen += int((labels == 0).sum())
+        assert (labels == 0).sum() <= len(labels) // 2
+    assert 0.3 < negatives_seen / (20 * len(batch["input_ids"])) <= 0.5  # about half (fewer on duplicate images)
+    first = swap_images_for_itm(batch, torch.Generator().manual_seed(7))["itm_labels"]
+    assert torch.equal(first, swap_images_for_itm(batch, torch.Generator().manual_seed(7))["itm_labels"])
+
+
+def test_saved_model_loads_as_vilt_for_masked_lm(tmp_path, params, tokenizer, batch):
+    model = make_model(params, tokenizer).eval()
+    model.save(tmp_path)
+    loaded, info = ViltForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    assert (tmp_path / ITM_HEAD_FILE).is_file()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_mask")}
+    torch.manual_seed(0)
+    expected = model.mlm(**inputs).logits
+    torch.manual_seed(0)
+    assert torch.allclose(loaded.eval()(**inputs).logits, expected, atol=1e-5)
+
+    reloaded = ViltPretrainingModel.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.itm_score.weight, model.itm_score.weight)
+    retrieval = retrieval_model_from_pretraining(tmp_path)
+    assert isinstance(retrieval, ViltForImageAndTextRetrieval)
+    assert torch.equal(retrieval.rank_output.weight[0], model.itm_score.weight[1])  # ITM "match" row
+    assert torch.equal(retrieval.rank_output.bias, model.itm_score.bias[1:])
+
+
+def test_retrieval_training_loss_prefers_true_caption(params, tokenizer, batch):
+    torch.manual_seed(0)
+    model = ViltRetrievalTrainingModel(ViltForImageAndTextRetrieval(build_config(params, len(tokenizer), 0)))
+    images = batch["pixel_values"][::2], batch["pixel_mask"][::2]  # 4 images, each with 2 candidate captions
+    out = model(*images, batch["input_ids"], batch["attention_mask"])
+    assert out["loss"].item() == pytest.approx(out["irtr_loss"].item())
+    assert 0 < out["loss"].item() < 5 and 0 <= out["irtr_acc"].item() <= 1
+    out["loss"].backward()
+    assert model.retrieval.rank_output.weight.grad is not None
+
+
+def test_vit_init_matches_timm_blocks(tmp_path, params, tokenizer):
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(1)
+    vit = VisionTransformer(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2,
+                            num_classes=0).eval()
+    save_file(vit.state_dict(), str(tmp_path / "vit.safetensors"))
+    model = make_model(params, tokenizer).eval()
+    load_vit_weights(model.vilt, str(tmp_path / "vit.safetensors"))
+    vilt = model.vilt
+    assert torch.equal(vilt.embeddings.patch_embeddings.projection.weight, vit.patch_embed.proj.weight)
+    assert torch.equal(vilt.embeddings.position_embeddings, vit.pos_embed)
+    tokens = torch.randn(2, 17, 32)
+    expected = vit.blocks(tokens)
+    got = tokens
+    for layer in vilt.encoder.layer:
+        got = layer(got)[0]
+    assert torch.allclose(got, expected, atol=1e-4)  # same blocks (timm LayerNorm eps 1e-6 vs 1e-12)
+
+    small = VisionTransformer(img_size=64, patch_size=16, embed_dim=16, depth=2, num_heads=4, num_classes=0)
+    save_file(small.state_dict(), str(tmp_path / "small.safetensors"))
+    from vlflow.errors import StageError
+    with pytest.raises(StageError, match="vit_init"):
+        load_vit_weights(model.vilt, str(tmp_path / "small.safetensors"))
+
+
+def test_recall_at_k_on_hand_made_scores():
+    # 3 images; texts 0,1 -> image 0, text 2 -> image 1, texts 3,4 -> image 2
+    text_image = torch.tensor([0, 0, 1, 2, 2])
+    scores = torch.tensor([
+        [0.9, 0.1, 0.0],  # text 0: image 0 first
+        [0.2, 0.8, 0.1],  # text 1: image 0 second
+        [0.1, 0.3, 0.7],  # text 2: image 1 second
+        [0.0, 0.1, 0.5],  # text 3: image 2 first
+        [0.6, 0.5, 0.4],  # text 4: image 2 third
+    ])
+    r = recall_at_k(scores, text_image, ks=(1, 2, 3))
+    assert r["ir_r1"] == pytest.approx(2 / 5)
+    assert r["ir_r2"] == pytest.approx(4 / 5)
+    assert r["ir_r3"] == pytest.approx(1.0)
+    # image 0 ranks texts [0, 4, 1, ...] -> R@1 hit; image 1 ranks [1, 4, 2] -> hit at 3; image 2 ranks [2, 3, 4]
+    assert r["tr_r1"] == pytest.approx(1 / 3)
+    assert r["tr_r2"] == pytest.approx(2 / 3)
+    assert r["tr_r3"] == pytest.approx(1.0)
+
+
+def test_coco_subsets_need_5000_images():
+    assert list(subsets_for(["1k", "5k"], 1000)) == ["all"]
+    folds = subsets_for(["1k", "5k"], 5000)
+    assert [len(f) for f in folds["1k"]] == [1000] * 5 and folds["5k"] == [range(5000)]
+    # folds re-index images: a perfect diagonal score matrix stays perfect within each fold
+    text_image = torch.arange(5000).repeat_interleave(2)
+    scores = (text_image[:, None] == torch.arange(5000)[None]).float()
+    assert subset_recall(scores, text_image, folds["1k"])["ir_r1"] == 1.0
