@@ -270,3 +270,28 @@ def test_manifest_json_round_trip():
     assert Manifest.from_json(manifest.to_json()) == manifest
     assert files_digest(files) == files_digest(list(reversed(files)))  # order-independent
     assert files_digest([FileEntry("a", 1, "fe"), files[0]]) != manifest.digest
+
+
+def test_concurrent_materialize_of_one_artifact_downloads_once(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = ArtifactStore(f"memory://vlflow-test-{uuid.uuid4().hex[:8]}/c")
+    store.commit("k", write_tree(tmp_path / "o", {f"f{i}": bytes([i]) * 1000 for i in range(20)}), {})
+    downloads = []
+    original_get = store.fs.get
+    store.fs.get = lambda rpaths, lpaths, **kw: (downloads.append(len(rpaths)), original_get(rpaths, lpaths, **kw))
+    dest = tmp_path / "mirror" / "k"
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: store.materialize("k", dest), range(4)))
+    assert results == [dest] * 4 and downloads == [20]
+    assert tree_bytes(dest) == {f"f{i}": bytes([i]) * 1000 for i in range(20)}
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["k"]  # no partial or stale dirs left
+
+
+def test_remote_materialize_checks_sizes(tmp_path):
+    store = ArtifactStore(f"memory://vlflow-test-{uuid.uuid4().hex[:8]}/c")
+    manifest = store.commit("k", write_tree(tmp_path / "o", {"a.bin": b"12345"}), {})
+    store.fs.pipe_file(store._path("artifacts", "k", manifest.attempt, "a.bin"), b"123")  # damaged behind our back
+    with pytest.raises(StoreError, match=r"a\.bin has 3 bytes after download, the manifest says 5"):
+        store.materialize("k", tmp_path / "m")
+    assert not (tmp_path / "m").exists()

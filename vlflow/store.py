@@ -287,26 +287,32 @@ class ArtifactStore:
                 raise StoreError(f"artifact {key} in {self.url} is committed but its files are missing ({path})")
             return path
         dest = Path(dest) if dest is not None else self.local_cache / manifest.digest
-        if _read_marker(dest) == manifest.digest:
-            return dest
-        # Download next to dest and rename into place, so a concurrent reader never sees a half-filled dir.
-        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.partial"
-        with self._errors(f"materialize artifact {key} into {dest}"):
-            self._download_into(manifest, dest, tmp)
+        with _lock_for(dest):  # parallel stages of one run often need the same upstream artifact
+            if _read_marker(dest) == manifest.digest:
+                return dest
+            with self._errors(f"materialize artifact {key} into {dest}"):
+                self._download_into(manifest, dest)
         return dest
 
-    def _download_into(self, manifest: Manifest, dest: Path, tmp: Path) -> None:
+    def _download_into(self, manifest: Manifest, dest: Path) -> None:
+        # Download next to dest and rename into place, so that no reader (in another process too) ever sees a
+        # half-filled dir, and a complete copy is never deleted while someone may be using it.
         dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.partial"
         try:
             self._download(manifest, tmp)
             (tmp / COMPLETE_MARKER).write_text(manifest.digest)
-            if dest.exists():  # an incomplete copy, or one of an older commit of the same key
-                shutil.rmtree(dest, ignore_errors=True)
-            try:
-                os.replace(tmp, dest)
-            except OSError:
-                if _read_marker(dest) != manifest.digest:  # a concurrent download that finished first is fine
-                    raise
+            for _ in range(3):
+                try:
+                    os.replace(tmp, dest)
+                    return
+                except OSError:  # dest exists and is not empty
+                    if _read_marker(dest) == manifest.digest:
+                        return  # another process finished first
+                    stale = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.stale"
+                    os.replace(dest, stale)  # an interrupted download, or a copy of an older commit
+                    shutil.rmtree(stale, ignore_errors=True)
+            raise StoreError(f"cannot materialize artifact {manifest.key} into {dest}: it keeps being replaced")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -561,6 +567,15 @@ def _read_marker(dest: Path) -> str | None:
         return (dest / COMPLETE_MARKER).read_text().strip()
     except OSError:
         return None
+
+
+_dest_locks: dict[str, threading.Lock] = {}
+_dest_locks_guard = threading.Lock()
+
+
+def _lock_for(dest: Path) -> threading.Lock:
+    with _dest_locks_guard:
+        return _dest_locks.setdefault(str(dest.resolve()), threading.Lock())
 
 
 class _Progress:
