@@ -114,6 +114,7 @@ def test_bad_image_fails_when_asked(damaged_coco, tmp_path):
     message = str(info.value)
     assert (missing in message and "missing file" in message) or (corrupt in message and "corrupt" in message)
     assert "on_bad_image" in message
+    assert not list((tmp_path / "out").glob("*.tmp"))  # no half-written arrow left behind
 
 
 def test_missing_json_key_names_key_and_file(coco_root, tmp_path):
@@ -162,3 +163,20 @@ def test_grounding_rows_boxes_and_spans(flickr_root, tmp_path):
                 x, y, w, h = ann["bbox"]
                 assert [x1, y1, x2, y2] == pytest.approx(
                     [x / row["width"], y / row["height"], (x + w) / row["width"], (y + h) / row["height"]], abs=1e-6)
+
+
+def test_stage_entry_points_follow_the_contract(coco_root, flickr_root, tmp_path):
+    from vlflow.stage import StageContext, get_spec
+
+    spec = get_spec("arrow.coco_karpathy")
+    params = spec.params.model_validate({"batch_rows": 8})
+    ctx = StageContext(stage="arrows", params=params, inputs={"root": coco_root}, output_dir=tmp_path / "c")
+    metrics = spec.load()(ctx)
+    assert json.loads(json.dumps(metrics)) == metrics  # stored in the manifest
+    assert sum(metrics["rows"].values()) == 30 and metrics["bad_images"] == 0
+
+    spec = get_spec("arrow.grounding")
+    ctx = StageContext(stage="g", params=spec.params(), inputs={"root": flickr_root}, output_dir=tmp_path / "g")
+    assert sum(spec.load()(ctx)["rows"].values()) == 12 * 5
+    with pytest.raises(ValueError, match="on_bad_image"):
+        get_spec("arrow.f30k_karpathy").params.model_validate({"on_bad_image": "ignore"})

@@ -86,24 +86,28 @@ def write_split(out_path: Path, schema: pa.Schema, rows: list[ImageRow], *, spli
         return [pool.submit(check_image, row.image_path, row.expected_size) for row in chunk]
 
     written = skipped = 0
-    with pa.OSFile(str(tmp_path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        pending = submit(chunks[0]) if chunks else []
-        for index, chunk in enumerate(chunks):
-            checks = [f.result() for f in pending]
-            pending = submit(chunks[index + 1]) if index + 1 < len(chunks) else []  # prefetch the next batch
-            columns: dict[str, list] = {name: [] for name in schema.names}
-            for row, check in zip(chunk, checks):
-                if check.data is None:
-                    _bad_image(report, row, check.reason, split, root, on_bad_image)
-                    skipped += 1
-                    continue
-                columns["image"].append(check.data)
-                for name, value in row.values.items():
-                    columns[name].append(value)
-            if columns["image"]:
-                writer.write_batch(pa.RecordBatch.from_pydict(columns, schema=schema))
-                written += len(columns["image"])
-            del checks, columns
+    try:
+        with pa.OSFile(str(tmp_path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            pending = submit(chunks[0]) if chunks else []
+            for index, chunk in enumerate(chunks):
+                checks = [f.result() for f in pending]
+                pending = submit(chunks[index + 1]) if index + 1 < len(chunks) else []  # prefetch the next batch
+                columns: dict[str, list] = {name: [] for name in schema.names}
+                for row, check in zip(chunk, checks):
+                    if check.data is None:
+                        _bad_image(report, row, check.reason, split, root, on_bad_image)
+                        skipped += 1
+                        continue
+                    columns["image"].append(check.data)
+                    for name, value in row.values.items():
+                        columns[name].append(value)
+                if columns["image"]:
+                    writer.write_batch(pa.RecordBatch.from_pydict(columns, schema=schema))
+                    written += len(columns["image"])
+                del checks, columns
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)  # leave no half-written file behind
+        raise
     os.replace(tmp_path, out_path)
     report.splits[split] = {"file": out_path.name, "rows": written, "skipped": skipped,
                             "bytes": out_path.stat().st_size}
