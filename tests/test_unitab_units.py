@@ -14,7 +14,7 @@ from PIL import Image
 from vlflow.stages.text.tokenizer import train_bpe
 from vlflow.stages.unitab import metrics
 from vlflow.stages.unitab.data import (
-    GroundingSequenceDataset, build_sequence, collate, encoder_sees_text, phrase_token_spans,
+    GroundingSequenceDataset, build_sequence, collate, encoder_sees_text, open_split, phrase_token_spans,
 )
 from vlflow.stages.unitab.model import TokenLayout, UniTAB, UniTABConfig, ema_update, sequence_loss
 
@@ -110,21 +110,26 @@ def _png(color=(255, 0, 0), size=(40, 30)) -> bytes:
     return buffer.getvalue()
 
 
-def _table(rows):
+def write_grounding_arrow(path, rows):
+    """A grounding arrow in the arrow.grounding schema (what GroundingArrowDataset reads)."""
     import pyarrow as pa
-    return pa.Table.from_pylist(rows)
+    table = pa.Table.from_pylist([{"split": "test", "width": 40, "height": 30, **r} for r in rows])
+    with pa.ipc.new_file(str(path), table.schema) as writer:
+        writer.write_table(table)
+    return open_split(path, "test")
 
 
-def test_dataset_sample_and_collate(tokenizer):
+def test_dataset_sample_and_collate(tokenizer, tmp_path):
     caption = "a red circle next to a blue square"
     rows = [{"image": _png(size=(40, 30)), "image_id": "1.jpg", "caption": caption,
              "phrases": [{"text": "a red circle", "start": 0, "end": 12, "boxes": [[0.0, 0.0, 0.4, 0.4]]}]},
             {"image": _png(size=(30, 40)), "image_id": "2.jpg", "caption": "two green triangles",
              "phrases": []}]
     layout = TokenLayout(len(tokenizer), 20)
-    caption_only = GroundingSequenceDataset(_table(rows), tokenizer, layout, image_size=32, max_image_size=48,
+    source = write_grounding_arrow(tmp_path / "g.arrow", rows)
+    caption_only = GroundingSequenceDataset(source, tokenizer, layout, image_size=32, max_image_size=48,
                                             max_decoding_step=40, seqcrop="caption")
-    grounding = GroundingSequenceDataset(_table(rows), tokenizer, layout, image_size=32, max_image_size=48,
+    grounding = GroundingSequenceDataset(source, tokenizer, layout, image_size=32, max_image_size=48,
                                          max_decoding_step=40, seqcrop="grounding")
     a, b = caption_only[0], grounding[0]
     assert a["text_ids"] == [tokenizer.bos_token_id, tokenizer.eos_token_id]

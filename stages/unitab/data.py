@@ -5,17 +5,16 @@ Rows come from `f30k_grounding_{split}.arrow` (one per caption): image bytes, im
 """
 from __future__ import annotations
 
-import io
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 from PIL import Image
 
 from vlflow.errors import StageError
+from vlflow.stages.data.reader import GroundingArrowDataset
 
 from .model import TokenLayout
 
@@ -27,28 +26,15 @@ IGNORE = -100
 # ---------------------------------------------------------------------------------------------------------------
 # Reading the arrows
 
-def grounding_arrow_path(arrows: Path, split: str) -> Path:
+def open_split(arrows: Path, split: str) -> GroundingArrowDataset:
+    """The `f30k_grounding_{split}.arrow` of an `arrow.grounding` output (or that file itself)."""
     path = Path(arrows)
     if path.is_dir():
         path = path / f"f30k_grounding_{split}.arrow"
     if not path.is_file():
         raise StageError(f"grounding arrow for split {split!r} not found (expected f30k_grounding_{split}.arrow)",
                          file=str(path), field="inputs.arrows")
-    return path
-
-
-def read_grounding_table(arrows: Path, split: str) -> pa.Table:
-    """Memory-mapped Arrow IPC file: rows are materialised only when indexed."""
-    path = grounding_arrow_path(arrows, split)
-    table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-    missing = {"image", "image_id", "caption", "phrases"} - set(table.column_names)
-    if missing:
-        raise StageError(f"missing columns {sorted(missing)}", file=str(path), field="inputs.arrows")
-    return table
-
-
-def row(table: pa.Table, index: int) -> dict:
-    return {name: table.column(name)[index].as_py() for name in ("image", "image_id", "caption", "phrases")}
+    return GroundingArrowDataset([path])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -113,10 +99,9 @@ def encoder_sees_text(seqcrop: str, do_caption: bool, rng: random.Random) -> boo
 # ---------------------------------------------------------------------------------------------------------------
 # Images
 
-def load_image(data: bytes, image_size: int, max_image_size: int) -> torch.Tensor:
+def image_tensor(image: Image.Image, image_size: int, max_image_size: int) -> torch.Tensor:
     """Resize so the shorter side is image_size (longer <= max_image_size), ImageNet-normalise -> (3, H, W).
     Boxes are relative, so they need no change."""
-    image = Image.open(io.BytesIO(data)).convert("RGB")
     width, height = image.size
     scale = min(image_size / min(width, height), max_image_size / max(width, height))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -150,10 +135,10 @@ def pad_ids(rows: list[list[int]], value: int) -> torch.Tensor:
 class GroundingSequenceDataset(torch.utils.data.Dataset):
     """One sample per caption: image, encoder text ids (caption or empty), decoder input/target sequence."""
 
-    def __init__(self, table: pa.Table, tokenizer, layout: TokenLayout, *, image_size: int, max_image_size: int,
+    def __init__(self, source: GroundingArrowDataset, tokenizer, layout: TokenLayout, *, image_size: int, max_image_size: int,
                  max_decoding_step: int, seqcrop: str = "mixed", do_caption: bool = False,
                  no_detection: bool = False, seed: int = 0):
-        self.table = table
+        self.source = source
         self.tokenizer = tokenizer
         self.layout = layout
         self.image_size = image_size
@@ -163,25 +148,26 @@ class GroundingSequenceDataset(torch.utils.data.Dataset):
         self.do_caption = do_caption
         self.no_detection = no_detection
         self.seed = seed
-        self.epoch = 0  # mixes into the per-sample crop choice so epochs differ but resumes repeat
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return len(self.source)
 
-    def __getitem__(self, index: int) -> dict:
-        item = row(self.table, index)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """key: index, or (index, epoch); the epoch varies the sequence crop between epochs, reproducibly."""
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
         tok = self.tokenizer
-        ids, spans = phrase_token_spans(tok, item["caption"], item["phrases"])
+        ids, spans = phrase_token_spans(tok, self.source.caption(index), self.source.phrases(index))
         sequence = build_sequence(ids, spans, self.layout, tok.bos_token_id, tok.eos_token_id,
                                   with_boxes=not self.no_detection)
         sequence = sequence[: self.max_decoding_step + 1]
-        rng = random.Random(hash((self.seed, self.epoch, index)))
+        rng = random.Random(f"{self.seed}/{epoch}/{index}")
         text = ids[: self.max_decoding_step - 2] if encoder_sees_text(self.seqcrop, self.do_caption, rng) else []
         return {
-            "image": load_image(item["image"], self.image_size, self.max_image_size),
+            "image": image_tensor(self.source.image(index), self.image_size, self.max_image_size),
             "text_ids": [tok.bos_token_id, *text, tok.eos_token_id],
             "prev_tokens": sequence[:-1],
             "targets": sequence[1:],
+            "epoch": epoch,
         }
 
 
@@ -197,4 +183,5 @@ def collate(samples: list[dict], pad_token_id: int) -> dict:
         "prev_tokens": prev,
         "token_padding": pad_ids([[0] * len(s["prev_tokens"]) for s in samples], 1).bool(),
         "targets": pad_ids([s["targets"] for s in samples], IGNORE),
+        "epoch": samples[0]["epoch"],
     }

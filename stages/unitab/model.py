@@ -185,7 +185,8 @@ class UniTAB(nn.Module):
                              f"{self.config.max_decoding_step}")
         positions = torch.arange(length, device=prev_tokens.device)
         x = self.token_embed(prev_tokens) + self.decoder_pos(positions)
-        causal = nn.Transformer.generate_square_subsequent_mask(length, device=prev_tokens.device, dtype=x.dtype)
+        # boolean like the padding masks (True = may not attend), so attention can take the fused SDPA path
+        causal = torch.ones(length, length, dtype=torch.bool, device=prev_tokens.device).triu(1)
         hidden = self.transformer.decoder(x, memory, tgt_mask=causal, tgt_is_causal=True,
                                           tgt_key_padding_mask=token_padding, memory_key_padding_mask=memory_padding)
         return self.output(hidden)

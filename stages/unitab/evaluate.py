@@ -1,0 +1,156 @@
+"""`unitab.evaluate`: phrase grounding recall@1 (with random-box and center-box baselines on the same phrases) and
+grounded-captioning BLEU-4 / CIDEr-D.
+
+Grounding follows UniTAB's Flickr30k grounding evaluation: the caption is given to the text encoder and teacher
+forced in the decoder; after each `<obj> phrase` the model decodes the four box tokens greedily (the argmax is taken
+over the coordinate bins only, so a box always comes out); the decoded box, not the gold one, stays in the prefix for
+later phrases. Captioning gives the encoder no text and decodes greedily from <s>.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from vlflow.stage import StageContext
+
+from . import metrics
+from .data import image_tensor, open_split, pad_ids, pad_images, phrase_token_spans
+from .model import UniTAB
+from .train import load_trained
+
+CENTER_BOX = (0.25, 0.25, 0.75, 0.75)  # the centred box covering half of each side
+
+
+@torch.no_grad()
+def ground_phrases(model: UniTAB, memory, memory_padding, token_ids: list[list[int]], spans: list[list]) -> list[list]:
+    """For each caption (its tokens without specials + phrase spans) the predicted box of every span, in order."""
+    cfg, layout = model.config, model.layout
+    prefixes = [[cfg.bos_token_id] for _ in token_ids]
+    consumed = [0] * len(token_ids)
+    boxes: list[list] = [[] for _ in token_ids]
+    for k in range(max((len(s) for s in spans), default=0)):
+        active = [i for i, s in enumerate(spans) if len(s) > k
+                  and len(prefixes[i]) + s[k].token_end - consumed[i] + 5 <= cfg.max_decoding_step]
+        if not active:
+            break
+        for i in active:
+            span = spans[i][k]
+            prefixes[i] += token_ids[i][consumed[i]:span.token_start] + [layout.obj_start]
+            prefixes[i] += token_ids[i][span.token_start:span.token_end]
+            consumed[i] = span.token_end
+        for _ in range(4):  # x1, y1, x2, y2
+            prev = pad_ids([prefixes[i] for i in active], cfg.pad_token_id)
+            lengths = torch.tensor([len(prefixes[i]) for i in active])
+            padding = torch.arange(prev.shape[1])[None] >= lengths[:, None]
+            logits = model.decode(memory[active], memory_padding[active], prev, padding)
+            last = logits[torch.arange(len(active)), lengths - 1, layout.first_bin:layout.size]
+            for i, token in zip(active, (last.argmax(-1) + layout.first_bin).tolist()):
+                prefixes[i].append(token)
+        for i in active:
+            boxes[i].append(layout.tokens_to_box(prefixes[i][-4:]))
+            prefixes[i].append(layout.obj_end)
+    return boxes
+
+
+def caption_text(tokens: list[int], tokenizer, text_vocab: int) -> str:
+    """Drop <obj>, </obj> and box tokens, stop at </s>, decode the text."""
+    text = []
+    for token in tokens[1:]:
+        if token == tokenizer.eos_token_id:
+            break
+        if token < text_vocab:
+            text.append(token)
+    return tokenizer.decode(text, skip_special_tokens=True).strip()
+
+
+def encode_batch(model: UniTAB, images, text_ids: list[list[int]], pad_token_id: int):
+    batch, mask = pad_images(images)
+    ids = pad_ids(text_ids, pad_token_id)
+    text_mask = pad_ids([[1] * len(t) for t in text_ids], 0)
+    return model.encode(batch, mask, ids, text_mask)
+
+
+def random_box(rng: random.Random) -> list[float]:
+    x = sorted((rng.random(), rng.random()))
+    y = sorted((rng.random(), rng.random()))
+    return [x[0], y[0], x[1], y[1]]
+
+
+def evaluate(ctx: StageContext) -> dict:
+    p = ctx.params
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, tokenizer, config, used_ema = load_trained(ctx.inputs["model"], p.use_ema)
+    train_params = json.loads((Path(ctx.inputs["model"]) / "config.json").read_text())["train_params"]
+    image_size, max_image_size = train_params["image_size"], train_params["max_image_size"]
+    source = open_split(ctx.inputs["arrows"], p.split)
+    rows = range(min(len(source), p.max_samples or len(source)))
+    result: dict = {"split": p.split, "weights": "ema" if used_ema else "model", "captions": len(rows)}
+    predictions: list[dict] = []
+
+    if p.grounding:
+        predicted, gold = [], []
+        for start in range(0, len(rows), p.batch_size):
+            chunk = rows[start:start + p.batch_size]
+            parsed = [phrase_token_spans(tokenizer, source.caption(i), source.phrases(i)) for i in chunk]
+            images = [image_tensor(source.image(i), image_size, max_image_size) for i in chunk]
+            text = [[tokenizer.bos_token_id, *ids[:config.max_decoding_step - 2], tokenizer.eos_token_id]
+                    for ids, _ in parsed]
+            memory, padding = encode_batch(model, images, text, tokenizer.pad_token_id)
+            boxes = ground_phrases(model, memory, padding, [ids for ids, _ in parsed], [s for _, s in parsed])
+            for i, (ids, spans), row_boxes in zip(chunk, parsed, boxes):
+                phrases = source.phrases(i)
+                for n, span in enumerate(spans):
+                    box = row_boxes[n] if n < len(row_boxes) else [0.0, 0.0, 0.0, 0.0]  # cut off: a miss
+                    predicted.append(box)
+                    gold.append(span.boxes)
+                    predictions.append({"row": i, "phrase": phrases[span.phrase_index]["text"], "box": box,
+                                        "gold": span.boxes})
+        rng = random.Random(p.seed)
+        result.update({
+            "phrases": len(gold),
+            "grounding_recall@1": metrics.recall_at_1(predicted, gold),
+            "random_box_recall@1": metrics.recall_at_1([random_box(rng) for _ in gold], gold),
+            "center_box_recall@1": metrics.recall_at_1([list(CENTER_BOX) for _ in gold], gold),
+        })
+
+    if p.captioning:
+        references: dict[str, list[str]] = {}
+        first_row: dict[str, int] = {}
+        for i in rows:
+            image_id = source.image_id(i)
+            references.setdefault(image_id, []).append(source.caption(i))
+            first_row.setdefault(image_id, i)
+        image_ids = list(first_row)
+        generated: list[str] = []
+        for start in range(0, len(image_ids), p.batch_size):
+            chunk = [first_row[image_id] for image_id in image_ids[start:start + p.batch_size]]
+            images = [image_tensor(source.image(i), image_size, max_image_size) for i in chunk]
+            empty = [[tokenizer.bos_token_id, tokenizer.eos_token_id]] * len(chunk)
+            memory, padding = encode_batch(model, images, empty, tokenizer.pad_token_id)
+            tokens = model.generate(memory, padding, max_steps=p.max_decoding_step)
+            generated += [caption_text(t, tokenizer, config.text_vocab) for t in tokens.tolist()]
+        refs = [references[image_id] for image_id in image_ids]
+        result.update({"images": len(image_ids), "bleu4": metrics.bleu4(generated, refs),
+                       "cider": metrics.cider_d(generated, refs)})
+        predictions += [{"image_id": i, "caption": c} for i, c in zip(image_ids, generated)]
+
+    ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    (ctx.output_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+    with open(ctx.output_dir / "predictions.jsonl", "w") as f:
+        f.writelines(json.dumps(x) + "\n" for x in predictions)
+    print_table(result, ctx.stage)
+    return result
+
+
+def print_table(result: dict, title: str) -> None:
+    table = Table(title=f"{title}: UniTAB evaluation")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
