@@ -295,3 +295,17 @@ def test_remote_materialize_checks_sizes(tmp_path):
     with pytest.raises(StoreError, match=r"a\.bin has 3 bytes after download, the manifest says 5"):
         store.materialize("k", tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_local_commit_from_another_filesystem_copies(tmp_path):
+    import tempfile
+
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on a different filesystem than the temp dir")
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as other_fs:
+        out = write_tree(Path(other_fs) / "out", FILES)
+        store = ArtifactStore(str(tmp_path / "cache"))
+        manifest = store.commit("k", out, {})
+        assert tree_bytes(out) == FILES  # copied, the source is left alone
+        assert tree_bytes(store.materialize("k")) == FILES
+        assert {f.path: f.sha256 for f in manifest.files} == {p: hashlib.sha256(d).hexdigest() for p, d in FILES.items()}

@@ -136,8 +136,7 @@ class ArtifactStore:
         if protocol in ("s3", "s3a") and not _has_endpoint(options):
             endpoint = os.environ.get("VLFLOW_S3_ENDPOINT_URL") or os.environ.get("FSSPEC_S3_ENDPOINT_URL")
             if endpoint:
-                options.setdefault("client_kwargs", {})
-                options["client_kwargs"] = {**options["client_kwargs"], "endpoint_url": endpoint}
+                options["client_kwargs"] = {**options.get("client_kwargs", {}), "endpoint_url": endpoint}
         self._storage_options = options
         self._secrets = _secret_values(options)
         self.url = _URL_USERINFO.sub(r"\1", url.rstrip("/")) or url
@@ -146,7 +145,7 @@ class ArtifactStore:
         except Exception as exc:  # unknown protocol, missing backend package, bad options
             raise StoreError(f"cannot open the artifact store {self.url}: {self._scrub(exc)}") from None
         self.is_local = isinstance(self.fs, LocalFileSystem)
-        self._root = root.rstrip("/") if root not in ("/", "") else root
+        self._root = root.rstrip("/")  # "" for the filesystem root: paths then start with "/"
         if local_cache is None:
             local_cache = Path(os.environ.get("VLFLOW_LOCAL_CACHE") or Path.home() / ".cache" / "vlflow" / "mirror")
         self.local_cache = Path(local_cache)
@@ -157,7 +156,7 @@ class ArtifactStore:
     # -- paths -------------------------------------------------------------------------------------------------------
 
     def _path(self, *parts: str) -> str:
-        return "/".join([self._root.rstrip("/"), *parts]) if self._root not in ("", "/") else "/" + "/".join(parts)
+        return "/".join([self._root, *parts])
 
     def _key_dir(self, key: str) -> str:
         _check_key(key)
@@ -339,8 +338,9 @@ class ArtifactStore:
     def commit(self, key: str, local_dir: Path, meta: dict, progress: ProgressCallback | None = None) -> Manifest:
         """Store every file under `local_dir` as artifact `key`; the manifest is written last.
 
-        On a local store on the same filesystem the files are moved out of `local_dir` (not copied).
-        `progress(done_bytes, total_bytes)` is called after each file.
+        On a local store on the same filesystem the files are moved out of `local_dir` (not copied); if such a commit
+        fails midway, the files moved so far are in the unreferenced attempt dir named in `garbage()`.
+        `progress(done_bytes, total_bytes)` is called after each file. Empty directories are not stored.
         """
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
@@ -355,15 +355,7 @@ class ArtifactStore:
 
         with self._errors(f"commit artifact {key}"):
             if self.is_local:
-                os.makedirs(attempt_dir, exist_ok=True)
-                move = os.stat(local_dir).st_dev == os.stat(attempt_dir).st_dev
-                local_real = os.path.realpath(local_dir)
-                entries = []
-                for src, rel, _ in sources:
-                    # Only plain files inside local_dir are moved; files reached through symlinks belong to someone
-                    # else (often an input artifact) and are copied.
-                    movable = move and os.path.realpath(src) == os.path.join(local_real, *rel.split("/"))
-                    entries.append(self._store_local_file(src, rel, f"{attempt_dir}/{rel}", movable, tracker))
+                entries = self._commit_local(local_dir, sources, attempt_dir, tracker)
             else:
                 entries = self._upload_all(sources, attempt_dir, tracker)
             manifest = Manifest(key=key, attempt=attempt, created=time.time(), files=entries,
@@ -372,30 +364,38 @@ class ArtifactStore:
         log.debug("committed %s (%d files, %d bytes) to %s", key, len(entries), manifest.size, self.url)
         return manifest
 
-    def _store_local_file(self, src: Path, rel: str, dst: str, move: bool, tracker: "_Progress") -> FileEntry:
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        if move:
-            try:
-                os.replace(src, dst)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:  # bind mounts can share st_dev yet refuse renames
-                    raise
-            else:
-                digest, size = _hash_file(dst)
-                tracker.add(size)
-                return FileEntry(rel, size, digest)
-        with open(src, "rb") as reader, open(dst, "wb") as writer:
+    def _commit_local(self, local_dir: Path, sources, attempt_dir: str, tracker: "_Progress") -> list[FileEntry]:
+        """Move plain files into the attempt dir (same filesystem), copy the rest; hash each file once."""
+        os.makedirs(attempt_dir, exist_ok=True)
+        same_filesystem = os.stat(local_dir).st_dev == os.stat(attempt_dir).st_dev
+        local_real = os.path.realpath(local_dir)
+        entries = []
+        for src, rel, _ in sources:
+            dst = f"{attempt_dir}/{rel}"
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            # Files reached through symlinks belong to someone else (often an input artifact): copy, never move.
+            if same_filesystem and os.path.realpath(src) == os.path.join(local_real, *rel.split("/")):
+                try:
+                    os.replace(src, dst)
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:  # bind mounts can share st_dev yet refuse renames
+                        raise
+                else:
+                    digest, size = _hash_file(dst)
+                    tracker.add(size)
+                    entries.append(FileEntry(rel, size, digest))
+                    continue
+            entries.append(self._copy_in(src, rel, attempt_dir, tracker))
+        return entries
+
+    def _copy_in(self, src: Path, rel: str, attempt_dir: str, tracker: "_Progress") -> FileEntry:
+        with open(src, "rb") as reader, self.fs.open(f"{attempt_dir}/{rel}", "wb") as writer:
             digest, size = _copy_hashing(reader, writer, tracker)
         return FileEntry(rel, size, digest)
 
     def _upload_all(self, sources, attempt_dir: str, tracker: "_Progress") -> list[FileEntry]:
-        def upload(src: Path, rel: str) -> FileEntry:
-            with open(src, "rb") as reader, self.fs.open(f"{attempt_dir}/{rel}", "wb") as writer:
-                digest, size = _copy_hashing(reader, writer, tracker)
-            return FileEntry(rel, size, digest)
-
         with ThreadPoolExecutor(max_workers=REMOTE_WORKERS, thread_name_prefix="vlflow-upload") as pool:
-            futures = [pool.submit(upload, src, rel) for src, rel, _ in sources]
+            futures = [pool.submit(self._copy_in, src, rel, attempt_dir, tracker) for src, rel, _ in sources]
             wait(futures, return_when=FIRST_EXCEPTION)
             failed = [f for f in futures if f.done() and f.exception() is not None]
             if failed:  # stop early: the attempt is garbage anyway
