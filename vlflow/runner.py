@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 import networkx as nx
 
 from vlflow.errors import StageError, VlflowError
+from vlflow.procs import die_with_parent
 from vlflow.stage import StageSpec, get_spec
 from vlflow.store import ArtifactStore, Manifest
 from vlflow.workflow import StageDecl, Workflow
@@ -362,7 +363,8 @@ class Runner:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(log_path, "w") as log, subprocess.Popen(
                 [self.python, "-m", "vlflow.execute", str(payload_path)], stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True) as proc:
+                stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+                preexec_fn=die_with_parent) as proc:
             try:
                 for line in proc.stdout:
                     log.write(line)
