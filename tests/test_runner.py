@@ -165,3 +165,49 @@ def test_light_commands_do_not_import_torch(project):
     assert proc.returncode == 0, proc.stderr
     proc = subprocess.run([str(Path(sys.executable).with_name("vlflow")), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "plan" in proc.stdout
+
+
+def test_malformed_workflows_fail_cleanly_through_the_cli(tmp_path):
+    """Every malformed case of test_workflow_errors, through `vlflow validate`/`plan`/`run` in a real process:
+    exit code 2, one paragraph naming file:line, no traceback."""
+    from test_workflow_errors import CASES
+
+    lines = []
+    for case in CASES:
+        folder = tmp_path / case.id
+        folder.mkdir()
+        (folder / "wf.yaml").write_text(textwrap.dedent(case.text).lstrip("\n"))
+        for name, text in case.files.items():
+            (folder / name).write_text(textwrap.dedent(text).lstrip("\n"))
+        lines.append(json.dumps({"dir": str(folder), "overrides": case.overrides, "env": case.env,
+                                 "file": case.file, "line": case.line, "launch": case.launch_defaults}))
+    (tmp_path / "cases.jsonl").write_text("\n".join(lines))
+    # one interpreter runs main() per case (a fresh process per case would cost ~50 x startup)
+    code = textwrap.dedent("""
+        import contextlib, io, json, os, sys
+        from vlflow.cli import main
+        for raw in open(sys.argv[1]):
+            case = json.loads(raw)
+            if case["launch"]:
+                continue  # project launch defaults come from vlflow.toml, covered in test_workflow_errors
+            os.environ.update(case["env"])
+            err = io.StringIO()
+            argv = ["validate", os.path.join(case["dir"], "wf.yaml")]
+            for o in case["overrides"]:
+                argv += ["--set", o]
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                rc = main(argv)
+            for k in case["env"]:
+                os.environ.pop(k)
+            print(json.dumps({"dir": case["dir"], "rc": rc, "err": err.getvalue()}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cases.jsonl")], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(results) >= 50
+    for result in results:
+        assert result["rc"] == 2, result
+        assert result["err"].startswith("error: ") and "Traceback" not in result["err"], result
+        assert result["err"].count("\n") <= 2, result  # one paragraph
+        assert "wf.yaml:" in result["err"] or "--set" in result["err"] or ".yaml" in result["err"], result
