@@ -180,3 +180,29 @@ def test_stage_entry_points_follow_the_contract(coco_root, flickr_root, tmp_path
     assert sum(spec.load()(ctx)["rows"].values()) == 12 * 5
     with pytest.raises(ValueError, match="on_bad_image"):
         get_spec("arrow.f30k_karpathy").params.model_validate({"on_bad_image": "ignore"})
+
+
+def test_grounding_bad_images_and_size_mismatch(flickr_root, tmp_path):
+    root = tmp_path / "f30k"
+    shutil.copytree(flickr_root, root)
+    json_path = root / "mdetr_annotations" / "final_flickr_separateGT_train.json"
+    data = json.loads(json_path.read_text())
+    first, last = data["images"][0], data["images"][-1]
+    assert first["file_name"] != last["file_name"]
+    (root / "flickr30k-images" / last["file_name"]).unlink()
+    for entry in data["images"]:
+        if entry["file_name"] == first["file_name"]:
+            entry["width"] += 1
+    json_path.write_text(json.dumps(data))
+    report = convert_grounding(root, tmp_path / "out", GroundingArrowParams(splits=["train"]))
+    reasons = {b["reason"] for b in report.bad_images}
+    assert "missing file" in reasons
+    assert any(r.startswith(f"image is {first['width'] - 1}x") and "annotations say" in r for r in reasons)
+    n_bad = sum(e["file_name"] in (first["file_name"], last["file_name"]) for e in data["images"])
+    assert report.splits["train"]["rows"] == len(data["images"]) - n_bad
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f30k_grounding_train.arrow", "report.json"]
+
+    del data["annotations"][0]["bbox"]
+    json_path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"final_flickr_separateGT_train.json: annotations\[0\].bbox: missing key"):
+        convert_grounding(root, tmp_path / "out2", GroundingArrowParams(splits=["train"]))

@@ -233,3 +233,25 @@ def test_safe_archives_extract(tmp_path):
         zf.writestr("z/a.txt", "zip")
     safe_extract(tmp_path / "ok.zip", tmp_path / "z")
     assert (tmp_path / "z" / "z" / "a.txt").read_text() == "zip"
+
+
+def test_s3_download_through_moto(tmp_path, monkeypatch):
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="data")
+        client.put_object(Bucket="data", Key="dir/a.bin", Body=PAYLOAD)
+        download_files(params({"url": "s3://data/dir/a.bin", "sha256": sha256(PAYLOAD)},
+                              storage_options={"s3": {"endpoint_url": endpoint}}), tmp_path)
+        assert (tmp_path / "a.bin").read_bytes() == PAYLOAD
+    finally:
+        server.stop()

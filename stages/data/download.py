@@ -63,10 +63,11 @@ class _Fetcher:
                 if protocol in ("http", "https"):
                     timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.params.timeout_s,
                                                     sock_read=self.params.timeout_s)
-                    self.filesystems[protocol] = fsspec.filesystem(protocol, client_kwargs={"timeout": timeout},
-                                                                   skip_instance_cache=True)
+                    options = {"client_kwargs": {"timeout": timeout}, **self.params.storage_options.get(protocol, {})}
+                    self.filesystems[protocol] = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
                 else:
-                    self.filesystems[protocol] = fsspec.filesystem(protocol)
+                    options = self.params.storage_options.get(protocol, {})
+                    self.filesystems[protocol] = fsspec.filesystem(protocol, **options)
             return self.filesystems[protocol]
 
     def run(self) -> None:

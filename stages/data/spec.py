@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from pathlib import PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -112,6 +112,11 @@ class DownloadParams(Params):
     chunk_bytes: int = Field(1 << 20, ge=1024)
     timeout_s: float = Field(60.0, gt=0, description="socket read timeout")
     progress: bool = True
+    storage_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="fsspec options per protocol, e.g. {s3: {endpoint_url: ...}}; credentials belong in the "
+                    "environment, not here (params are part of the cache key and manifest)",
+    )
 
     @model_validator(mode="after")
     def _unique_paths(self):
