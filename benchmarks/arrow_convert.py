@@ -86,6 +86,13 @@ def same_output(a: Path, b: Path) -> bool:
     return True
 
 
+def _existing_images(root: Path) -> int | None:
+    try:
+        return len(json.loads((root / "karpathy" / "dataset_coco.json").read_text())["images"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=20000)
@@ -96,7 +103,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=4, help="read threads of the streaming converter")
     parser.add_argument("--gen-threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3, help="runs per converter (best time, max RSS)")
-    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary dir, removed afterwards")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="kept (and its images reused) when given; default: a temporary dir, removed afterwards")
     parser.add_argument("--child", choices=("streaming", "in_memory"), help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -112,12 +120,17 @@ def main() -> None:
     try:
         root = workdir / "coco"
         start = time.perf_counter()
-        generate_coco(root, SyntheticCocoParams(
-            num_images=args.images, image_size=args.image_size, jpeg_quality=args.jpeg_quality, noise=args.noise,
-            noisy_fraction=1.0, vary_aspect=True, threads=args.gen_threads))
+        if _existing_images(root) == args.images:  # a kept --workdir from an earlier run
+            print(f"reusing {args.images} images in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+            generate_coco(root, SyntheticCocoParams(
+                num_images=args.images, image_size=args.image_size, jpeg_quality=args.jpeg_quality,
+                noise=args.noise, noisy_fraction=1.0, vary_aspect=True, threads=args.gen_threads))
         jpeg_bytes = sum(p.stat().st_size for p in root.glob("*2014/*.jpg"))
-        print(f"generated {args.images} images, mean {jpeg_bytes / args.images / 1e3:.0f} KB "
-              f"({jpeg_bytes / 1e6:.0f} MB) in {time.perf_counter() - start:.0f} s")
+        print(f"{args.images} images, mean {jpeg_bytes / args.images / 1e3:.0f} KB "
+              f"({jpeg_bytes / 1e6:.0f} MB), ready in {time.perf_counter() - start:.0f} s; "
+              f"streaming with batch_rows={args.batch_rows}, read_threads={args.threads}")
 
         # Modes alternate and the best of --repeat runs counts: the machine may be shared.
         runs: dict[str, list[dict]] = {"streaming": [], "in_memory": []}
