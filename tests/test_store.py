@@ -60,7 +60,7 @@ def test_commit_manifest_materialize_round_trip(store, tmp_path):
     assert seen[-1] == (manifest.size, manifest.size)
 
     reread = store.manifest("k1")
-    assert reread == manifest
+    assert reread == manifest and reread.files == manifest.files  # the file list is read on first use
     assert store.has("k1") and not store.has("k2")
     assert reread.meta == {"stage": "train", "metrics": {"loss": 0.5}}
 
@@ -90,7 +90,7 @@ def test_recommit_replaces_and_old_attempt_is_garbage(store, tmp_path):
     assert store.garbage() == [f"artifacts/k/{first.attempt}"]
 
     count, freed = store.gc(keep={"k"})
-    assert (count, freed) == (1, 300)
+    assert (count, freed) == (1, 300 + len(first.files_json()))  # its files and its file list
     assert store.garbage() == []
     assert tree_bytes(store.materialize("k")) == {"a.txt": b"two", "b.txt": b"new"}
 
@@ -134,7 +134,7 @@ def test_missing_artifacts_and_bad_keys_give_clear_errors(store, tmp_path):
     assert issubclass(StoreError, VlflowError)
 
 
-def test_has_reads_only_the_manifest(tmp_path):
+def test_has_reads_only_the_small_manifest(tmp_path):
     store = ArtifactStore(f"memory://vlflow-test-{uuid.uuid4().hex[:8]}/c")
     store.commit("k", write_tree(tmp_path / "o", {f"f{i}": b"x" * 100 for i in range(50)}), {})
     calls = []
@@ -143,11 +143,16 @@ def test_has_reads_only_the_manifest(tmp_path):
         setattr(store.fs, name, lambda *a, _n=name, _o=original, **k: (calls.append((_n, a[0])), _o(*a, **k))[1])
     try:
         assert store.has("k")
-        assert store.manifest("k").key == "k"
+        manifest = store.manifest("k")
+        assert manifest.size == 5000 and manifest.file_count == 50
+        assert calls == [("cat_file", store._path("artifacts", "k", "manifest.json"))] * 2
+        assert len(store.fs.cat_file(store._path("artifacts", "k", "manifest.json"))) < 1000
+        calls.clear()
+        assert len(manifest.files) == 50 and len(manifest.files) == 50
+        assert calls == [("cat_file", store._path("artifacts", "k", f"{manifest.attempt}.files.json"))]
     finally:
         for name in ("cat_file", "open", "cat", "ls", "find"):
             delattr(store.fs, name)
-    assert calls == [("cat_file", store._path("artifacts", "k", "manifest.json"))] * 2
 
 
 def test_corrupt_manifest_is_ignored_with_a_warning(tmp_path, caplog):
@@ -155,17 +160,21 @@ def test_corrupt_manifest_is_ignored_with_a_warning(tmp_path, caplog):
     manifest = store.commit("k", write_tree(tmp_path / "o", {"a": b"abc"}), {})
     manifest_path = tmp_path / "cache" / "artifacts" / "k" / "manifest.json"
 
-    manifest_path.write_text('{"format": 1, "key": "k", "files": [')  # truncated
+    files_path = manifest_path.parent / f"{manifest.attempt}.files.json"
+    tampered = json.loads(files_path.read_text())
+    tampered["files"][0][1] = 4  # the file list no longer matches the manifest digest
+    files_path.write_text(json.dumps(tampered))
+    with pytest.raises(StoreError, match="file list does not match the manifest digest"):
+        store.manifest("k").files
+
+    manifest_path.write_text('{"format": 2, "key": "k", "files": [')  # truncated
     with caplog.at_level(logging.WARNING, logger="vlflow.store"):
         assert store.manifest("k") is None and not store.has("k")
     assert "corrupt manifest of artifact k" in caplog.text
-
-    tampered = json.loads(manifest.to_json())
-    tampered["files"][0]["size"] = 4  # the digest no longer matches the file list
-    manifest_path.write_text(json.dumps(tampered))
-    assert store.manifest("k") is None
     # Its attempt is not referenced by a valid manifest any more, so gc may reclaim it.
     assert store.garbage() == [f"artifacts/k/{manifest.attempt}"]
+    list_size = files_path.stat().st_size
+    assert store.gc(keep={"k"}) == (1, 3 + list_size)
 
 
 def test_local_commit_copies_files_reached_through_symlinks(tmp_path):
@@ -264,12 +273,17 @@ def test_upload_rejected_midway_leaves_no_manifest(moto_server, s3_env, tmp_path
         thread.join(timeout=10)
 
 
-def test_manifest_json_round_trip():
-    files = [FileEntry("b", 2, "00"), FileEntry("a", 1, "ff")]
+def test_manifest_summary_round_trip_and_digests():
+    files = [FileEntry("b", 2, "00"), FileEntry("a", 1, "ff"), FileEntry("_vlflow/stage.log", 9, "aa")]
     manifest = Manifest(key="k", attempt="a1", created=1.0, files=files, digest=files_digest(files), meta={"x": [1]})
-    assert Manifest.from_json(manifest.to_json()) == manifest
+    loaded = Manifest.from_summary(json.dumps(manifest.summary()), lambda key, attempt, digest: files)
+    assert loaded == manifest and (loaded.size, loaded.file_count, loaded.files) == (12, 3, files)
     assert files_digest(files) == files_digest(list(reversed(files)))  # order-independent
-    assert files_digest([FileEntry("a", 1, "fe"), files[0]]) != manifest.digest
+    assert files_digest([FileEntry("a", 1, "fe"), *files[1:]]) != manifest.digest
+    # data_digest ignores the runner's bookkeeping: a rerun with another log has the same data
+    rerun = [*files[:2], FileEntry("_vlflow/stage.log", 12, "bb")]
+    assert files_digest(rerun) != manifest.digest
+    assert files_digest(rerun, exclude="_vlflow") == manifest.data_digest == files_digest(files[:2])
 
 
 def test_concurrent_materialize_of_one_artifact_downloads_once(tmp_path):

@@ -13,6 +13,7 @@ writes the manifest. A commit that dies midway leaves only an unreferenced attem
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ import time
 import uuid
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -40,7 +41,9 @@ except ImportError:  # vlflow.errors not there yet: keep the store usable alone
 log = logging.getLogger("vlflow.store")
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = 1
+FILES_SUFFIX = ".files.json"  # artifacts/<key>/<attempt>.files.json: the file list of that attempt
+MANIFEST_FORMAT = 2
+META_DIR = "_vlflow"  # runner bookkeeping inside an artifact (logs, metrics): left out of `data_digest`
 COMPLETE_MARKER = ".complete"
 CHUNK = 4 * 1024 * 1024
 REMOTE_WORKERS = 8  # concurrent uploads to object stores (I/O bound, so threads are fine)
@@ -61,42 +64,78 @@ class FileEntry:
     sha256: str
 
 
-@dataclass
 class Manifest:
-    key: str
-    attempt: str
-    created: float
-    files: list[FileEntry]
-    digest: str  # sha256 over the sorted (path, size, sha256) triples: identifies the content
-    meta: dict = field(default_factory=dict)  # runner-provided: stage, uses, params, metrics, duration, ...
+    """A committed artifact.
+
+    `manifest.json` holds this summary only; the file list lives beside it in `<attempt>.files.json` and is read on
+    first use of `files`, so checking whether a stage is cached costs one small read even for 20k-file artifacts.
+    """
+
+    def __init__(self, key: str, attempt: str, created: float,
+                 files: list[FileEntry] | Callable[[], list[FileEntry]], digest: str, meta: dict | None = None,
+                 *, size: int | None = None, file_count: int | None = None, data_digest: str | None = None) -> None:
+        self.key = key
+        self.attempt = attempt
+        self.created = created
+        self.digest = digest  # sha256 over the sorted (path, size, sha256) triples: identifies the content
+        self.meta = meta if meta is not None else {}  # runner-provided: stage, uses, params, metrics, duration, ...
+        self._files, self._load_files = (None, files) if callable(files) else (list(files), None)
+        self._size = size if size is not None else sum(entry.size for entry in self._files)
+        self.file_count = file_count if file_count is not None else len(self._files)
+        # Like `digest`, but without the runner's bookkeeping under `_vlflow/` (logs, metrics), which differ between
+        # two runs that produce the same data.
+        self.data_digest = data_digest if data_digest is not None else files_digest(self.files, exclude=META_DIR)
+
+    @property
+    def files(self) -> list[FileEntry]:
+        if self._files is None:
+            self._files = self._load_files()
+        return self._files
 
     @property
     def size(self) -> int:
-        return sum(entry.size for entry in self.files)
+        """Total bytes of the artifact's files."""
+        return self._size
 
-    def to_json(self) -> str:
-        data = {"format": MANIFEST_FORMAT, **asdict(self)}
-        return json.dumps(data, indent=1, default=_json_default)
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Manifest):
+            return NotImplemented
+        return self.summary() == other.summary()
+
+    def __repr__(self) -> str:
+        return (f"Manifest(key={self.key!r}, attempt={self.attempt!r}, files={self.file_count}, size={self.size}, "
+                f"digest={self.digest[:12]!r})")
+
+    def summary(self) -> dict:
+        return {"format": MANIFEST_FORMAT, "key": self.key, "attempt": self.attempt, "created": self.created,
+                "digest": self.digest, "data_digest": self.data_digest, "size": self.size,
+                "file_count": self.file_count, "meta": self.meta}
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "Manifest":
-        """Parse and check a manifest; raises ValueError when it is malformed or its digest does not match."""
+    def from_summary(cls, text: str | bytes, load_files: Callable[[str, str, str], list[FileEntry]]) -> "Manifest":
+        """Parse `manifest.json`; `load_files(key, attempt, digest)` reads the file list when it is first needed.
+
+        Raises ValueError (or KeyError/TypeError) when the summary is malformed."""
         data = json.loads(text)
         if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"unknown manifest format {data.get('format') if isinstance(data, dict) else None!r}")
-        files = [FileEntry(path=str(f["path"]), size=int(f["size"]), sha256=str(f["sha256"])) for f in data["files"]]
-        manifest = cls(key=str(data["key"]), attempt=str(data["attempt"]), created=float(data["created"]),
-                       files=files, digest=str(data["digest"]), meta=dict(data.get("meta") or {}))
-        if manifest.digest != files_digest(files):
-            raise ValueError("digest does not match the file list")
-        return manifest
+        key, attempt, digest = str(data["key"]), str(data["attempt"]), str(data["digest"])
+        return cls(key=key, attempt=attempt, created=float(data["created"]),
+                   files=functools.partial(load_files, key, attempt, digest), digest=digest,
+                   meta=dict(data.get("meta") or {}), size=int(data["size"]), file_count=int(data["file_count"]),
+                   data_digest=str(data["data_digest"]))
+
+    def files_json(self) -> str:
+        return json.dumps({"format": MANIFEST_FORMAT, "digest": self.digest,
+                           "files": [[e.path, e.size, e.sha256] for e in self.files]}, separators=(",", ":"))
 
 
-def files_digest(files: list[FileEntry]) -> str:
-    h = hashlib.sha256()
-    for entry in sorted(files, key=lambda e: e.path):
-        h.update(f"{entry.path}\0{entry.size}\0{entry.sha256}\n".encode())
-    return h.hexdigest()
+def files_digest(files: list[FileEntry], exclude: str | None = None) -> str:
+    """sha256 over the sorted (path, size, sha256) triples, leaving out the top-level dir `exclude`."""
+    skip = None if exclude is None else exclude.rstrip("/") + "/"
+    lines = (f"{e.path}\0{e.size}\0{e.sha256}\n" for e in sorted(files, key=lambda e: e.path)
+             if skip is None or not e.path.startswith(skip))
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def _json_default(obj):
@@ -206,7 +245,7 @@ class ArtifactStore:
 
     def _parse_manifest(self, key: str, data: bytes) -> Manifest | None:
         try:
-            manifest = Manifest.from_json(data)
+            manifest = Manifest.from_summary(data, self._load_files)
             if manifest.key != key:
                 raise ValueError(f"it names key {manifest.key}")
         except (ValueError, KeyError, TypeError) as exc:
@@ -214,6 +253,20 @@ class ArtifactStore:
                         key, self.url, exc)
             return None
         return manifest
+
+    def _load_files(self, key: str, attempt: str, digest: str) -> list[FileEntry]:
+        path = f"{self._key_dir(key)}/{attempt}{FILES_SUFFIX}"
+        with self._errors(f"read the file list of artifact {key}"):
+            data = self.fs.cat_file(path)
+        try:
+            files = [FileEntry(str(p), int(size), str(sha)) for p, size, sha in json.loads(data)["files"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"artifact {key} in {self.url} has a corrupt file list ({exc}); remove it with "
+                             f"`vlflow gc` or rerun its stage with --force") from None
+        if files_digest(files) != digest:
+            raise StoreError(f"artifact {key} in {self.url}: its file list does not match the manifest digest; "
+                             f"remove it with `vlflow gc` or rerun its stage with --force")
+        return files
 
     def has(self, key: str) -> bool:
         return self.manifest(key) is not None
@@ -232,11 +285,15 @@ class ArtifactStore:
         if "r" not in mode or any(c in mode for c in "wax+"):
             raise StoreError(f"artifacts are read-only: cannot open {key}/{relpath} with mode {mode!r}")
         manifest = self._require(key)
-        relpath = relpath.strip("/")
-        if relpath not in {entry.path for entry in manifest.files}:
-            raise StoreError(f"artifact {key} in {self.url} has no file {relpath!r}")
+        parts = relpath.strip("/").split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            raise StoreError(f"invalid file name {relpath!r} in artifact {key}: use a plain relative path")
+        relpath = "/".join(parts)
         with self._errors(f"open {key}/{relpath}"):
-            return self.fs.open(f"{self._attempt_dir(manifest)}/{relpath}", mode)
+            try:
+                return self.fs.open(f"{self._attempt_dir(manifest)}/{relpath}", mode)
+            except FileNotFoundError:
+                raise StoreError(f"artifact {key} in {self.url} has no file {relpath!r}") from None
 
     def list(self) -> list[Manifest]:
         """All committed artifacts, oldest first."""
@@ -404,7 +461,8 @@ class ArtifactStore:
             return [future.result() for future in futures]
 
     def _write_manifest(self, key_dir: str, manifest: Manifest) -> None:
-        data = manifest.to_json().encode()
+        self.fs.pipe_file(f"{key_dir}/{manifest.attempt}{FILES_SUFFIX}", manifest.files_json().encode())
+        data = json.dumps(manifest.summary(), indent=1, default=_json_default).encode()
         path = f"{key_dir}/{MANIFEST_NAME}"
         if self.is_local:
             tmp = f"{key_dir}/.manifest-{manifest.attempt}.tmp"
@@ -469,10 +527,11 @@ class ArtifactStore:
         return freed
 
     def garbage(self, min_age: float = 0.0) -> list[str]:
-        """Store-relative paths of attempt dirs (and temp manifests) that no manifest references.
+        """Store-relative paths (`artifacts/<key>/<attempt>`) of attempts that no manifest references.
 
-        These are leftovers of failed, killed or replaced commits. A commit in progress looks the same, so when other
-        processes may be committing, pass `min_age` (seconds since the newest file in the dir was written).
+        These are leftovers of failed, killed or replaced commits (an attempt dir and/or its file list; also temp
+        manifests). A commit in progress looks the same, so when other processes may be committing, pass `min_age`
+        (seconds since the newest file of the attempt was written).
         """
         found = []
         now = time.time()
@@ -480,11 +539,15 @@ class ArtifactStore:
             for key_dir in self._key_dirs():
                 key = key_dir.rsplit("/", 1)[-1]
                 manifest = self.manifest(key)
+                attempts: dict[str, list[dict]] = {}  # attempt name -> its dir and/or its file list
                 for entry in self._ls(key_dir):
                     name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-                    if name == MANIFEST_NAME or (manifest is not None and name == manifest.attempt):
-                        continue
-                    if min_age > 0 and now - self._newest_mtime(entry) < min_age:
+                    attempts.setdefault(name.removesuffix(FILES_SUFFIX), []).append(entry)
+                attempts.pop(MANIFEST_NAME, None)
+                if manifest is not None:
+                    attempts.pop(manifest.attempt, None)
+                for name, entries in sorted(attempts.items()):
+                    if min_age > 0 and now - max(self._newest_mtime(e) for e in entries) < min_age:
                         continue
                     found.append(f"artifacts/{key}/{name}")
         return found
@@ -507,14 +570,16 @@ class ArtifactStore:
                 freed += self.remove(manifest.key)
                 count += 1
         for relpath in self.garbage(min_age=min_age):
-            path = self._path(*relpath.split("/"))
+            attempt_path = self._path(*relpath.split("/"))
             with self._errors(f"remove {relpath}"):
-                freed += self._du(path)
-                self.fs.rm(path, recursive=True)
+                for path in (attempt_path, attempt_path + FILES_SUFFIX):
+                    if self.fs.exists(path):
+                        freed += self._du(path)
+                        self.fs.rm(path, recursive=True)
                 count += 1
                 if self.is_local:  # drop the key dir when its only (uncommitted) attempt is gone
                     try:
-                        os.rmdir(os.path.dirname(path))
+                        os.rmdir(os.path.dirname(attempt_path))
                     except OSError:
                         pass
         return count, freed
