@@ -89,8 +89,9 @@ def test_multi_node_without_port_or_with_bad_node_rank_is_a_clear_error(tmp_path
 def test_mpirun_command_shape(tmp_path):
     launch = LaunchSpec(launcher="mpirun", nproc_per_node=4, nnodes=2, master_addr="node0", master_port=29500,
                         extra_args=["--hostfile", "hosts"])
-    command = build_command(launch, tmp_path / "p.json", python="py")
+    command = build_command(launch, tmp_path / "p.json", python="py", forward_env=["NCCL_DEBUG"])
     assert command[:5] == ["mpirun", "-np", "8", "--npernode", "4"]
+    assert command[command.index("NCCL_DEBUG") - 1] == "-x"
     assert command[command.index("OMP_NUM_THREADS") - 1] == "-x"  # forwarded to every rank
     assert command[command.index("--hostfile") + 1] == "hosts"
     assert command[command.index("py"):] == ["py", "-m", "vlflow.launch.worker", "--launcher", "openmpi",

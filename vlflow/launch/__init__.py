@@ -34,7 +34,7 @@ def run_distributed(spec: StageSpec, payload_path: Path, launch: LaunchSpec | No
     """
     launch = launch or LaunchSpec()
     payload_path = Path(payload_path)
-    command = build_command(launch, payload_path)
+    command = build_command(launch, payload_path, forward_env=sorted(env or {}))
     result_file = result_path(payload_path)
     result_file.unlink(missing_ok=True)  # never report a previous attempt's metrics
     process_env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from vlflow.errors import LaunchError
@@ -41,8 +42,13 @@ def _check(launch: LaunchSpec) -> None:
                           field="launch.node_rank")
 
 
-def build_command(launch: LaunchSpec, payload_path: Path, python: str = sys.executable) -> list[str]:
-    """The command that starts all ranks of this node (torchrun) or of the whole job (mpirun, srun)."""
+def build_command(launch: LaunchSpec, payload_path: Path, python: str = sys.executable,
+                  forward_env: Iterable[str] = ()) -> list[str]:
+    """The command that starts all ranks of this node (torchrun) or of the whole job (mpirun, srun).
+
+    `forward_env`: names of further environment variables mpirun must export to the ranks (torchrun and srun pass
+    the whole environment on).
+    """
     _check(launch)
     port = str(resolve_port(launch))
     payload = str(payload_path)
@@ -56,7 +62,8 @@ def build_command(launch: LaunchSpec, payload_path: Path, python: str = sys.exec
                 "-m", WORKER_MODULE, payload]
     worker_address = ["--master-addr", launch.master_addr, "--master-port", port]
     if launch.launcher == "mpirun":
-        exported = [arg for name in MPI_EXPORTED_ENV for arg in ("-x", name)]
+        names = dict.fromkeys([*MPI_EXPORTED_ENV, *forward_env])  # ordered, without duplicates
+        exported = [arg for name in names for arg in ("-x", name)]
         return ["mpirun", "-np", str(launch.nproc_per_node * launch.nnodes), "--npernode", str(launch.nproc_per_node),
                 *exported, *launch.extra_args,
                 python, "-m", WORKER_MODULE, "--launcher", "openmpi", *worker_address, payload]
