@@ -256,8 +256,8 @@ def test_upload_rejected_midway_leaves_no_manifest(moto_server, s3_env, tmp_path
     thread.start()
     try:
         bucket = create_bucket(moto_server)
-        store = ArtifactStore(f"s3://{bucket}/cache",
-                              storage_options={"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{server.server_port}"}})
+        rejecting = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{server.server_port}"}}
+        store = ArtifactStore(f"s3://{bucket}/cache", storage_options=rejecting)
         files = {f"f{i:03d}.bin": b"x" * 1000 for i in range(40)}
         files["f020_poison.bin"] = b"bad"
         with pytest.raises(StoreError, match=r"cannot commit artifact k1 in the artifact store s3://"):
@@ -322,4 +322,5 @@ def test_local_commit_from_another_filesystem_copies(tmp_path):
         manifest = store.commit("k", out, {})
         assert tree_bytes(out) == FILES  # copied, the source is left alone
         assert tree_bytes(store.materialize("k")) == FILES
-        assert {f.path: f.sha256 for f in manifest.files} == {p: hashlib.sha256(d).hexdigest() for p, d in FILES.items()}
+        assert {f.path: f.sha256 for f in manifest.files} == {p: hashlib.sha256(d).hexdigest()
+                                                              for p, d in FILES.items()}

@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from vlflow.store import ArtifactStore
 
 # Commits argv[3] as key argv[2] to argv[1]; pauses for the parent's SIGKILL once half the bytes are stored.

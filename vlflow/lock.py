@@ -87,7 +87,9 @@ class CacheLock:
             return "another vlflow process"
         command = record.get("command") or "vlflow run"
         started = _clock(record["started"]) if isinstance(record.get("started"), (int, float)) else "?"
-        where = f"pid {record['pid']}" + ("" if record.get("host") == socket.gethostname() else f" on {record.get('host')}")
+        where = f"pid {record['pid']}"
+        if record.get("host") != socket.gethostname():
+            where += f" on {record.get('host')}"
         return f"{command} ({where}, started {started})"
 
     def _try_lock(self, fd: int) -> bool:
