@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gc", help="remove artifacts not reachable from the given workflows")
     p.add_argument("workflows", type=Path, nargs="+")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--min-age", type=float, default=3600.0,
+                   help="only remove unreferenced attempt dirs older than this many seconds (a commit in progress "
+                        "looks the same; default 3600)")
     _add_cache_args(p)
     return parser
 
@@ -325,13 +328,13 @@ def cmd_gc(args) -> int:
         workflow = load_workflow(path, launch_defaults=config.launch)
         keep |= {p.key for p in Runner(workflow, store, config.state_dir).plan() if p.action == "cached"}
     doomed = [m for m in store.list() if m.key not in keep]
-    garbage = store.garbage()
+    garbage = store.garbage(min_age=args.min_age)
     if args.dry_run:
         for m in doomed:
             print(f"would remove {m.key[:12]} {m.meta.get('workflow', '')}/{m.meta.get('stage', '')} {_size(m.size)}")
         print(f"would remove {len(doomed)} artifacts and {len(garbage)} unreferenced attempt dirs; keeping {len(keep)}")
         return 0
-    count, freed = store.gc(keep)
+    count, freed = store.gc(keep, min_age=args.min_age)
     print(f"removed {count} artifacts/attempts, freed {_size(freed)}; kept {len(keep)}")
     return 0
 

@@ -24,11 +24,10 @@ import networkx as nx
 from vlflow.errors import StageError, VlflowError
 from vlflow.procs import die_with_parent
 from vlflow.stage import StageSpec, get_spec
-from vlflow.store import ArtifactStore, Manifest
+from vlflow.store import META_DIR, ArtifactStore, Manifest  # META_DIR: stage.log, metrics.json of a run
 from vlflow.workflow import StageDecl, Workflow
 
 STAGE_REF = "${stages.%s.output}"
-META_DIR = "_vlflow"  # the runner's per-run files inside each artifact: stage.log, metrics.json
 # Launch fields that change what a stage computes (and so its cache key); where it runs (nodes, addresses) does not.
 RESULT_LAUNCH_FIELDS = ("plugin", "precision", "tp_size", "pp_size", "zero_stage")
 
@@ -82,9 +81,8 @@ class StagePlan:
 
 def content_digest(manifest: Manifest) -> str:
     """Digest of an artifact's data files, leaving out the run's own log and metrics (`_vlflow/`), so a rerun that
-    produces the same data does not invalidate everything downstream. Computed from the manifest: no data is read."""
-    entries = sorted((f.path, f.size, f.sha256) for f in manifest.files if not f.path.startswith(META_DIR + "/"))
-    return _digest(entries)
+    produces the same data does not invalidate everything downstream. Kept in the small manifest: nothing is read."""
+    return manifest.data_digest
 
 
 def _digest(obj) -> str:
