@@ -248,3 +248,38 @@ def test_low_level_zero_on_cpu_is_a_clear_launch_error(tmp_path):
     first_line = str(raised.value).splitlines()[0]
     assert "launch.plugin: plugin low_level_zero needs CUDA GPUs" in first_line
     assert "Traceback" not in (tmp_path / "log.txt").read_text().split("error:")[0]  # no crash before the check
+
+
+@pytest.mark.parametrize("launcher, ranks", [("openmpi", 2), ("slurm", 1)])
+def test_worker_joins_through_the_mpi_and_slurm_environment(tmp_path, launcher, ranks):
+    """The worker's launch_from_openmpi / launch_from_slurm paths, with the variables mpirun / srun would set."""
+    port = free_port()
+    payload = make_payload(tmp_path, LaunchSpec(nproc_per_node=ranks, backend="gloo"),
+                           {"steps": 2, "checkpoint_every": 1})
+    processes = []
+    for rank in range(ranks):
+        rank_env = ({"OMPI_COMM_WORLD_RANK": rank, "OMPI_COMM_WORLD_LOCAL_RANK": rank, "OMPI_COMM_WORLD_SIZE": ranks}
+                    if launcher == "openmpi" else {"SLURM_PROCID": rank, "SLURM_LOCALID": rank, "SLURM_NPROCS": ranks})
+        env = dict(os.environ, **LAUNCH_ENV, **{name: str(value) for name, value in rank_env.items()})
+        for torchrun_variable in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(torchrun_variable, None)
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "vlflow.launch.worker", "--launcher", launcher, "--master-addr", "127.0.0.1",
+             "--master-port", str(port), str(payload)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=WAIT_SECONDS)[0])
+    finally:
+        for process in processes:
+            process.kill()
+    assert [process.returncode for process in processes] == [0] * ranks, "\n".join(outputs)[-3000:]
+    result = json.loads(Path(f"{payload}.result.json").read_text())
+    assert result["world_size"] == ranks and result["steps"] == 2
+
+
+def test_launch_module_does_not_import_torch():
+    code = "import sys, vlflow.launch; print(sorted({'torch', 'colossalai'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stderr
