@@ -234,7 +234,7 @@ def test_failing_stage_raises_launch_error_with_log_tail(tmp_path):
         run_distributed(get_spec("testing.write"), payload, launch, tmp_path / "log.txt", env=LAUNCH_ENV)
     message = str(raised.value)
     first_line = message.splitlines()[0]
-    assert "testing.write failed (exit code" in first_line and "failing on purpose" in first_line
+    assert "stage train (testing.write) failed (exit code" in first_line and "failing on purpose" in first_line
     assert f"lines of {tmp_path / 'log.txt'} ---" in message
     assert "error: " in message.split("---", 1)[1]  # the tail itself, with the worker's error line
     assert not (tmp_path / "payload.json.result.json").exists()
@@ -242,12 +242,14 @@ def test_failing_stage_raises_launch_error_with_log_tail(tmp_path):
 
 def test_low_level_zero_on_cpu_is_a_clear_launch_error(tmp_path):
     launch = LaunchSpec(nproc_per_node=1, plugin="low_level_zero", backend="gloo")
-    payload = make_payload(tmp_path, launch, TRAIN)
+    # The payload says torch_ddp: the launch given to run_distributed is the one the workers must use.
+    payload = make_payload(tmp_path, LaunchSpec(nproc_per_node=1, backend="gloo"), TRAIN)
     with pytest.raises(LaunchError) as raised:
         run_distributed(get_spec("testing.train"), payload, launch, tmp_path / "log.txt", env=LAUNCH_ENV)
     first_line = str(raised.value).splitlines()[0]
     assert "launch.plugin: plugin low_level_zero needs CUDA GPUs" in first_line
     assert "Traceback" not in (tmp_path / "log.txt").read_text().split("error:")[0]  # no crash before the check
+    assert json.loads(payload.read_text())["launch"]["plugin"] == "low_level_zero"
 
 
 @pytest.mark.parametrize("launcher, ranks", [("openmpi", 2), ("slurm", 1)])

@@ -29,11 +29,18 @@ def run_distributed(spec: StageSpec, payload_path: Path, launch: LaunchSpec | No
                     env: dict | None = None, on_line: Callable[[str], None] | None = None) -> dict | None:
     """Launch all ranks of `spec` on this node, stream their output into `log_path`, return rank 0's metrics.
 
+    `launch` (None: the payload's `launch`, else defaults) is also written into the payload for the workers.
     Raises LaunchError with the end of the log when any rank fails. On KeyboardInterrupt the whole process group
     (launcher and every rank) is stopped before the interrupt propagates.
     """
-    launch = launch or LaunchSpec()
     payload_path = Path(payload_path)
+    payload = json.loads(payload_path.read_text())
+    if launch is None:
+        launch = LaunchSpec(**(payload.get("launch") or {}))
+    elif payload.get("launch") != launch.model_dump():
+        # The worker builds the Booster from the payload: make it describe the launch actually used.
+        payload["launch"] = launch.model_dump()
+        payload_path.write_text(json.dumps(payload, indent=1))
     command = build_command(launch, payload_path, forward_env=sorted(env or {}))
     result_file = result_path(payload_path)
     result_file.unlink(missing_ok=True)  # never report a previous attempt's metrics
@@ -69,7 +76,8 @@ def run_distributed(spec: StageSpec, payload_path: Path, launch: LaunchSpec | No
             process.stdout.close()
 
     if returncode != 0:
-        raise LaunchError(_failure_message(spec, returncode, first_user_error, list(tail), log_path))
+        raise LaunchError(_failure_message(f"{payload.get('stage', spec.name)} ({spec.name})", returncode,
+                                           first_user_error, list(tail), log_path))
     if not result_file.exists():
         return None
     return json.loads(result_file.read_text())
@@ -89,13 +97,12 @@ def _stop_group(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def _failure_message(spec: StageSpec, returncode: int, user_error: str | None, tail: list[str],
-                     log_path: Path) -> str:
+def _failure_message(stage: str, returncode: int, user_error: str | None, tail: list[str], log_path: Path) -> str:
     if returncode < 0:
         reason = f"killed by signal {signal.Signals(-returncode).name}"
     else:
         reason = f"exit code {returncode}"
     headline = f": {user_error}" if user_error else ""
-    return (f"distributed stage {spec.name} failed ({reason}){headline}\n"
+    return (f"distributed stage {stage} failed ({reason}){headline}\n"
             f"--- last {len(tail)} lines of {log_path} ---\n" + "\n".join(tail))
 
