@@ -1,0 +1,39 @@
+"""End to end: `vlflow run workflows/tiny_vilt.yaml` (synthetic COCO -> arrows -> tokenizer -> ViLT pretrain ->
+retrieval finetune, both on 2 gloo ranks through the launcher -> evaluation) must finish within 10 minutes on 2 CPU
+cores and retrieve far better than chance on the test split."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TIME_LIMIT_S = 600
+
+
+@pytest.mark.slow
+def test_tiny_vilt_workflow_retrieves_above_chance(tmp_path):
+    cache, state = tmp_path / "cache", tmp_path / "state"
+    vlflow = Path(sys.executable).with_name("vlflow")
+    started = time.monotonic()
+    result = subprocess.run(
+        [str(vlflow), "run", str(ROOT / "workflows" / "tiny_vilt.yaml"), "--cache", str(cache), "--state-dir",
+         str(state)],
+        cwd=ROOT, capture_output=True, text=True, timeout=TIME_LIMIT_S + 60, env=dict(os.environ),
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert elapsed < TIME_LIMIT_S, f"tiny workflow took {elapsed:.0f}s"
+
+    found = [json.loads(p.read_text()) for p in cache.rglob("metrics.json")]
+    metrics = [m for m in found if isinstance(m.get("all"), dict) and "chance_r1" in m["all"]]
+    assert len(metrics) == 1, found
+    test = metrics[0]["all"]
+    assert metrics[0]["head"] == "rank"  # scored by the fine-tuned model
+    # R@1 at least 5x chance (chance = 1 / number of candidate images) in both directions
+    assert test["ir_r1"] >= 5 * test["chance_r1"], test
+    assert test["tr_r1"] >= 5 * test["chance_r1"], test
+    assert test["ir_r1"] <= test["ir_r5"] <= test["ir_r10"] <= 1
