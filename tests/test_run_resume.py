@@ -116,3 +116,39 @@ def test_s3_cache_on_moto(tmp_path, s3_cache_url, moto_server):
     assert "out.txt" in shown.stdout
     logs = "".join(p.read_text() for p in (project / "state").rglob("*.log"))
     assert SECRET not in first.stdout + first.stderr + again.stdout + shown.stdout + logs
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(proc.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_stopping_only_the_vlflow_process_stops_every_stage_process(tmp_path, signum):
+    """kill -9 / kill (not of the group) of `vlflow run`: torchrun and both ranks go with it, nothing is committed
+    for the stage, and the cache lock is free for the next run."""
+    project = _project(tmp_path, TRAIN)
+    proc = subprocess.Popen([VLFLOW, "run", "wf.yaml"], cwd=project, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    staging = str(project / "state" / "staging")
+    try:
+        _wait_for(lambda: len(_checkpoints(project)) >= 1, 120, "a checkpoint")
+        assert len(_processes_mentioning(staging)) >= 3  # torchrun agent + 2 ranks
+        proc.send_signal(signum)
+        proc.wait(timeout=30)
+        _wait_for(lambda: not _processes_mentioning(staging), 20, "stage processes to exit")
+    finally:
+        for pid in _processes_mentioning(staging):
+            os.kill(pid, signal.SIGKILL)
+    if signum == signal.SIGTERM:
+        assert proc.returncode == 130 and "nothing partial was committed" in proc.stderr.read()
+    stages = [json.loads(p.read_text())["meta"]["stage"] for p in (project / "cache").rglob("manifest.json")]
+    assert stages == ["data"]

@@ -343,15 +343,35 @@ COMMANDS = {"run": cmd_run, "plan": cmd_plan, "validate": cmd_validate, "graph":
             "ls": cmd_ls, "show": cmd_show, "gc": cmd_gc}
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a scheduler, `kill`) stops a run like Ctrl-C: stages are stopped, nothing partial is committed."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        _interrupt_on_sigterm()
     try:
         return COMMANDS[args.command](args)
     except VlflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: nothing partial was committed; rerun to resume", file=sys.stderr)
+        print("interrupted: nothing partial was committed; rerun to resume", file=sys.stderr, flush=True)
+        if args.command == "run":
+            import os
+
+            # exit without joining stage threads: their child processes are killed with us (die_with_parent)
+            sys.stdout.flush()
+            os._exit(130)
         return 130
 
 

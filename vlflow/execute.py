@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 
 from vlflow.errors import VlflowError
+from vlflow.procs import die_with_parent
 from vlflow.stage import LaunchSpec, StageContext, get_spec
 
 
@@ -43,6 +44,7 @@ def write_result(payload_path: Path, metrics: dict | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    die_with_parent()
     payload_path = Path(argv[0])
     payload = json.loads(payload_path.read_text())
     logging.basicConfig(level=payload.get("log_level", "INFO"), format="%(asctime)s %(name)s: %(message)s",

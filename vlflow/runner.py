@@ -244,7 +244,8 @@ class Runner:
         pending = list(selected)
         running: dict[Future, StagePlan] = {}
         failure: BaseException | None = None
-        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+        pool = ThreadPoolExecutor(max_workers=self.jobs)
+        try:
             while True:
                 for name in list(pending) if failure is None else []:
                     if len(running) >= self.jobs:
@@ -279,6 +280,11 @@ class Runner:
                     artifacts[plan.name] = plan.manifest
                     done[plan.name] = plan
                     self.on_event(plan.name, "done", f"{plan.manifest.meta.get('duration', 0):.1f}s")
+        except BaseException:
+            # Ctrl-C / SIGTERM: do not wait for running stages; the CLI exits and they die with the process
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         if failure is not None:
             raise failure
         return [done[n] for n in selected]

@@ -13,6 +13,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable
 
+from vlflow.procs import die_with_parent
 from vlflow.errors import LaunchError
 from vlflow.execute import result_path
 from vlflow.launch.command import build_command, free_port
@@ -54,7 +55,7 @@ def run_distributed(spec: StageSpec, payload_path: Path, launch: LaunchSpec | No
         log.flush()
         try:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                       env=process_env, start_new_session=True)
+                                       env=process_env, start_new_session=True, preexec_fn=die_with_parent)
         except FileNotFoundError:
             raise LaunchError(f"launcher {command[0]!r} not found on PATH (launch.launcher = {launch.launcher})",
                               field="launch.launcher") from None

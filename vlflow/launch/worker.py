@@ -22,6 +22,7 @@ from colossalai.accelerator import get_accelerator, set_accelerator
 from vlflow.errors import LaunchError, VlflowError
 from vlflow.execute import context_from_payload, write_result
 from vlflow.launch.booster import make_booster
+from vlflow.procs import die_with_parent
 from vlflow.stage import LaunchSpec, get_spec
 
 DEFAULT_SEED = 1024  # colossalai's own default, used when the stage has no `seed` param
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace, payload: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()  # a rank never outlives its launcher agent (torchrun, orted, slurmstepd)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     payload = json.loads(args.payload.read_text())
     rank = os.environ.get("RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("SLURM_PROCID") or "0"
