@@ -255,3 +255,16 @@ def test_s3_download_through_moto(tmp_path, monkeypatch):
         assert (tmp_path / "a.bin").read_bytes() == PAYLOAD
     finally:
         server.stop()
+
+
+def test_partial_file_in_work_dir_resumes_on_the_next_run(server, tmp_path):
+    """A run that gives up (retries exhausted) keeps its .part in the stage's work dir; the next run resumes it."""
+    work = tmp_path / "work"
+    first_out, second_out = tmp_path / "out1", tmp_path / "out2"
+    with pytest.raises(DataError, match="download failed after 1 attempts"):
+        download_files(params({"url": f"{server}/drop/a.bin", "sha256": sha256(PAYLOAD)}, retries=0), first_out, work)
+    kept = work / "a.bin.part"
+    assert kept.stat().st_size == len(PAYLOAD) // 3
+    download_files(params({"url": f"{server}/drop/a.bin", "sha256": sha256(PAYLOAD)}, retries=0), second_out, work)
+    assert (second_out / "a.bin").read_bytes() == PAYLOAD
+    assert Handler.requests[-1][1:] == (f"bytes={len(PAYLOAD) // 3}-", 206)

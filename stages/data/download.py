@@ -157,10 +157,13 @@ def _verify(spec, path: Path) -> None:
             raise DataError(f"{spec.url}: {name} mismatch: expected {expected}, got {actual}; the file was discarded")
 
 
-def download_files(params, out_dir: Path) -> dict:
-    """Download every `params.files` entry into out_dir; raises DataError listing every failed file."""
+def download_files(params, out_dir: Path, staging: Path | None = None) -> dict:
+    """Download every `params.files` entry into out_dir; raises DataError listing every failed file.
+
+    Partial files live in `staging` (default `<out_dir>/.staging`); the stage passes its persistent work dir so a
+    killed or failed run resumes its .part files on the next `vlflow run`."""
     out_dir = Path(out_dir)
-    staging = out_dir / STAGING
+    staging = Path(staging) if staging is not None else out_dir / STAGING
     staging.mkdir(parents=True, exist_ok=True)
     filesystems: dict = {}
     lock = threading.Lock()
@@ -203,4 +206,5 @@ def download_files(params, out_dir: Path) -> dict:
 
 
 def download_stage(ctx) -> dict:
-    return download_files(ctx.params, ctx.output_dir)
+    staging = ctx.work_dir / "partial" if ctx.work_dir is not None else None
+    return download_files(ctx.params, ctx.output_dir, staging)

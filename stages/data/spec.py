@@ -159,6 +159,7 @@ STAGES = [
         name="download",
         entry="vlflow.stages.data.download:download_stage",
         params=DownloadParams,
+        resumable=True,  # .part files survive a failed or killed run in the work dir
         description="Downloads files (fsspec) with checksums, HTTP Range resume and safe archive extraction.",
     ),
     StageSpec(
