@@ -249,3 +249,28 @@ def test_cider_d_hand_computed():
     # penalty exp(-1/72)
     expected = (0.5 + 1 / math.sqrt(2)) / 4 * 10 * math.exp(-1 / 72)
     assert metrics.cider_d(["a cat cat", "a dog"], refs) == pytest.approx((expected + 5.0) / 2)
+
+
+def test_grounding_decodes_one_box_per_phrase_from_bins(tokenizer):
+    from vlflow.stages.unitab.evaluate import caption_text, ground_phrases
+
+    torch.manual_seed(0)
+    model = UniTAB(tiny_config(tokenizer)).eval()
+    captions = [("a red circle next to a blue square",
+                 [{"text": "a red circle", "start": 0, "end": 12, "boxes": [[0, 0, .5, .5]]},
+                  {"text": "a blue square", "start": 21, "end": 34, "boxes": [[.5, .5, 1, 1]]}]),
+                ("two green triangles", [{"text": "two green triangles", "start": 0, "end": 19,
+                                          "boxes": [[.1, .1, .3, .3]]}])]
+    parsed = [phrase_token_spans(tokenizer, c, p) for c, p in captions]
+    memory, padding = model.encode(torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool),
+                                   torch.tensor([[0, 2], [0, 2]]), torch.ones(2, 2, dtype=torch.long))
+    boxes = ground_phrases(model, memory, padding, [ids for ids, _ in parsed], [s for _, s in parsed])
+    assert [len(b) for b in boxes] == [2, 1]
+    grid = {i / 19 for i in range(20)}  # decoded values are bin lower edges
+    assert all(min(abs(v - g) for g in grid) < 1e-9 for row in boxes for box in row for v in box)
+    # captions: box/obj tokens are dropped and decoding stops at </s>
+    layout = model.layout
+    ids = tokenizer("a red circle", add_special_tokens=False)["input_ids"]
+    tokens = [tokenizer.bos_token_id, layout.obj_start, *ids, *layout.box_to_tokens([0, 0, 1, 1]), layout.obj_end,
+              tokenizer.eos_token_id, ids[0]]
+    assert caption_text(tokens, tokenizer, layout.text_vocab) == "a red circle"

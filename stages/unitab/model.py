@@ -98,6 +98,15 @@ def sine_position_encoding(mask: torch.Tensor, d_model: int, temperature: float 
     return torch.cat((pos_y, pos_x), dim=3)
 
 
+def bin_embedding_init(num_bins: int, d_model: int) -> torch.Tensor:
+    """Sine/cosine code of each bin's value (frequencies pi..pi*num_bins), scaled to the embedding init std."""
+    values = torch.linspace(0, 1, num_bins)[:, None]
+    frequencies = math.pi * num_bins ** (torch.arange(d_model // 2) / max(1, d_model // 2 - 1))
+    code = torch.cat([(values * frequencies).sin(), (values * frequencies).cos()], dim=1)
+    code = F.pad(code, (0, d_model - code.shape[1]))
+    return code * (2 ** 0.5) * d_model ** -0.5
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The model
 
@@ -158,6 +167,8 @@ class UniTAB(nn.Module):
         self.output.weight = self.token_embed.weight  # tied, as in UniTAB
         nn.init.normal_(self.token_embed.weight, std=d ** -0.5)
         nn.init.normal_(self.decoder_pos.weight, std=0.02)
+        with torch.no_grad():  # neighbouring bins start out similar, which speeds up learning coordinates
+            self.token_embed.weight[self.layout.first_bin:] = bin_embedding_init(self.layout.num_bins, d)
 
     # -- encoder -------------------------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, image_mask: torch.Tensor, text_ids: torch.Tensor,
