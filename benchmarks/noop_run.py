@@ -33,24 +33,36 @@ def write_vlflow_project(root: Path, files_per_stage: int) -> None:
     (root / "wf.yaml").write_text("name: noop\nstages:\n" + "\n".join(stages) + "\n")
 
 
-def write_dvc_project(root: Path, files_per_stage: int) -> list[str] | None:
-    if shutil.which("dvc") is None:
-        return None
+MAKE_FILES = "import os; os.makedirs('{d}', exist_ok=True); [open(f'{d}/f{{j}}', 'w').write('x'*64) for j in range({n})]"
+
+
+def write_dvc_project(root: Path, files_per_stage: int, dvc: str) -> list[str]:
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    subprocess.run(["dvc", "init", "-q"], cwd=root, check=True)
+    subprocess.run([dvc, "init", "-q"], cwd=root, check=True)
     lines = ["stages:"]
     for i in range(5):
-        lines += [f"  s{i}:", f"    cmd: python -c \"import os; os.makedirs('s{i}', exist_ok=True); "
-                  f"[open(f's{i}/f{{j}}', 'w').write('x'*64) for j in range({files_per_stage})]\"",
+        lines += [f"  s{i}:", f"    cmd: python3 -c \"{MAKE_FILES.format(d=f's{i}', n=files_per_stage)}\"",
                   f"    outs: [s{i}]"] + ([f"    deps: [s{i - 1}]"] if i else [])
     (root / "dvc.yaml").write_text("\n".join(lines) + "\n")
-    return ["dvc", "repro"]
+    return [dvc, "repro"]
+
+
+def write_snakemake_project(root: Path, files_per_stage: int, snakemake: str) -> list[str]:
+    rules = ["rule all:\n    input: 's4'\n"]
+    for i in range(5):
+        needs = f"    input: 's{i - 1}'\n" if i else ""
+        code = MAKE_FILES.format(d=f"s{i}", n=files_per_stage).replace("{", "{{").replace("}", "}}")
+        rules.append(f"rule s{i}:\n{needs}    output: directory('s{i}')\n    shell: \"python3 -c \\\"{code}\\\"\"\n")
+    (root / "Snakefile").write_text("\n".join(rules))
+    return [snakemake, "-c1", "--quiet"]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--files", type=int, default=20000, help="artifact files in total (5 stages)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dvc", default=shutil.which("dvc"), help="dvc executable to compare with")
+    parser.add_argument("--snakemake", default=shutil.which("snakemake"), help="snakemake executable")
     args = parser.parse_args()
     per_stage = args.files // 5
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,16 +74,17 @@ def main() -> int:
         ours = statistics.median(noop)
         print(f"vlflow: first run {first:.2f}s ({args.files} files); no-op run median {ours:.3f}s "
               f"(min {min(noop):.3f}s, {args.repeats} runs)")
-        baseline = Path(tmp) / "dvc"
-        baseline.mkdir()
-        cmd = write_dvc_project(baseline, per_stage)
-        if cmd is None:
-            print("dvc: not installed (pip install dvc to compare); snakemake: "
-                  + ("installed but not wired" if shutil.which("snakemake") else "not installed"))
-        else:
+        for tool, exe, write in (("dvc repro", args.dvc, write_dvc_project),
+                                 ("snakemake", args.snakemake, write_snakemake_project)):
+            if not exe:
+                print(f"{tool}: not installed (pass --{tool.split()[0]} PATH to compare)")
+                continue
+            baseline = Path(tmp) / tool.split()[0]
+            baseline.mkdir()
+            cmd = write(baseline, per_stage, exe)
             timed(cmd, baseline)
             theirs = statistics.median(timed(cmd, baseline) for _ in range(args.repeats))
-            print(f"dvc repro no-op median {theirs:.3f}s; ratio vlflow/dvc = {ours / theirs:.2f}x (goal <= 0.5x)")
+            print(f"{tool}: no-op median {theirs:.3f}s; vlflow/{tool.split()[0]} = {ours / theirs:.2f}x (goal <= 0.5x)")
     return 0
 
 
