@@ -13,7 +13,8 @@ class TokenizerTrainParams(Params):
         "wordpiece", description="wordpiece -> BertTokenizerFast, bpe -> byte-level RobertaTokenizerFast")
     vocab_size: int = Field(1000, ge=50)
     lowercase: bool = True
-    files_glob: str = Field("*train*.arrow", description="arrow files (inside the `arrows` input) to read captions from")
+    files_glob: str = Field("*train*.arrow",
+                            description="arrow files (inside the `arrows` input) to read captions from")
     caption_column: str = "caption"
     min_frequency: int = Field(1, ge=1)
 

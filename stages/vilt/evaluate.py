@@ -31,7 +31,8 @@ def recall_at_k(scores: torch.Tensor, text_image: torch.Tensor, ks=KS) -> dict[s
     best_texts = scores.topk(min(max(ks), num_texts), dim=0).indices.T  # [I, k]
     for k in ks:
         out[f"ir_r{k}"] = (best_images[:, :k] == text_image[:, None]).any(1).float().mean().item()
-        out[f"tr_r{k}"] = (text_image[best_texts[:, :k]] == torch.arange(num_images)[:, None]).any(1).float().mean().item()
+        image_hit = text_image[best_texts[:, :k]] == torch.arange(num_images)[:, None]
+        out[f"tr_r{k}"] = image_hit.any(1).float().mean().item()
     return out
 
 
@@ -139,8 +140,8 @@ def evaluate_retrieval(ctx: StageContext) -> dict:
         if (i + 1) % max(1, num_images // 10) == 0:
             ctx.log.info("  %d/%d images, %.0fs", i + 1, num_images, time.perf_counter() - started)
 
-    scores = score_all_pairs(vilt, score_head, lambda i: images[i]["image"], num_images, texts, vilt.config.max_image_length,
-                             p.text_batch_size, progress)
+    scores = score_all_pairs(vilt, score_head, lambda i: images[i]["image"], num_images, texts,
+                             vilt.config.max_image_length, p.text_batch_size, progress)
     metrics = {}
     for name, folds in subsets_for(p.subsets, num_images).items():
         metrics[name] = subset_recall(scores, text_image, folds)

@@ -35,6 +35,7 @@ def build_config(p, vocab_size: int, pad_token_id: int) -> ViltConfig:
         patch_size=p.patch_size,
         max_image_length=p.max_image_len,
         max_position_embeddings=p.max_text_len,
+        initializer_range=p.initializer_range,
         tie_word_embeddings=True,  # MLM decoder shares the word embeddings (BERT style)
         architectures=["ViltForMaskedLM"],
     )

@@ -22,6 +22,9 @@ class ViltModelParams(Params):
     max_image_size: int = Field(640, ge=8, description="longer image side is capped at this")
     max_text_len: int = Field(40, ge=4)
     max_image_len: int = Field(200, description="sampled patches per image; -1 keeps all")
+    initializer_range: float = Field(
+        0.02, gt=0, description="std of the initial weights (BERT/ViT: 0.02; small models learn cross-modal "
+                                "attention much sooner with ~1/sqrt(hidden_size))")
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self):
