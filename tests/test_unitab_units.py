@@ -193,6 +193,10 @@ def test_frozen_batchnorm_is_frozen(tokenizer):
     after = model.backbone.state_dict()
     assert before and all(torch.equal(v, after[k]) for k, v in before.items())
     assert not any(p.requires_grad for n, p in model.backbone.named_parameters() if "bn" in n)
+    # from-scratch option: GroupNorm, no BatchNorm left (SyncBatchNorm conversion under torch_ddp needs GPUs)
+    scratch = UniTAB(tiny_config(tokenizer, backbone_norm="group_norm"))
+    assert not any("BatchNorm" in type(m).__name__ for m in scratch.backbone.modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in scratch.backbone.modules())
 
 
 def test_ema_update_math():

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import freeze_batch_norm_2d
+from timm.layers import GroupNorm, freeze_batch_norm_2d
 from torch import nn
 from transformers import RobertaConfig, RobertaModel
 
@@ -62,17 +63,18 @@ class TokenLayout:
 class Backbone(nn.Module):
     """timm ResNet trunk returning one feature map; BatchNorm frozen as in DETR/MDETR/UniTAB."""
 
-    def __init__(self, name: str, feature_level: int = -1, weights: str | None = None, freeze_bn: bool = True):
+    def __init__(self, name: str, feature_level: int = -1, weights: str | None = None, norm: str = "frozen_bn"):
         super().__init__()
+        extra = {"norm_layer": partial(GroupNorm, num_groups=8)} if norm == "group_norm" else {}
         # zero_init_last would make frozen residual branches permanently zero when training from scratch
         self.body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(feature_level,),
-                                      zero_init_last=False)
+                                      zero_init_last=False, **extra)
         if weights:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             missing, _ = self.body.load_state_dict(state, strict=False)
             if len(missing) == len(self.body.state_dict()):
                 raise ValueError(f"backbone_weights {weights}: no tensor matches timm model {name!r}")
-        if freeze_bn:
+        if norm == "frozen_bn":
             self.body = freeze_batch_norm_2d(self.body)
         self.num_channels = self.body.feature_info.channels()[-1]
 
@@ -117,7 +119,7 @@ class UniTABConfig:
     text_vocab: int
     backbone: str = "resnet101"
     backbone_feature_level: int = -1
-    freeze_backbone_bn: bool = True
+    backbone_norm: str = "frozen_bn"
     text_encoder: str = "roberta-base"
     text_encoder_config: dict | None = None
     d_model: int = 256
@@ -150,7 +152,7 @@ class UniTAB(nn.Module):
         d = config.d_model
         self.layout = config.layout
         self.backbone = Backbone(config.backbone, config.backbone_feature_level, backbone_weights,
-                                 config.freeze_backbone_bn)
+                                 config.backbone_norm)
         self.input_proj = nn.Conv2d(self.backbone.num_channels, d, kernel_size=1)
         self.text_encoder = text_encoder if text_encoder is not None else build_text_encoder(config)
         # MDETR's FeatureResizer: Linear + LayerNorm + dropout

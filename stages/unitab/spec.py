@@ -26,9 +26,13 @@ class ModelParams(Params):
     """Architecture fields shared by training and the saved config (defaults: the UniTAB paper model)."""
 
     backbone: str = Field("resnet101", description="timm ResNet name (features_only)")
-    backbone_weights: str | None = Field(None, description="local file with timm backbone weights; never downloaded")
+    backbone_weights: str | None = Field(
+        None, description="local file with timm backbone weights (empty: none); never downloaded")
     backbone_feature_level: int = Field(-1, description="which feature map to use (-1: stride 32, -2: stride 16)")
-    freeze_backbone_bn: bool = Field(True, description="replace BatchNorm with FrozenBatchNorm2d (UniTAB/MDETR)")
+    backbone_norm: Literal["frozen_bn", "batch_norm", "group_norm"] = Field(
+        "frozen_bn", description="frozen_bn: FrozenBatchNorm2d as UniTAB/MDETR (for pretrained weights); group_norm: "
+        "GroupNorm(8) for backbones trained from scratch (trainable BatchNorm becomes SyncBatchNorm under torch_ddp, "
+        "which needs GPUs)")
     text_encoder: str = Field("roberta-base", description="hub name or local path of a RoBERTa model/tokenizer")
     text_encoder_config: dict | None = Field(
         None, description="build a fresh RobertaModel from these RobertaConfig fields instead of from_pretrained")

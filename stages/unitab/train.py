@@ -45,7 +45,7 @@ def model_config(params, tokenizer) -> UniTABConfig:
                                **params.text_encoder_config}
     return UniTABConfig(
         text_vocab=len(tokenizer), backbone=params.backbone, backbone_feature_level=params.backbone_feature_level,
-        freeze_backbone_bn=params.freeze_backbone_bn, text_encoder=params.text_encoder,
+        backbone_norm=params.backbone_norm, text_encoder=params.text_encoder,
         text_encoder_config=text_encoder_config, d_model=params.d_model, enc_layers=params.enc_layers,
         dec_layers=params.dec_layers, nheads=params.nheads, dim_feedforward=params.dim_feedforward,
         dropout=params.dropout, num_queries=params.num_queries, max_decoding_step=params.max_decoding_step,
