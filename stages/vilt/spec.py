@@ -5,8 +5,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from vlflow.stage import BUILTIN_SPEC_MODULES, Params, StageSpec
-from vlflow.stages.text.spec import STAGES as TEXT_STAGES
+from vlflow.stage import Params, StageSpec
 
 
 class ViltModelParams(Params):
@@ -112,6 +111,3 @@ EVALUATE_RETRIEVAL = StageSpec(
 )
 
 STAGES = [PRETRAIN, FINETUNE_RETRIEVAL, EVALUATE_RETRIEVAL]
-# tokenizer.train lives in vlflow.stages.text; register it here until its spec module is a built-in one.
-if "vlflow.stages.text.spec" not in BUILTIN_SPEC_MODULES:
-    STAGES += TEXT_STAGES
