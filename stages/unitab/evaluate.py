@@ -83,7 +83,6 @@ def random_box(rng: random.Random) -> list[float]:
 
 def evaluate(ctx: StageContext) -> dict:
     p = ctx.params
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model, tokenizer, config, used_ema = load_trained(ctx.inputs["model"], p.use_ema)
     train_params = json.loads((Path(ctx.inputs["model"]) / "config.json").read_text())["train_params"]
     image_size, max_image_size = train_params["image_size"], train_params["max_image_size"]
