@@ -97,8 +97,6 @@ def main() -> int:
         project = Path(tmp) / "killed"
         project.mkdir()
         for trial in range(args.trials):
-            if trial % 10 == 0 and trial:  # start over now and then so kills also hit early stages again
-                subprocess.run(["rm", "-rf", str(project / "cache"), str(project / "state")], check=True)
             killed = run_kill_trial(project, rng.uniform(0.3, args.max_delay), finish=False) is None
             interrupted += killed
             store = ArtifactStore(str(project / "cache"))
@@ -108,6 +106,8 @@ def main() -> int:
             except AssertionError:
                 ok = False
             held += ok
+            if not killed:  # the workflow completed: start over so the next kills hit stages mid-run again
+                store.gc(keep=set())
         final = run_kill_trial(project, None)
     print(f"{held}/{args.trials} trials held ({interrupted} interrupted mid-run); "
           f"final run {'matches' if final == expected else 'DIFFERS from'} the uninterrupted reference")

@@ -30,12 +30,13 @@ def test_twenty_random_kills_never_leave_a_partial_artifact(tmp_path: Path):
     rng = random.Random(int(os.environ.get("VLFLOW_TRIAL_SEED", "1234")))
     interrupted = 0
     for trial in range(20):
-        if trial == 10:  # start over so that kills hit the early stages again
-            ArtifactStore(str(project / "cache")).gc(keep=set())
-        interrupted += trials.run_kill_trial(project, kill_after=rng.uniform(0.3, 6.0), finish=False) is None
+        killed = trials.run_kill_trial(project, kill_after=rng.uniform(0.3, 6.0), finish=False) is None
+        interrupted += killed
         store = ArtifactStore(str(project / "cache"))
         trials.verify_committed(store)  # every manifest's files exist with the recorded size and sha256
         for stage, digest in trials.committed_digests(store).items():
             assert digest == expected[stage], f"trial {trial}: committed {stage} differs from the reference"
+        if not killed:  # the workflow completed: start over so that the next kills hit stages mid-run again
+            store.gc(keep=set())
     assert interrupted >= 10, "too few trials were interrupted mid-run to mean anything"
     assert trials.run_kill_trial(project, kill_after=None) == expected
