@@ -3,6 +3,10 @@ checkpoint commit/prune/recovery, and the launch checks of vlflow.launch.booster
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import logging
 from pathlib import Path
 
@@ -165,3 +169,33 @@ def test_supported_launch_combinations_pass_the_check():
     check_launch(LaunchSpec(), "cpu", 2)
     check_launch(LaunchSpec(precision="fp16"), "cuda", 8)
     check_launch(LaunchSpec(plugin="hybrid_parallel", tp_size=2, pp_size=2, precision="bf16"), "cuda", 8)
+
+
+def test_torch_ddp_on_cpu_trains_a_model_with_batchnorm(tmp_path):
+    """Colossal-AI's TorchDDPPlugin turns BatchNorm into SyncBatchNorm, which has no CPU kernel; on CPU the engine's
+    plugin keeps plain BatchNorm, so a from-scratch CNN trains under the launcher."""
+    from vlflow.launch.command import free_port
+
+    code = textwrap.dedent("""
+        import colossalai, torch
+        from vlflow.launch.booster import make_booster
+        from vlflow.stage import LaunchSpec
+        colossalai.launch_from_torch(backend="gloo", seed=0)
+        booster, plugin = make_booster(LaunchSpec())
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                    torch.nn.LazyLinear(1))
+        model(torch.zeros(2, 3, 8, 8))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model, optimizer, *_ = booster.boost(model, optimizer)
+        assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+        before = model.unwrap()[1].running_mean.clone()
+        loss = model(torch.randn(4, 3, 8, 8)).pow(2).mean()
+        booster.backward(loss, optimizer)
+        optimizer.step()
+        assert not torch.equal(before, model.unwrap()[1].running_mean)
+        print("trained")
+    """)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+               LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "trained" in proc.stdout, proc.stderr[-3000:]

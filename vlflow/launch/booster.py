@@ -11,6 +11,9 @@ from colossalai.accelerator import get_accelerator
 from colossalai.booster import Booster
 from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin, LowLevelZeroPlugin, TorchDDPPlugin
 from colossalai.booster.plugin.plugin_base import Plugin
+from colossalai.booster.plugin.torch_ddp_plugin import TorchDDPModel
+from colossalai.interface import OptimizerWrapper
+from torch import nn
 
 from vlflow.errors import LaunchError
 from vlflow.stage import LaunchSpec
@@ -42,9 +45,22 @@ def check_launch(launch: LaunchSpec, device: str, world_size: int) -> None:
                           f"{launch.pp_size}", field="launch.tp_size")
 
 
+class CpuTorchDDPPlugin(TorchDDPPlugin):
+    """TorchDDPPlugin for CPU/gloo ranks: identical except that BatchNorm layers stay as they are.
+
+    TorchDDPPlugin.configure always converts BatchNorm to SyncBatchNorm, which has no CPU kernel, so any model with a
+    trainable BatchNorm would fail on CPU. Here each rank keeps its own BatchNorm statistics, as plain DDP does."""
+
+    def configure(self, model: nn.Module, optimizer=None, criterion=None, dataloader=None, lr_scheduler=None):
+        model = TorchDDPModel(model.to(get_accelerator().get_current_device()), **self.ddp_kwargs)
+        if optimizer is not None and not isinstance(optimizer, OptimizerWrapper):
+            optimizer = OptimizerWrapper(optimizer)
+        return model, optimizer, criterion, dataloader, lr_scheduler
+
+
 def make_plugin(launch: LaunchSpec) -> Plugin:
     if launch.plugin == "torch_ddp":
-        return TorchDDPPlugin()
+        return CpuTorchDDPPlugin() if get_accelerator().name == "cpu" else TorchDDPPlugin()
     if launch.plugin == "low_level_zero":
         return LowLevelZeroPlugin(stage=launch.zero_stage, precision=launch.precision)
     if launch.plugin == "gemini":
