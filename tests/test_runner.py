@@ -147,6 +147,15 @@ def test_show_status_graph_gc(project, capsys):
     assert "0 ran, 4 cached" in out
 
 
+def test_stages_lists_registered_types_and_params(capsys):
+    rc, out, _ = run_cli(capsys, "stages")
+    assert rc == 0 and "vilt.pretrain" in out and "arrow.coco_karpathy" in out and "testing.write" in out
+    rc, out, _ = run_cli(capsys, "stages", "testing.write")
+    assert rc == 0 and "files" in out and "fail" in out
+    rc, _, err = run_cli(capsys, "stages", "nope.nope")
+    assert rc == 2 and "unknown stage type" in err
+
+
 def test_validate_prints_resolved_workflow(project, capsys):
     rc, out, _ = run_cli(capsys, "validate", project / "wf.yaml", "--set", "params.text=zz")
     assert rc == 0 and "text: zz" in out

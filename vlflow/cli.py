@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
         _add_cache_args(p)
 
+    p = sub.add_parser("stages", help="list the registered stage types (built-ins and entry points)")
+    p.add_argument("name", nargs="?", help="show one stage type's params")
+
     p = sub.add_parser("gc", help="remove artifacts not reachable from the given workflows")
     p.add_argument("workflows", type=Path, nargs="+")
     p.add_argument("--dry-run", action="store_true")
@@ -339,7 +342,43 @@ def cmd_gc(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "validate": cmd_validate, "graph": cmd_graph, "status": cmd_status,
+def cmd_stages(args) -> int:
+    from rich.table import Table
+
+    from vlflow.stage import get_spec, registry
+
+    console = _console()
+    if args.name:
+        try:
+            spec = get_spec(args.name)
+        except KeyError:
+            raise VlflowError(f"unknown stage type {args.name!r} (see `vlflow stages`)") from None
+        console.print(f"[bold]{spec.name}[/]  {spec.description}")
+        console.print(f"inputs: {', '.join(spec.inputs) or '-'}; optional: {', '.join(spec.optional_inputs) or '-'}; "
+                      f"distributed: {spec.distributed}; resumable: {spec.resumable}")
+        table = Table()
+        table.add_column("param", no_wrap=True)
+        for column in ("type", "default", "description"):
+            table.add_column(column)
+        for name, field in spec.params.model_fields.items():
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            table.add_row(name, getattr(field.annotation, "__name__", str(field.annotation)), default,
+                          field.description or "")
+        console.print(table)
+        return 0
+    table = Table()
+    table.add_column("stage type", no_wrap=True)
+    for column in ("inputs", "kind", "description"):
+        table.add_column(column)
+    for name, spec in sorted(registry().items()):
+        inputs = ", ".join(spec.inputs) + (f" (+{', '.join(spec.optional_inputs)})" if spec.optional_inputs else "")
+        kind = " ".join(k for k, on in (("distributed", spec.distributed), ("resumable", spec.resumable)) if on)
+        table.add_row(name, inputs or "-", kind, spec.description)
+    console.print(table)
+    return 0
+
+
+COMMANDS = {"stages": cmd_stages, "run": cmd_run, "plan": cmd_plan, "validate": cmd_validate, "graph": cmd_graph, "status": cmd_status,
             "ls": cmd_ls, "show": cmd_show, "gc": cmd_gc}
 
 
