@@ -42,3 +42,8 @@ def test_tiny_unitab_workflow_grounds_phrases(tmp_path):
     assert recall >= 3 * random_recall and recall > metrics["center_box_recall@1"] + 0.2, metrics
     assert 0.0 <= metrics["bleu4"] <= 1.0 and metrics["cider"] >= 0.0
     assert elapsed <= TIME_LIMIT_S, f"tiny workflow took {elapsed:.0f}s (> {TIME_LIMIT_S}s)"
+
+    # a second run of the same workflow on the same cache reuses every stage
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert ", 0 ran," in again.stdout, again.stdout[-4000:]

@@ -31,8 +31,8 @@ class ModelParams(Params):
     backbone_feature_level: int = Field(-1, description="which feature map to use (-1: stride 32, -2: stride 16)")
     backbone_norm: Literal["frozen_bn", "batch_norm", "group_norm"] = Field(
         "frozen_bn", description="frozen_bn: FrozenBatchNorm2d as UniTAB/MDETR (for pretrained weights); group_norm: "
-        "GroupNorm(8) for backbones trained from scratch (trainable BatchNorm becomes SyncBatchNorm under torch_ddp, "
-        "which needs GPUs)")
+        "GroupNorm(8); batch_norm: trainable BatchNorm, for backbones trained from scratch (torch_ddp on GPUs makes it "
+        "SyncBatchNorm; on CPU/gloo each rank keeps its own statistics)")
     text_encoder: str = Field("roberta-base", description="hub name or local path of a RoBERTa model/tokenizer")
     text_encoder_config: dict | None = Field(
         None, description="build a fresh RobertaModel from these RobertaConfig fields instead of from_pretrained")
