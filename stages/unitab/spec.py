@@ -28,7 +28,7 @@ class ModelParams(Params):
     backbone: str = Field("resnet101", description="timm ResNet name (features_only)")
     backbone_weights: str | None = Field(
         None, description="local file with timm backbone weights (empty: none); never downloaded")
-    backbone_feature_level: int = Field(-1, description="which feature map to use (-1: stride 32, -2: stride 16)")
+    backbone_feature_level: int = Field(-1, description="which ResNet feature map to use (-1: stride 32, -2: stride 16, -3: stride 8)")
     backbone_norm: Literal["frozen_bn", "batch_norm", "group_norm"] = Field(
         "frozen_bn", description="frozen_bn: FrozenBatchNorm2d as UniTAB/MDETR (for pretrained weights); group_norm: "
         "GroupNorm(8); batch_norm: trainable BatchNorm, for backbones trained from scratch (torch_ddp on GPUs makes it "
