@@ -160,3 +160,34 @@ def test_flickr_layout_entities_and_mdetr(flickr):
             assert re.fullmatch(r"(a|an|the) (red|green|blue|yellow|purple|orange) (circle|square|triangle)",
                                 caption[start:end].lower())
     assert total_entries == 16 * 5  # one MDETR image entry per caption
+
+
+def test_complete_captions_name_every_shape_with_its_position(tmp_path):
+    """caption_style "complete": each caption names every drawn shape with its colour and grid position, so a
+    caption matches its own image (the default "varied" style often names only some shapes)."""
+    from vlflow.stages.data.synthetic import POSITIONS, plan_scenes
+
+    params = SyntheticCocoParams(num_images=30, image_size=96, seed=2, caption_style="complete")
+    generate_coco(tmp_path, params)
+    data = json.loads((tmp_path / "karpathy" / "dataset_coco.json").read_text())
+    scenes = plan_scenes(30, 96, 2)
+    assert SyntheticCocoParams().caption_style == "varied"
+    for im in data["images"]:
+        shapes = scenes[im["imgid"]].shapes
+        assert len({s["raw"] for s in im["sentences"]}) == 5
+        for s in im["sentences"]:
+            text = s["raw"].lower()
+            named = re.findall(r"\ban? (red|green|blue|yellow|purple|orange) (circle|square|triangle)\b", text)
+            assert sorted(named) == sorted((sh.colour, sh.kind) for sh in shapes), s["raw"]
+            for shape in shapes:
+                entity = f"{shape.colour} {shape.kind}"
+                where = POSITIONS[(shape.row, shape.col)]
+                assert f"{entity} {where}" in text or re.search(rf"{where} an? {entity}", text), (s["raw"], where)
+    # the same seed gives the same scenes (and images) whatever the caption style
+    varied = tmp_path / "varied"
+    generate_coco(varied, SyntheticCocoParams(num_images=30, image_size=96, seed=2))
+    for im in data["images"]:
+        assert (varied / im["filepath"] / im["filename"]).read_bytes() == \
+            (tmp_path / im["filepath"] / im["filename"]).read_bytes()
+    with pytest.raises(ValueError):
+        SyntheticCocoParams(caption_style="short")

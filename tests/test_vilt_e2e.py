@@ -1,8 +1,10 @@
 """End to end: `vlflow run workflows/tiny_vilt.yaml` (synthetic COCO -> arrows -> tokenizer -> ViLT pretrain ->
 retrieval finetune, both on 2 gloo ranks through the launcher -> evaluation) must finish within 10 minutes on 2 CPU
-cores and retrieve far better than chance on the test split."""
+cores, retrieve far better than chance on the test split, and a second run of the same workflow must be all cache
+hits."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -38,3 +40,13 @@ def test_tiny_vilt_workflow_retrieves_above_chance(tmp_path):
     assert test["ir_r1"] >= 5 * test["chance_r1"], test
     assert test["tr_r1"] >= 5 * test["chance_r1"], test
     assert test["ir_r1"] <= test["ir_r5"] <= test["ir_r10"] <= 1
+    assert test["tr_r1"] <= test["tr_r5"] <= test["tr_r10"] <= 1
+
+    # the same workflow on the same cache again: every stage is a cache hit, nothing reruns
+    again = subprocess.run(
+        [str(vlflow), "run", str(ROOT / "workflows" / "tiny_vilt.yaml"), "--cache", str(cache), "--state-dir",
+         str(state)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ),
+    )
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert re.search(r"\b0 ran\b", again.stdout), again.stdout[-4000:]  # not "10 ran"

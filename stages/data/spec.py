@@ -27,6 +27,9 @@ class _SyntheticParams(Params):
     image_size: int = Field(128, ge=32, le=4096, description="image width in pixels")
     seed: int = 0
     captions_per_image: int = Field(5, ge=1, le=20)
+    caption_style: Literal["varied", "complete"] = Field(
+        "varied", description="varied: template captions that often name only some shapes (or only the background); "
+                              "complete: every caption names every shape with its colour and position")
     jpeg_quality: int = Field(90, ge=1, le=100)
     noise: float = Field(8.0, ge=0, le=128, description="std of pixel noise on 'noisy' images")
     noisy_fraction: float = Field(0.5, ge=0, le=1, description="share of images with a noisy background")

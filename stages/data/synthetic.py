@@ -59,6 +59,10 @@ TEMPLATES = (
     (2, 3, "{a1} and {a0}, {the0} {r01} {the1}"),
     (1, 3, "a {bg} picture showing {a0}"),
 )
+# caption_style "complete": every caption names every shape with its colour and grid position (in a random order),
+# so each caption describes its image fully; the variety comes from the order, the clause form and the opening.
+COMPLETE_OPENINGS = ("", "there is ", "an image with ", "a {bg} picture showing ", "{n} {shapes}: ")
+COMPLETE_CLAUSES = ("{a%d} {p%d}", "{p%d} {a%d}")
 
 
 @dataclass(frozen=True)
@@ -183,9 +187,33 @@ def _render_template(template: str, order: list[int], scene: Scene, rng: random.
     return text, spans
 
 
-def make_captions(scene: Scene, count: int, rng: random.Random, ending: str = ".") -> list[Caption]:
-    """`count` captions using different templates (cycled when more are asked than apply), deduplicated."""
+def _complete_template(n: int, rng: random.Random) -> str:
+    clause = rng.choice(COMPLETE_CLAUSES)
+    parts = [clause % (k, k) for k in range(n)]
+    listed = parts[0] if n == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return rng.choice(COMPLETE_OPENINGS) + listed
+
+
+def make_captions(scene: Scene, count: int, rng: random.Random, ending: str = ".",
+                  style: str = "varied") -> list[Caption]:
+    """`count` captions using different templates (cycled when more are asked than apply), deduplicated.
+
+    style "varied": the TEMPLATES (a caption often names only some shapes); "complete": every caption names every
+    shape with colour and position (COMPLETE_OPENINGS/COMPLETE_CLAUSES)."""
     n = len(scene.shapes)
+    if style == "complete":
+        captions, texts = [], set()
+        for _ in range(count):
+            for _attempt in range(10):
+                order = rng.sample(range(n), n)
+                text, spans = _render_template(_complete_template(n, rng), order, scene, rng)
+                if text not in texts:
+                    break
+            texts.add(text)
+            captions.append(Caption(text[0].upper() + text[1:] + ending, tuple(spans)))
+        return captions
+    if style != "varied":
+        raise ValueError(f"unknown caption style {style!r}")
     usable = [t for lo, hi, t in TEMPLATES if lo <= n <= hi]
     templates = rng.sample(usable, len(usable))
     captions, texts = [], set()
@@ -287,7 +315,7 @@ def generate_coco(out_dir: Path, params) -> dict:
     for scene, split, coco_id in zip(scenes, splits, coco_ids):
         folder = "train2014" if split == "train" else "val2014"  # Karpathy's val/test/restval come from val2014
         filename = f"COCO_{folder}_{coco_id:012d}.jpg"
-        captions = make_captions(scene, params.captions_per_image, rng, ending=".")
+        captions = make_captions(scene, params.captions_per_image, rng, ending=".", style=params.caption_style)
         sentences = []
         for caption in captions:
             sentences.append({"tokens": tokenize(caption.text), "raw": caption.text, "imgid": scene.index,
@@ -354,7 +382,7 @@ def generate_flickr30k(out_dir: Path, params) -> dict:
     mdetr = {name: {"images": [], "annotations": []} for name in ("train", "val", "test")}
     for scene, split, flickr_id in zip(scenes, splits, flickr_ids):
         filename = f"{flickr_id}.jpg"
-        captions = make_captions(scene, params.captions_per_image, rng, ending=" .")
+        captions = make_captions(scene, params.captions_per_image, rng, ending=" .", style=params.caption_style)
         sentences = []
         for caption in captions:
             sentences.append({"tokens": tokenize(caption.text), "raw": caption.text, "imgid": scene.index,
