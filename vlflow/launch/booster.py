@@ -60,7 +60,9 @@ class CpuTorchDDPPlugin(TorchDDPPlugin):
 
 def make_plugin(launch: LaunchSpec) -> Plugin:
     if launch.plugin == "torch_ddp":
-        return CpuTorchDDPPlugin() if get_accelerator().name == "cpu" else TorchDDPPlugin()
+        # Gradients as views into DDP's all-reduce buckets: one copy of every gradient less per step.
+        ddp_plugin = CpuTorchDDPPlugin if get_accelerator().name == "cpu" else TorchDDPPlugin
+        return ddp_plugin(gradient_as_bucket_view=True)
     if launch.plugin == "low_level_zero":
         return LowLevelZeroPlugin(stage=launch.zero_stage, precision=launch.precision)
     if launch.plugin == "gemini":
