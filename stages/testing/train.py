@@ -29,7 +29,9 @@ def data_seed(data: Path | None) -> int:
     if data is None:
         return SEED
     digest = hashlib.sha256()
-    files = [data] if data.is_file() else sorted(p for p in data.rglob("*") if p.is_file())
+    # `_vlflow/` holds the upstream run's log and metrics, not its data
+    files = [data] if data.is_file() else sorted(
+        p for p in data.rglob("*") if p.is_file() and "_vlflow" not in p.relative_to(data).parts)
     for path in files:
         digest.update(path.read_bytes())
     return int.from_bytes(digest.digest()[:4], "little")
