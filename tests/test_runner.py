@@ -52,6 +52,7 @@ def test_run_then_everything_cached(project, capsys):
     assert rc == 0, out
     assert out.count("✓ done") == 4
     assert "4 ran, 0 cached" in out
+    assert "files=3 bytes=" in out and "chars=" in out  # each stage's returned metrics, under its done line
     rc, out, _ = run_cli(capsys, "run", wf)
     assert rc == 0
     assert out.count("✓ cached") == 4 and "0 ran, 4 cached" in out
@@ -220,3 +221,12 @@ def test_malformed_workflows_fail_cleanly_through_the_cli(tmp_path):
         assert result["err"].startswith("error: ") and "Traceback" not in result["err"], result
         assert result["err"].count("\n") <= 2, result  # one paragraph
         assert "wf.yaml:" in result["err"] or "--set" in result["err"] or ".yaml" in result["err"], result
+
+
+def test_summarize_metrics_flattens_numbers_only():
+    from vlflow.runner import summarize_metrics
+
+    metrics = {"head": "rank", "all": {"ir_r1": 0.40399, "tr_r1": 0.62}, "ok": True, "steps": 1000}
+    assert summarize_metrics(metrics) == "all.ir_r1=0.404 all.tr_r1=0.62 steps=1000"
+    assert summarize_metrics({f"m{i}": i for i in range(12)}, limit=2) == "m0=0 m1=1 …"
+    assert summarize_metrics({}) == ""

@@ -172,6 +172,8 @@ def cmd_run(args) -> int:
             progress.console.print(f"[green]✓ cached[/] {stage}  [dim]{text}[/]")
         elif kind == "done":
             progress.console.print(f"[green]✓ done[/]   {stage}  [dim]{text}[/]")
+        elif kind == "metrics":
+            progress.console.print(f"         [dim]{text}[/]", highlight=False)
         elif kind == "failed":
             progress.console.print(f"[red]✗ failed[/] {stage}")
         if kind in ("done", "failed") and stage in tasks:

@@ -85,6 +85,21 @@ def content_digest(manifest: Manifest) -> str:
     return manifest.data_digest
 
 
+def summarize_metrics(metrics: dict, limit: int = 10) -> str:
+    """`a=1 b.c=0.404 ...`: the first `limit` numbers of a stage's returned metrics (nested keys joined by dots)."""
+    flat: list[str] = []
+
+    def walk(value, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat.append(f"{key}={value:.4g}")
+
+    walk(metrics, "")
+    return " ".join(flat[:limit]) + (" …" if len(flat) > limit else "")
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -280,6 +295,9 @@ class Runner:
                     artifacts[plan.name] = plan.manifest
                     done[plan.name] = plan
                     self.on_event(plan.name, "done", f"{plan.manifest.meta.get('duration', 0):.1f}s")
+                    summary = summarize_metrics(plan.manifest.meta.get("metrics") or {})
+                    if summary:
+                        self.on_event(plan.name, "metrics", summary)
         except BaseException:
             # Ctrl-C / SIGTERM: do not wait for running stages; the CLI exits and they die with the process
             pool.shutdown(wait=False, cancel_futures=True)
