@@ -152,3 +152,32 @@ def test_stopping_only_the_vlflow_process_stops_every_stage_process(tmp_path, si
         assert proc.returncode == 130 and "nothing partial was committed" in proc.stderr.read()
     stages = [json.loads(p.read_text())["meta"]["stage"] for p in (project / "cache").rglob("manifest.json")]
     assert stages == ["data"]
+
+
+@pytest.mark.dist
+def test_killing_the_run_while_ranks_start_up_leaves_no_rank_behind(tmp_path):
+    """The ranks' imports take seconds; a whole-tree kill -9 landing then (torchrun dies before a rank has tied itself
+    to it) must still leave no rank running, orphaned, waiting for its peers."""
+    project = _project(tmp_path, TRAIN)
+    proc = subprocess.Popen([VLFLOW, "run", "wf.yaml"], cwd=project, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    ranks = str(project / "state" / "staging")
+    try:
+        # as soon as both ranks exist (torchrun + 2 workers), long before they have imported torch
+        _wait_for(lambda: len(_processes_mentioning("vlflow.launch.worker " + ranks)) >= 2, 120, "ranks to start")
+        os.killpg(proc.pid, signal.SIGKILL)  # vlflow and torchrun (the ranks run in sessions of their own)
+        proc.wait(timeout=30)
+        _wait_for(lambda: not _processes_mentioning(ranks), 20, "starting ranks to exit")
+    finally:
+        for pid in _processes_mentioning(ranks):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_child_whose_parent_is_not_the_expected_launcher_kills_itself():
+    code = ("from vlflow.procs import die_with_parent; import sys; "
+            "die_with_parent(parent_command=(sys.argv[1],)); print('alive')")
+    adopted = subprocess.run([sys.executable, "-c", code, "no-such-launcher"], capture_output=True, text=True,
+                             timeout=60)
+    assert adopted.returncode == -signal.SIGKILL and "alive" not in adopted.stdout
+    with_launcher = subprocess.run([sys.executable, "-c", code, "python"], capture_output=True, text=True, timeout=60)
+    assert with_launcher.returncode == 0 and "alive" in with_launcher.stdout  # pytest's python is the parent

@@ -6,24 +6,31 @@ size, booster and plugin, and on rank 0 writes the returned metrics to `<payload
 """
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import os
 import sys
-import traceback
-from pathlib import Path
 
-import colossalai
-import torch
-import torch.distributed as dist
-from colossalai.accelerator import get_accelerator, set_accelerator
-
-from vlflow.errors import LaunchError, VlflowError
-from vlflow.execute import context_from_payload, write_result
-from vlflow.launch.booster import make_booster
 from vlflow.procs import die_with_parent
-from vlflow.stage import LaunchSpec, get_spec
+
+if __name__ == "__main__" and "--launcher" not in sys.argv:
+    # torchrun's rank: tie it to the agent before the seconds of imports below, and check the agent is still its
+    # parent, so that a `vlflow run` killed while ranks start up cannot leave one behind, orphaned and waiting.
+    die_with_parent(parent_command=("torch.distributed.run", "torchrun"))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import colossalai  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from colossalai.accelerator import get_accelerator, set_accelerator  # noqa: E402
+
+from vlflow.errors import LaunchError, VlflowError  # noqa: E402
+from vlflow.execute import context_from_payload, write_result  # noqa: E402
+from vlflow.launch.booster import make_booster  # noqa: E402
+from vlflow.stage import LaunchSpec, get_spec  # noqa: E402
 
 DEFAULT_SEED = 1024  # colossalai's own default, used when the stage has no `seed` param
 
