@@ -20,7 +20,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -78,8 +78,18 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(ctx: StageContext, model, optimizer, lr_scheduler, step: int, extra: dict | None = None) -> Path:
-    """Save model/optimizer/scheduler through `ctx.booster` as checkpoint `step`; all ranks must call it."""
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """The seed of one micro-batch's random draws (dropout, masks, negatives): a function of where it is in training,
+    not of how many draws came before, so a resumed run draws what an uninterrupted one would."""
+    return (seed * 1_000_003 + step * 1009 + micro * 31 + rank) % 2**63
+
+
+def save_checkpoint(ctx: StageContext, model, optimizer, lr_scheduler, step: int, extra: dict | None = None,
+                    write_files: Callable[[Path], None] | None = None) -> Path:
+    """Save model/optimizer/scheduler through `ctx.booster` as checkpoint `step`; all ranks must call it.
+
+    `write_files(dir)` (rank 0) adds the stage's own files (e.g. EMA weights) before the checkpoint is published, so
+    a checkpoint is never seen without them."""
     root = _checkpoints_dir(ctx)
     final = root / f"step_{step}"
     tmp = root / f".tmp_step_{step}"
@@ -94,6 +104,8 @@ def save_checkpoint(ctx: StageContext, model, optimizer, lr_scheduler, step: int
         ctx.booster.save_lr_scheduler(lr_scheduler, str(tmp / SCHEDULER_FILE))
     _barrier()
     if ctx.is_main:
+        if write_files is not None:
+            write_files(tmp)
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "extra": extra or {}, "time": time.time()}))
         shutil.rmtree(final, ignore_errors=True)  # same step saved by an attempt that died before updating latest
         os.replace(tmp, final)

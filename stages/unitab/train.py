@@ -23,7 +23,7 @@ from vlflow.errors import StageError
 from vlflow.stage import StageContext
 from vlflow.stages.common.training import (
     MetricsLogger, ResumableSampler, accumulation_steps, latest_checkpoint, load_checkpoint, save_checkpoint,
-    seed_everything,
+    seed_everything, step_seed,
 )
 
 from .data import GroundingSequenceDataset, collate, open_split
@@ -139,6 +139,7 @@ def pretrain(ctx: StageContext) -> dict:
         step_loss = torch.zeros(())
         for micro in range(accumulation):
             batch = next(loader)
+            torch.manual_seed(step_seed(p.seed, step, micro, rank))  # dropout: the same after a resume
             epoch = batch["epoch"]
             logits = model(batch["images"], batch["image_mask"], batch["text_ids"], batch["text_mask"],
                            batch["prev_tokens"], batch["token_padding"])
@@ -173,9 +174,8 @@ def pretrain(ctx: StageContext) -> dict:
                        elapsed_s=round(time.time() - started, 2))
             ctx.log.info("step %d/%d loss %.4f", step, total_steps, loss_value)
         if ctx.booster is not None and step % p.checkpoint_every == 0 and step < total_steps:
-            saved = save_checkpoint(ctx, model, optimizer, scheduler, step)
-            if ctx.is_main and ema_model is not None:
-                torch.save(ema_model.state_dict(), saved / "ema.pt")
+            save_checkpoint(ctx, model, optimizer, scheduler, step, write_files=None if ema_model is None else
+                            lambda directory: torch.save(ema_model.state_dict(), directory / "ema.pt"))
     logger.close()
 
     if ctx.is_main:

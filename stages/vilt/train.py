@@ -19,7 +19,7 @@ from transformers import get_linear_schedule_with_warmup
 from vlflow.errors import StageError
 from vlflow.stage import StageContext
 from vlflow.stages.common.training import (MetricsLogger, ResumableSampler, accumulation_steps, load_checkpoint,
-                                           save_checkpoint)
+                                           save_checkpoint, step_seed)
 from vlflow.stages.vilt.data import (CaptionPairs, MlmMasker, PairCollator, image_dataset, load_tokenizer,
                                      swap_images_for_itm, tokenize)
 from vlflow.stages.vilt.model import (ViltPretrainingModel, ViltRetrievalTrainingModel, build_config,
@@ -95,10 +95,6 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def warmup_steps(warmup: int | float, max_steps: int) -> int:
     """`warmup_steps` param: a float below 1 is a fraction of max_steps (ViLT's warmup ratio), else a step count."""
     return int(warmup * max_steps) if isinstance(warmup, float) and warmup < 1 else int(warmup)
-
-
-def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 1009 + micro * 31 + rank) % 2**63
 
 
 def train(ctx: StageContext, model: torch.nn.Module, tokenizer, step_losses: Callable, save_model: Callable,
