@@ -16,14 +16,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
 from vlflow.runner import content_digest
+from vlflow.stages.testing.http_files import RangeFileHandler, serve
 from vlflow.store import ArtifactStore
 
 VLFLOW = str(Path(sys.executable).with_name("vlflow"))
@@ -62,33 +61,12 @@ stages:
 COMPARED_PREFIX = {"train": "model/"}
 
 
-class SlowFileHandler(BaseHTTPRequestHandler):
+class SlowFileHandler(RangeFileHandler):
     """Serves DOWNLOAD_BYTES at /blob.bin at DOWNLOAD_RATE, with HTTP Range support (so a killed download resumes)."""
 
-    def log_message(self, *args):
-        pass
+    files = {"blob.bin": DOWNLOAD_BYTES}
 
-    def do_HEAD(self):
-        self._respond(send_body=False)
-
-    def do_GET(self):
-        self._respond(send_body=True)
-
-    def _respond(self, send_body: bool) -> None:
-        if self.path != "/blob.bin":
-            self.send_error(404)
-            return
-        data = DOWNLOAD_BYTES
-        range_header = self.headers.get("Range")
-        start = int(range_header[6:].split("-")[0]) if range_header else 0
-        self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(data) - start))
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Accept-Ranges", "bytes")
-        self.end_headers()
-        if not send_body:
-            return
+    def send_body(self, mode: str, data: bytes, start: int, range_header: str | None) -> None:
         chunk = 64 << 10
         try:
             for offset in range(start, len(data), chunk):
@@ -101,22 +79,16 @@ class SlowFileHandler(BaseHTTPRequestHandler):
 @contextmanager
 def serving_download():
     """A SlowFileHandler server on 127.0.0.1 for the duration; sets KILL_TRIAL_URL for the runs it wraps."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), SlowFileHandler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
     previous = os.environ.get("KILL_TRIAL_URL")
-    os.environ["KILL_TRIAL_URL"] = f"http://127.0.0.1:{httpd.server_address[1]}/blob.bin"
-    try:
-        yield os.environ["KILL_TRIAL_URL"]
-    finally:
-        if previous is None:
-            os.environ.pop("KILL_TRIAL_URL", None)
-        else:
-            os.environ["KILL_TRIAL_URL"] = previous
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    with serve(SlowFileHandler) as base_url:
+        os.environ["KILL_TRIAL_URL"] = f"{base_url}/blob.bin"
+        try:
+            yield os.environ["KILL_TRIAL_URL"]
+        finally:
+            if previous is None:
+                os.environ.pop("KILL_TRIAL_URL", None)
+            else:
+                os.environ["KILL_TRIAL_URL"] = previous
 
 
 def committed_digests(store: ArtifactStore) -> dict[str, str]:

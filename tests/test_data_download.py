@@ -4,10 +4,8 @@ import io
 import os
 import socket
 import tarfile
-import threading
 import time
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -15,49 +13,24 @@ from vlflow.stages.data.archive import safe_extract
 from vlflow.stages.data.download import download_files
 from vlflow.stages.data.errors import DataError
 from vlflow.stages.data.spec import DownloadParams
+from vlflow.stages.testing.http_files import RangeFileHandler, serve
 
 PAYLOAD = os.urandom(300_000)
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(RangeFileHandler):
     """/ok/NAME serves with Range support; /drop/NAME drops the first GET mid-file; /norange/NAME drops the first GET
     and then ignores Range; /flaky/NAME drops every GET and ignores Range."""
 
-    files: dict = {}
     requests: list = []  # (path, Range header, status) of every GET
 
-    def log_message(self, *args):
-        pass
+    def honours_range(self, mode: str) -> bool:
+        return mode in ("ok", "drop")
 
-    def do_HEAD(self):
-        self._respond(send_body=False)
-
-    def do_GET(self):
-        self._respond(send_body=True)
-
-    def _respond(self, send_body: bool):
-        mode, _, name = self.path.strip("/").partition("/")
-        data = self.files.get(name)
-        if data is None:
-            self.send_error(404)
-            return
+    def send_body(self, mode: str, data: bytes, start: int, range_header: str | None) -> None:
         previous = sum(1 for p, _, _ in self.requests if p == self.path)
-        range_header = self.headers.get("Range")
-        honour_range = mode in ("ok", "drop")
-        drop = send_body and ((mode in ("drop", "norange") and previous == 0) or mode == "flaky")
-        start = int(range_header[6:].split("-")[0]) if range_header and honour_range else 0
-        status = 206 if start else 200
-        if send_body:
-            self.requests.append((self.path, range_header, status))
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(data) - start))
-        if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Accept-Ranges", "bytes" if honour_range else "none")
-        self.end_headers()
-        if not send_body:
-            return
-        if drop:  # announce everything, send a part, hang up
+        self.requests.append((self.path, range_header, 206 if start else 200))
+        if (mode in ("drop", "norange") and previous == 0) or mode == "flaky":  # send a part, hang up
             self.wfile.write(data[start:start + (len(data) - start) // 3])
             self.wfile.flush()
             time.sleep(0.2)  # let the client consume what was sent before the connection breaks
@@ -70,13 +43,8 @@ class Handler(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def server():
     Handler.files = {"a.bin": PAYLOAD, "b.bin": PAYLOAD[::-1], "data.tar.gz": _tar_gz({"d/x.txt": b"hello"})}
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
+    with serve(Handler) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)
