@@ -1,6 +1,7 @@
 """Streaming arrow.coco_karpathy converter vs ViLT's all-in-memory writer: wall time, images/s and peak RSS.
 
-    nice -n 10 .venv/bin/python benchmarks/arrow_convert.py --images 2000
+    .venv/bin/python benchmarks/arrow_convert.py                # 20k images (~3 GB of JPEGs, ~5 min to generate)
+    .venv/bin/python benchmarks/arrow_convert.py --images 2000  # quick
 
 Generates a synthetic COCO tree with realistic (~150 KB, noisy) JPEGs, then runs each converter in a fresh
 subprocess that reports its own peak RSS (getrusage RUSAGE_SELF), and checks that both wrote the same tables.
