@@ -220,8 +220,8 @@ def main() -> int:
             if not killed:  # the workflow completed: start over so the next kills hit stages mid-run again
                 store.gc(keep=set())
         final = run_kill_trial(project, None)
-    print(f"{held}/{args.trials} trials held ({interrupted} interrupted mid-run, leaving a partial download "
-          f"{left['download']} times and a training checkpoint {left['training']} times); "
+    print(f"{held}/{args.trials} trials held ({interrupted} interrupted mid-run; after {left['download']} of those "
+          f"kills a partial download waited to be resumed, after {left['training']} a training checkpoint); "
           f"final run {'matches' if final == expected else 'DIFFERS from'} the uninterrupted reference")
     return 0 if held == args.trials and final == expected else 1
 
