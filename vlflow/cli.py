@@ -249,6 +249,8 @@ def cmd_ls(args) -> int:
 def cmd_show(args) -> int:
     from rich.table import Table
 
+    from vlflow.runner import flatten_metrics
+
     runner, m = _stage_manifest(args)
     console = _console()
     console.print(f"[bold]{args.stage}[/] ({m.meta.get('uses')})  key {m.key}")
@@ -260,7 +262,7 @@ def cmd_show(args) -> int:
         table = Table(title="metrics")
         table.add_column("metric")
         table.add_column("value", justify="right")
-        for k, v in _flatten(metrics):
+        for k, v in flatten_metrics(metrics):
             table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
         console.print(table)
     paths = {e.path for e in m.files}
@@ -271,14 +273,6 @@ def cmd_show(args) -> int:
         for line in tail:
             console.print("  " + line, markup=False)
     return 0
-
-
-def _flatten(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
 
 
 def cmd_graph(args) -> int:

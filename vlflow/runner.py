@@ -85,18 +85,19 @@ def content_digest(manifest: Manifest) -> str:
     return manifest.data_digest
 
 
+def flatten_metrics(metrics: dict, prefix: str = ""):
+    """(key, value) pairs of a stage's returned metrics, nested keys joined by dots (`all.ir_r1`)."""
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            yield from flatten_metrics(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
 def summarize_metrics(metrics: dict, limit: int = 10) -> str:
-    """`a=1 b.c=0.404 ...`: the first `limit` numbers of a stage's returned metrics (nested keys joined by dots)."""
-    flat: list[str] = []
-
-    def walk(value, key: str) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, f"{key}.{k}" if key else str(k))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat.append(f"{key}={value:.4g}")
-
-    walk(metrics, "")
+    """`a=1 b.c=0.404 ...`: the first `limit` numbers of a stage's returned metrics."""
+    flat = [f"{k}={v:.4g}" for k, v in flatten_metrics(metrics)
+            if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return " ".join(flat[:limit]) + (" …" if len(flat) > limit else "")
 
 
