@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+from vlflow.procs import processes_mentioning
 from vlflow.runner import content_digest
 from vlflow.stages.testing.http_files import RangeFileHandler, serve
 from vlflow.store import ArtifactStore
@@ -118,21 +119,6 @@ def verify_committed(store: ArtifactStore) -> None:
             assert hashlib.sha256(data).hexdigest() == entry.sha256, f"{manifest.meta['stage']}: {entry.path} differs"
 
 
-def survivors(project: Path) -> dict[int, str]:
-    """Processes (pid -> command line) still running with `project`'s path on their command line."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if str(project) in command and (entry / "stat").read_text().split(") ")[-1][:1] != "Z":
-                found[int(entry.name)] = command[:200]
-        except OSError:
-            pass
-    return found
-
-
 def interrupted_work(project: Path) -> set[str]:
     """What a killed run left to resume in its work dirs: "download" (a partial file), "training" (a checkpoint)."""
     work = project / "state" / "work"
@@ -171,9 +157,9 @@ def run_kill_trial(project: Path, kill_after: float | None, finish: bool = True,
         proc.wait(timeout=30)
         # Children (stages, torchrun, its ranks — even ranks still starting up) die with their parents, within moments
         deadline = time.monotonic() + 10
-        while survivors(project) and time.monotonic() < deadline:
+        while processes_mentioning(str(project)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        left = survivors(project)
+        left = processes_mentioning(str(project))
         if left:
             for pid in left:
                 os.kill(pid, signal.SIGKILL)

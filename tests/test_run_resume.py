@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from vlflow.procs import processes_mentioning
+
 VLFLOW = str(Path(sys.executable).with_name("vlflow"))
 
 TRAIN = """
@@ -118,18 +120,6 @@ def test_s3_cache_on_moto(tmp_path, s3_cache_url, moto_server):
     assert SECRET not in first.stdout + first.stderr + again.stdout + shown.stdout + logs
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    found.append(int(proc.name))
-            except OSError:
-                pass
-    return found
-
-
 @pytest.mark.dist
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
 def test_stopping_only_the_vlflow_process_stops_every_stage_process(tmp_path, signum):
@@ -141,12 +131,12 @@ def test_stopping_only_the_vlflow_process_stops_every_stage_process(tmp_path, si
     staging = str(project / "state" / "staging")
     try:
         _wait_for(lambda: len(_checkpoints(project)) >= 1, 120, "a checkpoint")
-        assert len(_processes_mentioning(staging)) >= 3  # torchrun agent + 2 ranks
+        assert len(processes_mentioning(staging)) >= 3  # torchrun agent + 2 ranks
         proc.send_signal(signum)
         proc.wait(timeout=30)
-        _wait_for(lambda: not _processes_mentioning(staging), 20, "stage processes to exit")
+        _wait_for(lambda: not processes_mentioning(staging), 20, "stage processes to exit")
     finally:
-        for pid in _processes_mentioning(staging):
+        for pid in processes_mentioning(staging):
             os.kill(pid, signal.SIGKILL)
     if signum == signal.SIGTERM:
         assert proc.returncode == 130 and "nothing partial was committed" in proc.stderr.read()
@@ -164,12 +154,12 @@ def test_killing_the_run_while_ranks_start_up_leaves_no_rank_behind(tmp_path):
     ranks = str(project / "state" / "staging")
     try:
         # as soon as both ranks exist (torchrun + 2 workers), long before they have imported torch
-        _wait_for(lambda: len(_processes_mentioning("vlflow.launch.worker " + ranks)) >= 2, 120, "ranks to start")
+        _wait_for(lambda: len(processes_mentioning("vlflow.launch.worker " + ranks)) >= 2, 120, "ranks to start")
         os.killpg(proc.pid, signal.SIGKILL)  # vlflow and torchrun (the ranks run in sessions of their own)
         proc.wait(timeout=30)
-        _wait_for(lambda: not _processes_mentioning(ranks), 20, "starting ranks to exit")
+        _wait_for(lambda: not processes_mentioning(ranks), 20, "starting ranks to exit")
     finally:
-        for pid in _processes_mentioning(ranks):
+        for pid in processes_mentioning(ranks):
             os.kill(pid, signal.SIGKILL)
 
 

@@ -27,8 +27,26 @@ def die_with_parent(parent_command: tuple[str, ...] = ()) -> None:
 
 
 def _command_has(pid: int, words: tuple[str, ...]) -> bool:
-    try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+    command = command_line(pid)
+    if command is None:
         return True  # cannot tell (no /proc): keep running rather than kill a healthy rank
     return any(word in command for word in words)
+
+
+def command_line(pid: int) -> str | None:
+    """A process's command line, arguments joined by spaces (empty for a zombie); None when it cannot be read."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+
+
+def processes_mentioning(text: str) -> dict[int, str]:
+    """Live processes other than this one whose command line contains `text`: pid -> command line (Linux /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            command = command_line(int(entry.name))
+            if command and text in command:
+                found[int(entry.name)] = command
+    return found

@@ -21,11 +21,16 @@ def write(ctx: StageContext) -> dict:
     return {"files": params.files, "bytes": total}
 
 
-def _text_of(path: Path) -> str:
+def data_files(path: Path) -> list[Path]:
+    """An input's files in a stable order: `path` itself, or the files under it but `_vlflow/` (the runner's log and
+    metrics of the upstream run, not its data)."""
     if path.is_file():
-        return path.read_text()
-    # `_vlflow/` holds the runner's log and metrics of the upstream run, not its data
-    return "".join(p.read_text() for p in sorted(path.rglob("*")) if p.is_file() and "_vlflow" not in p.relative_to(path).parts)
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and "_vlflow" not in p.relative_to(path).parts)
+
+
+def _text_of(path: Path) -> str:
+    return "".join(p.read_text() for p in data_files(path))
 
 
 def concat(ctx: StageContext) -> dict:

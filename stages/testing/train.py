@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
 from vlflow.stage import StageContext
+from vlflow.stages.testing.toy import data_files
 from vlflow.stages.common.training import (MetricsLogger, ResumableSampler, load_checkpoint, save_checkpoint,
                                            seed_everything)
 
@@ -29,10 +30,7 @@ def data_seed(data: Path | None) -> int:
     if data is None:
         return SEED
     digest = hashlib.sha256()
-    # `_vlflow/` holds the upstream run's log and metrics, not its data
-    files = [data] if data.is_file() else sorted(
-        p for p in data.rglob("*") if p.is_file() and "_vlflow" not in p.relative_to(data).parts)
-    for path in files:
+    for path in data_files(data):
         digest.update(path.read_bytes())
     return int.from_bytes(digest.digest()[:4], "little")
 

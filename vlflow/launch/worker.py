@@ -10,10 +10,11 @@ import sys
 
 from vlflow.procs import die_with_parent
 
-if __name__ == "__main__" and "--launcher" not in sys.argv:
-    # torchrun's rank: tie it to the agent before the seconds of imports below, and check the agent is still its
-    # parent, so that a `vlflow run` killed while ranks start up cannot leave one behind, orphaned and waiting.
-    die_with_parent(parent_command=("torch.distributed.run", "torchrun"))
+if __name__ == "__main__":
+    # A rank never outlives its launcher agent (torchrun, orted, slurmstepd). Tied before the seconds of imports
+    # below; torchrun's ranks (no --launcher) also check the agent is still their parent, so that a `vlflow run`
+    # killed while ranks start up cannot leave one behind, orphaned and waiting.
+    die_with_parent(parent_command=() if "--launcher" in sys.argv else ("torch.distributed.run", "torchrun"))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -87,7 +88,6 @@ def run(args: argparse.Namespace, payload: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    die_with_parent()  # a rank never outlives its launcher agent (torchrun, orted, slurmstepd)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     payload = json.loads(args.payload.read_text())
     rank = os.environ.get("RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("SLURM_PROCID") or "0"
