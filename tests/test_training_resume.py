@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -145,7 +144,6 @@ def test_killed_pretraining_resumes_to_the_uninterrupted_weights(tmp_path, workf
     resumed = _weights(store, "pretrain")
 
     # the same stage uninterrupted, from scratch (a separate state dir holds no checkpoint), into the same cache
-    shutil.rmtree(project / "state" / "work", ignore_errors=True)
     _run(project, "--force", "pretrain", "--state-dir", str(tmp_path / "fresh_state"))
     uninterrupted = _weights(store, "pretrain")
     assert resumed.keys() == uninterrupted.keys()
