@@ -106,3 +106,25 @@ class GroundingArrowDataset(_ArrowDataset):
         return {"image": self._transformed_image(i), "caption": self.caption(i), "phrases": self.phrases(i),
                 "image_id": self.image_id(i), "width": self._value("width", i), "height": self._value("height", i),
                 "index": i}
+
+
+class VqaArrowDataset(_ArrowDataset):
+    """ViLT VQAv2 arrows (one row per image with its questions); several files are concatenated in order."""
+
+    columns = ("image", "questions", "answer_labels", "answer_scores", "image_id", "question_id")
+
+    def questions(self, i: int) -> list[str]:
+        return self._value("questions", i)
+
+    def targets(self, i: int) -> tuple[list[list[int]], list[list[float]]]:
+        """(labels, scores) per question; empty lists on test splits (no answers)."""
+        return self._value("answer_labels", i), self._value("answer_scores", i)
+
+    def question_ids(self, i: int) -> list[int]:
+        return self._value("question_id", i)
+
+    def __getitem__(self, i: int) -> dict:
+        labels, scores = self.targets(i)
+        return {"image": self._transformed_image(i), "questions": self.questions(i), "answer_labels": labels,
+                "answer_scores": scores, "question_id": self.question_ids(i), "image_id": self.image_id(i),
+                "index": i}

@@ -49,6 +49,10 @@ class SyntheticCocoParams(_SyntheticParams):
         default_factory=lambda: {"train": 0.7, "restval": 0.1, "val": 0.1, "test": 0.1},
         description="split -> fraction (sum 1) or image count (sum num_images); Karpathy COCO splits",
     )
+    vqa_questions_per_image: int = Field(
+        0, ge=0, le=20, description="0: no VQA files; else VQAv2 questions + annotations (v2_OpenEnded_mscoco_*, "
+                                    "v2_mscoco_*) about each image's shapes, for train2014 and val2014")
+    vqa_answer_noise: float = Field(0.1, ge=0, lt=1, description="chance that an annotator gives another answer")
 
     @field_validator("splits")
     @classmethod
@@ -145,6 +149,13 @@ class GroundingArrowParams(ArrowParams):
     splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train", "val", "test"])
 
 
+class VqaArrowParams(ArrowParams):
+    min_answer_count: int = Field(9, ge=1, description="answers that are the majority answer of fewer questions "
+                                                       "are not in the vocabulary (ViLT: 9 -> 3,129 answers)")
+    rest_val_images: int = Field(1000, ge=0, description="last val images held out as vqav2_rest_val (ViLT: 1000)")
+    seed: int = Field(0, description="seeds the row order (and so which images form rest_val)")
+
+
 STAGES = [
     StageSpec(
         name="synthetic.coco",
@@ -178,6 +189,14 @@ STAGES = [
         params=ArrowParams,
         inputs=("root",),
         description="Flickr30k Karpathy splits -> ViLT arrows (streamed).",
+    ),
+    StageSpec(
+        name="arrow.vqav2",
+        entry="vlflow.stages.data.arrow_vqa:vqav2_stage",
+        params=VqaArrowParams,
+        inputs=("root",),
+        optional_inputs=("images",),  # COCO image folders from another stage (e.g. the COCO download)
+        description="VQAv2 questions/annotations + COCO images -> ViLT's vqav2 arrows and the answer vocabulary.",
     ),
     StageSpec(
         name="arrow.grounding",

@@ -297,6 +297,106 @@ def _write_json(path: Path, obj) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# VQAv2 questions about the shapes: colour, shape, position, count and yes/no questions, each answered by 10
+# simulated annotators (most answer correctly, a few pick another answer of the same kind), so the soft VQA scores
+# (0.3 per agreeing annotator, capped at 1) are exercised.
+
+WHERE_WORDS = {cell: words.split(" ", 2)[-1] for cell, words in POSITIONS.items()}  # "at the top left" -> "top left"
+ANSWER_POOLS = {
+    "colour": tuple(COLOURS), "kind": SHAPES, "count": ("1", "2", "3"), "yes/no": ("yes", "no"),
+    "where": tuple(WHERE_WORDS.values()),
+}
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    answer: str
+    pool: str  # key of ANSWER_POOLS the wrong answers come from
+    question_type: str  # VQA's question_type: the question's opening words
+    answer_type: str  # "yes/no" | "number" | "other"
+
+
+def _questions_for(scene: Scene, rng: random.Random) -> list[Question]:
+    """Every question this generator can ask about the scene (the caller samples from them)."""
+    shapes = scene.shapes
+    kinds = [s.kind for s in shapes]
+    out = [Question("How many shapes are there?", str(len(shapes)), "count", "how many", "number")]
+    for s in shapes:
+        where = POSITIONS[(s.row, s.col)]
+        if kinds.count(s.kind) == 1:  # "the circle" must name one shape
+            out.append(Question(f"What color is the {s.kind}?", s.colour, "colour", "what color is the", "other"))
+        out.append(Question(f"What shape is {where}?", s.kind, "kind", "what shape is", "other"))
+        out.append(Question(f"What color is the shape {where}?", s.colour, "colour", "what color is the", "other"))
+        out.append(Question(f"Where is the {s.colour} {s.kind}?", WHERE_WORDS[(s.row, s.col)], "where",
+                            "where is the", "other"))
+    present = {(s.colour, s.kind) for s in shapes}
+    shown = rng.choice(shapes)
+    absent = rng.choice([(c, k) for c in COLOURS for k in SHAPES if (c, k) not in present])
+    for (colour, kind), answer in (((shown.colour, shown.kind), "yes"), (absent, "no")):
+        article = "an" if colour[0] in "aeiou" else "a"
+        out.append(Question(f"Is there {article} {colour} {kind}?", answer, "yes/no", "is there a", "yes/no"))
+    return out
+
+
+def make_questions(scene: Scene, count: int, rng: random.Random) -> list[Question]:
+    """Up to `count` different questions about the scene; yes/no questions are as likely as any one other kind."""
+    candidates = _questions_for(scene, rng)
+    by_pool: dict[str, list[Question]] = {}
+    for q in candidates:
+        by_pool.setdefault(q.pool, []).append(q)
+    pools = sorted(by_pool)
+    chosen: list[Question] = []
+    while len(chosen) < min(count, len(candidates)):
+        options = [q for q in by_pool[rng.choice(pools)] if q not in chosen]
+        if options:
+            chosen.append(rng.choice(options))
+    return chosen
+
+
+def annotator_answers(question: Question, rng: random.Random, noise: float) -> list[str]:
+    """Ten annotators' answers: the right one, or (with probability `noise`) another from the same pool; counts
+    are sometimes written as words ("two"), as people do (VQA's answer normalisation maps them back)."""
+    answers = []
+    for _ in range(10):
+        answer = question.answer
+        if rng.random() < noise:
+            answer = rng.choice([a for a in ANSWER_POOLS[question.pool] if a != question.answer])
+        if question.pool == "count" and rng.random() < 0.2:
+            answer = NUMBER_WORDS[int(answer)]
+        answers.append(answer)
+    return answers
+
+
+def write_vqa(out_dir: Path, entries: list[tuple[Scene, str, int]], params) -> dict:
+    """VQAv2 files for (scene, COCO folder, COCO id): v2_OpenEnded_mscoco_{folder}_questions.json and
+    v2_mscoco_{folder}_annotations.json in out_dir, as the official zips extract them."""
+    rng = random.Random(f"vqa-{params.seed}")  # its own stream: captions and images do not change with VQA on
+    questions: dict[str, list] = {}
+    annotations: dict[str, list] = {}
+    for scene, folder, coco_id in entries:
+        for k, question in enumerate(make_questions(scene, params.vqa_questions_per_image, rng)):
+            question_id = coco_id * 1000 + k  # VQA's numbering: image id * 1000 + index
+            answers = annotator_answers(question, rng, params.vqa_answer_noise)
+            majority = max(answers, key=lambda a: (answers.count(a), a == question.answer))
+            questions.setdefault(folder, []).append(
+                {"image_id": coco_id, "question": question.text, "question_id": question_id})
+            annotations.setdefault(folder, []).append({
+                "question_type": question.question_type, "multiple_choice_answer": majority,
+                "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                            for i, a in enumerate(answers)],
+                "image_id": coco_id, "answer_type": question.answer_type, "question_id": question_id,
+            })
+    for folder in questions:
+        common = {"info": {"description": "vlflow synthetic shapes VQA"}, "license": {}, "data_type": "mscoco",
+                  "data_subtype": folder}
+        _write_json(out_dir / f"v2_OpenEnded_mscoco_{folder}_questions.json",
+                    {**common, "task_type": "Open-Ended", "questions": questions[folder]})
+        _write_json(out_dir / f"v2_mscoco_{folder}_annotations.json", {**common, "annotations": annotations[folder]})
+    return {folder: len(items) for folder, items in questions.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # COCO 2014 + Karpathy.
 
 
@@ -311,7 +411,7 @@ def generate_coco(out_dir: Path, params) -> dict:
     for folder in ("train2014", "val2014"):
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
 
-    images, jobs, sentid = [], [], 0
+    images, jobs, vqa_entries, sentid = [], [], [], 0
     for scene, split, coco_id in zip(scenes, splits, coco_ids):
         folder = "train2014" if split == "train" else "val2014"  # Karpathy's val/test/restval come from val2014
         filename = f"COCO_{folder}_{coco_id:012d}.jpg"
@@ -324,9 +424,13 @@ def generate_coco(out_dir: Path, params) -> dict:
         images.append({"filepath": folder, "sentids": [s["sentid"] for s in sentences], "filename": filename,
                        "imgid": scene.index, "split": split, "sentences": sentences, "cocoid": coco_id})
         jobs.append((scene, out_dir / folder / filename))
+        vqa_entries.append((scene, folder, coco_id))
     _write_images(jobs, params)
     _write_json(out_dir / "karpathy" / "dataset_coco.json", {"images": images, "dataset": "coco"})
-    return {"images": len(images), "captions": sentid, "splits": _count(splits)}
+    metrics = {"images": len(images), "captions": sentid, "splits": _count(splits)}
+    if params.vqa_questions_per_image:
+        metrics["vqa_questions"] = write_vqa(out_dir, vqa_entries, params)
+    return metrics
 
 
 def coco_stage(ctx) -> dict:

@@ -1,0 +1,187 @@
+"""arrow.vqav2: VQAv2 questions + annotations and COCO images -> ViLT's vqav2_{split}.arrow files.
+
+As ViLT's write_vqa.py: one row per image with the image's questions; the answer vocabulary is every normalised
+`multiple_choice_answer` of train + val seen at least `min_answer_count` (9) times; each question's labels are the
+vocabulary answers its 10 annotators gave, scored 0.3 per annotator (capped at 1.0); train/val questions without
+any vocabulary answer are dropped, and so are images left without questions. `vqav2_val` is split into
+`vqav2_trainable_val` and the last `rest_val_images` rows, `vqav2_rest_val` (ViLT's held-out val). Test and test-dev
+(no answers) are written when their question files are present.
+
+Two deliberate differences: rows are ordered by a seeded shuffle (ViLT shuffles without a seed, so its rest_val is a
+different random set on every conversion), and annotator answers are normalised like the majority answers (ViLT
+compares them raw, so an annotator's "two" never counts for the label "2"). Also writes `vqa_answers.json` (the
+label -> answer list), which the VQA stages read.
+
+Inputs: `root` holds the v2_*.json files (and image folders); the optional `images` input is another directory with
+COCO image folders (train2014/, val2014/, test2015/, e.g. the COCO download), searched before `root`.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+
+from .arrow_common import ConversionReport, ImageRow, convert, load_json, require
+from .errors import DataError
+
+VQA_SCHEMA = pa.schema([
+    ("image", pa.binary()),
+    ("questions", pa.list_(pa.string())),
+    ("answers", pa.list_(pa.list_(pa.string()))),
+    ("answer_labels", pa.list_(pa.list_(pa.int64()))),
+    ("answer_scores", pa.list_(pa.list_(pa.float64()))),
+    ("image_id", pa.int64()),
+    ("question_id", pa.list_(pa.int64())),
+    ("split", pa.string()),
+])
+ANSWERS_FILE = "vqa_answers.json"
+# split -> (questions file subtype, image folder, annotated)
+SOURCES = {
+    "train": ("train2014", "train2014", True),
+    "val": ("val2014", "val2014", True),
+    "test": ("test2015", "test2015", False),
+    "test-dev": ("test-dev2015", "test2015", False),
+}
+
+# The VQA evaluation's answer normalisation (numbers as digits, no articles, punctuation handled as its
+# processPunctuation/processDigitArticle do, common contractions restored).
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = {"a", "an", "the"}
+_CONTRACTIONS = {"aint": "ain't", "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "didnt": "didn't",
+                 "doesnt": "doesn't", "dont": "don't", "hasnt": "hasn't", "havent": "haven't", "isnt": "isn't",
+                 "im": "i'm", "ive": "i've", "itll": "it'll", "lets": "let's", "shouldnt": "shouldn't",
+                 "thats": "that's", "theres": "there's", "theyre": "they're", "wasnt": "wasn't", "werent": "weren't",
+                 "whats": "what's", "wont": "won't", "wouldnt": "wouldn't", "youre": "you're"}
+_PUNCTUATION = ";/[]\"{}()=+\\_-><@`,?!*#%^&$"
+_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
+
+
+def normalize_answer(answer: str) -> str:
+    text = answer.replace("\n", " ").replace("\t", " ").strip().lower()
+    for p in _PUNCTUATION:
+        if (p + " " in text or " " + p in text) or _COMMA_BETWEEN_DIGITS.search(text):
+            text = text.replace(p, "")
+        else:
+            text = text.replace(p, " ")
+    text = _PERIOD.sub("", text)
+    words = []
+    for word in text.split():
+        word = _NUMBERS.get(word, word)
+        if word not in _ARTICLES:
+            words.append(_CONTRACTIONS.get(word, word))
+    return " ".join(words)
+
+
+def answer_score(count: int) -> float:
+    """VQA's soft score for an answer `count` of the 10 annotators gave, in ViLT's steps (0.3 each, 4+ -> 1)."""
+    return (0.0, 0.3, 0.6, 0.9)[count] if count < 4 else 1.0
+
+
+def _questions(root: Path, subtype: str) -> tuple[Path, list[dict]]:
+    path = root / f"v2_OpenEnded_mscoco_{subtype}_questions.json"
+    items = require(load_json(path), "questions", path, "", list)
+    for i, q in enumerate(items):
+        for key, kind in (("image_id", int), ("question_id", int), ("question", str)):
+            require(q, key, path, f"questions[{i}]", kind)
+    return path, items
+
+
+def _annotations(root: Path, subtype: str) -> tuple[Path, list[dict]]:
+    path = root / f"v2_mscoco_{subtype}_annotations.json"
+    items = require(load_json(path), "annotations", path, "", list)
+    for i, a in enumerate(items):
+        require(a, "question_id", path, f"annotations[{i}]", int)
+        require(a, "multiple_choice_answer", path, f"annotations[{i}]", str)
+        for j, given in enumerate(require(a, "answers", path, f"annotations[{i}]", list)):
+            require(given, "answer", path, f"annotations[{i}].answers[{j}]", str)
+    return path, items
+
+
+def answer_vocabulary(annotations: list[list[dict]], min_count: int) -> list[str]:
+    """Normalised majority answers of all annotated splits seen >= min_count times, in first-seen order (ViLT)."""
+    counts = Counter(normalize_answer(a["multiple_choice_answer"]) for items in annotations for a in items)
+    return [answer for answer, n in counts.items() if n >= min_count]
+
+
+def question_targets(annotation: dict, label_of: dict[str, int]) -> tuple[list[int], list[float]]:
+    """(labels, scores) of one question: each vocabulary answer its annotators gave, with its soft score."""
+    given = Counter(normalize_answer(a["answer"]) for a in annotation["answers"])
+    labels, scores = [], []
+    for answer, count in given.items():
+        if answer in label_of:
+            labels.append(label_of[answer])
+            scores.append(answer_score(count))
+    return labels, scores
+
+
+def vqa_rows(root: Path, params, images: Path | None = None) -> tuple[dict[str, list[ImageRow]], list[str], Path]:
+    root = Path(root)
+    present = {split: src for split, src in SOURCES.items()
+               if (root / f"v2_OpenEnded_mscoco_{src[0]}_questions.json").is_file()}
+    for split in ("train", "val"):
+        if split not in present:
+            raise DataError(f"VQAv2 {split} questions not found (expected "
+                            f"v2_OpenEnded_mscoco_{SOURCES[split][0]}_questions.json in the root)", file=str(root))
+    annotations = {split: _annotations(root, SOURCES[split][0]) for split in ("train", "val")}
+    answers = answer_vocabulary([items for _, items in annotations.values()], params.min_answer_count)
+    if not answers:
+        raise DataError(f"no answer is the majority answer of {params.min_answer_count}+ questions; lower "
+                        f"min_answer_count", file=str(annotations["train"][0]))
+    label_of = {answer: i for i, answer in enumerate(answers)}
+
+    rows: dict[str, list[ImageRow]] = {}
+    for split, (subtype, folder, annotated) in present.items():
+        questions_path, questions = _questions(root, subtype)
+        targets = {}
+        if annotated:
+            targets = {a["question_id"]: question_targets(a, label_of) for a in annotations[split][1]}
+        per_image: dict[int, list[dict]] = {}
+        for i, q in enumerate(questions):
+            if annotated:
+                if q["question_id"] not in targets:
+                    raise DataError(f"question {q['question_id']} has no annotation", file=str(questions_path),
+                                    field=f"questions[{i}]")
+                if not targets[q["question_id"]][0]:  # no vocabulary answer: ViLT drops the question
+                    continue
+            per_image.setdefault(q["image_id"], []).append(q)
+        image_ids = sorted(per_image)
+        random.Random(f"{params.seed}-{split}").shuffle(image_ids)
+        image_dir = images / folder if images is not None and (Path(images) / folder).is_dir() else root / folder
+        rows[split] = []
+        for image_id in image_ids:
+            qs = per_image[image_id]
+            labels = [targets[q["question_id"]][0] for q in qs] if annotated else []
+            rows[split].append(ImageRow(image_dir / f"COCO_{folder}_{image_id:012d}.jpg", {
+                "questions": [q["question"] for q in qs],
+                "answers": [[answers[label] for label in ls] for ls in labels],
+                "answer_labels": labels,
+                "answer_scores": [targets[q["question_id"]][1] for q in qs] if annotated else [],
+                "image_id": image_id,
+                "question_id": [q["question_id"] for q in qs],
+                "split": split,
+            }))
+    # ViLT's held-out val: the last rest_val_images images of val; the rest is trainable
+    cut = max(0, len(rows["val"]) - params.rest_val_images)
+    rows["trainable_val"], rows["rest_val"] = rows["val"][:cut], rows["val"][cut:]
+    return rows, answers, annotations["train"][0]
+
+
+def convert_vqav2(root: Path, out_dir: Path, params, images: Path | None = None) -> ConversionReport:
+    rows, answers, source = vqa_rows(Path(root), params, Path(images) if images is not None else None)
+    report = convert(Path(root), out_dir, source, rows, lambda split: f"vqav2_{split}.arrow", VQA_SCHEMA, params)
+    (Path(out_dir) / ANSWERS_FILE).write_text(json.dumps({"label2answer": answers,
+                                                          "min_answer_count": params.min_answer_count}, indent=1))
+    return report
+
+
+def vqav2_stage(ctx) -> dict:
+    report = convert_vqav2(ctx.inputs["root"], ctx.output_dir, ctx.params, ctx.inputs.get("images"))
+    metrics = report.metrics()
+    metrics["answers"] = len(json.loads((ctx.output_dir / ANSWERS_FILE).read_text())["label2answer"])
+    return metrics

@@ -1,0 +1,192 @@
+"""VQAv2: the synthetic generator's question/annotation files, and arrow.vqav2's rows, answer vocabulary, soft
+scores, held-out val and errors."""
+import io
+import json
+import re
+import shutil
+from collections import Counter
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from vlflow.stages.data.arrow_vqa import answer_score, convert_vqav2, normalize_answer, question_targets
+from vlflow.stages.data.errors import DataError
+from vlflow.stages.data.spec import SyntheticCocoParams, VqaArrowParams
+from vlflow.stages.data.synthetic import ANSWER_POOLS, COLOURS, SHAPES, generate_coco
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco_vqa")
+    # complete captions name every shape with colour and position: the answers can be checked against them
+    generate_coco(root, SyntheticCocoParams(num_images=40, image_size=48, seed=5, vqa_questions_per_image=4,
+                                            caption_style="complete",
+                                            splits={"train": 30, "restval": 0, "val": 5, "test": 5}))
+    return root
+
+
+def read(path) -> pa.Table:
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_file(source).read_all()
+
+
+def test_synthetic_vqa_files_follow_the_vqav2_layout(coco):
+    karpathy = json.loads((coco / "karpathy" / "dataset_coco.json").read_text())["images"]
+    for folder, images in (("train2014", 30), ("val2014", 10)):
+        questions = json.loads((coco / f"v2_OpenEnded_mscoco_{folder}_questions.json").read_text())
+        annotations = json.loads((coco / f"v2_mscoco_{folder}_annotations.json").read_text())
+        assert questions["data_subtype"] == annotations["data_subtype"] == folder
+        assert len(questions["questions"]) == len(annotations["annotations"]) == 4 * images
+        ids = [q["question_id"] for q in questions["questions"]]
+        assert len(set(ids)) == len(ids) and ids == [a["question_id"] for a in annotations["annotations"]]
+        for q in questions["questions"]:
+            assert (coco / folder / f"COCO_{folder}_{q['image_id']:012d}.jpg").is_file()
+            assert q["question_id"] // 1000 == q["image_id"]  # VQA numbering
+        for a in annotations["annotations"]:
+            answers = [x["answer"] for x in a["answers"]]
+            assert len(answers) == 10 and [x["answer_id"] for x in a["answers"]] == list(range(1, 11))
+            assert Counter(answers)[a["multiple_choice_answer"]] == max(Counter(answers).values())
+            assert a["answer_type"] in ("yes/no", "number", "other")
+    assert {e["cocoid"] for e in karpathy} >= {q["image_id"] for q in questions["questions"]}
+
+
+def test_synthetic_answers_are_right_about_the_picture(coco):
+    """The majority answer of each question matches the scene as the captions describe it."""
+    captions = {e["cocoid"]: e["sentences"][0]["raw"].lower()
+                for e in json.loads((coco / "karpathy" / "dataset_coco.json").read_text())["images"]}
+    questions = {q["question_id"]: q for q in
+                 json.loads((coco / "v2_OpenEnded_mscoco_train2014_questions.json").read_text())["questions"]}
+    checked = Counter()
+    for a in json.loads((coco / "v2_mscoco_train2014_annotations.json").read_text())["annotations"]:
+        text, answer = questions[a["question_id"]]["question"], normalize_answer(a["multiple_choice_answer"])
+        said = captions[a["image_id"]]
+        if m := re.fullmatch(r"What color is the shape (.+)\?", text):
+            where = m.group(1)
+            assert re.search(rf"{answer} \w+ {where}|{where} an? {answer}", said), (text, answer, said)
+            checked["colour"] += 1
+        elif m := re.fullmatch(r"Is there an? (\w+) (\w+)\?", text):
+            assert (f"{m.group(1)} {m.group(2)}" in said) == (answer == "yes"), (text, answer, said)
+            checked["yes/no"] += 1
+        elif text == "How many shapes are there?":
+            named = sum(said.count(f"{c} {k}") for c in COLOURS for k in SHAPES)
+            assert answer == str(named), (answer, said)
+            checked["count"] += 1
+    assert min(checked.values()) >= 3, checked
+    assert set(ANSWER_POOLS["count"]) == {"1", "2", "3"}
+
+
+def test_vqa_files_do_not_change_the_captions_or_images(coco, tmp_path):
+    plain = tmp_path / "plain"
+    generate_coco(plain, SyntheticCocoParams(num_images=40, image_size=48, seed=5, caption_style="complete",
+                                             splits={"train": 30, "restval": 0, "val": 5, "test": 5}))
+    assert not list(plain.glob("v2_*.json"))
+    assert (plain / "karpathy" / "dataset_coco.json").read_bytes() == (coco / "karpathy" /
+                                                                       "dataset_coco.json").read_bytes()
+    for image in (plain / "val2014").iterdir():
+        assert image.read_bytes() == (coco / "val2014" / image.name).read_bytes()
+
+
+def test_answer_normalisation_and_scores():
+    assert normalize_answer("Two") == "2"
+    assert normalize_answer("the dog.") == "dog"
+    assert normalize_answer(" Yes! ") == "yes"
+    assert normalize_answer("dont") == "don't"
+    assert normalize_answer("3.5") == "3.5"
+    assert [answer_score(n) for n in range(6)] == [0.0, 0.3, 0.6, 0.9, 1.0, 1.0]
+    # annotators' answers are normalised before counting: "Two", "two" and "2" are three votes for "2"
+    given = [{"answer": a} for a in ("Two", "two", "2", "3", "many", "lots", "?", "", "4", "4")]
+    assert question_targets({"answers": given}, {"2": 0, "3": 1, "5": 2}) == ([0, 1], [0.9, 0.3])
+
+
+def test_arrows_rows_labels_and_held_out_val(coco, tmp_path):
+    report = convert_vqav2(coco, tmp_path, VqaArrowParams(rest_val_images=4, batch_rows=3, min_answer_count=2))
+    answers = json.loads((tmp_path / "vqa_answers.json").read_text())["label2answer"]
+    assert len(answers) == len(set(answers)) and "2" in answers and "two" not in answers
+    annotations = {a["question_id"]: a for folder in ("train2014", "val2014") for a in
+                   json.loads((coco / f"v2_mscoco_{folder}_annotations.json").read_text())["annotations"]}
+    tables = {s: read(tmp_path / f"vqav2_{s}.arrow") for s in ("train", "val", "trainable_val", "rest_val")}
+    assert tables["train"].schema.names == ["image", "questions", "answers", "answer_labels", "answer_scores",
+                                            "image_id", "question_id", "split"]
+    assert report.splits["train"]["rows"] == 30 and report.splits["val"]["rows"] == 10
+    for row in tables["train"].to_pylist() + tables["val"].to_pylist():
+        assert Image.open(io.BytesIO(row["image"])).size[0] == 48
+        assert len(row["questions"]) == len(row["answer_labels"]) == len(row["question_id"])
+        for qid, labels, scores, texts in zip(row["question_id"], row["answer_labels"], row["answer_scores"],
+                                              row["answers"]):
+            given = Counter(normalize_answer(x["answer"]) for x in annotations[qid]["answers"])
+            expected = {answers.index(a): answer_score(n) for a, n in given.items() if a in answers}
+            assert dict(zip(labels, scores)) == expected
+            assert texts == [answers[label] for label in labels]
+    # rest_val is the last 4 images of val, trainable_val the others, in order
+    val_ids = tables["val"].column("image_id").to_pylist()
+    assert tables["trainable_val"].column("image_id").to_pylist() == val_ids[:-4]
+    assert tables["rest_val"].column("image_id").to_pylist() == val_ids[-4:]
+    # the order is a seeded shuffle: the same seed gives the same rows, another seed another order
+    again, other = tmp_path / "again", tmp_path / "other"
+    convert_vqav2(coco, again, VqaArrowParams(rest_val_images=4, min_answer_count=2))
+    convert_vqav2(coco, other, VqaArrowParams(rest_val_images=4, min_answer_count=2, seed=1))
+    assert read(again / "vqav2_val.arrow").equals(tables["val"])
+    assert read(other / "vqav2_val.arrow").column("image_id").to_pylist() != val_ids
+
+
+def test_rare_answers_leave_the_vocabulary_and_their_questions_the_rows(coco, tmp_path):
+    convert_vqav2(coco, tmp_path, VqaArrowParams(min_answer_count=15, rest_val_images=0))
+    answers = json.loads((tmp_path / "vqa_answers.json").read_text())["label2answer"]
+    majority = Counter(normalize_answer(a["multiple_choice_answer"]) for folder in ("train2014", "val2014")
+                       for a in json.loads((coco / f"v2_mscoco_{folder}_annotations.json").read_text())["annotations"])
+    assert set(answers) == {a for a, n in majority.items() if n >= 15} and len(answers) < len(majority)
+    train = read(tmp_path / "vqav2_train.arrow").to_pylist()
+    kept = sum(len(r["questions"]) for r in train)
+    assert 0 < kept < 120  # questions whose annotators gave no vocabulary answer are dropped
+    assert all(labels for r in train for labels in r["answer_labels"])
+
+
+def test_test_splits_are_written_without_answers_when_present(coco, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(coco, root)
+    (root / "test2015").mkdir()
+    Image.new("RGB", (48, 48)).save(root / "test2015" / "COCO_test2015_000000000007.jpg")
+    questions = [{"image_id": 7, "question": "What color is it?", "question_id": 7000}]
+    for subtype in ("test2015", "test-dev2015"):
+        (root / f"v2_OpenEnded_mscoco_{subtype}_questions.json").write_text(json.dumps({"questions": questions}))
+    convert_vqav2(root, tmp_path / "out", VqaArrowParams(min_answer_count=2, rest_val_images=2))
+    for split in ("test", "test-dev"):
+        rows = read(tmp_path / "out" / f"vqav2_{split}.arrow").to_pylist()
+        assert [(r["image_id"], r["questions"], r["answer_labels"], r["split"]) for r in rows] == \
+            [(7, ["What color is it?"], [], split)]
+
+
+def test_missing_and_malformed_files_name_file_and_field(coco, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(coco, root)
+    (root / "v2_OpenEnded_mscoco_val2014_questions.json").unlink()
+    with pytest.raises(DataError, match="val questions not found"):
+        convert_vqav2(root, tmp_path / "out", VqaArrowParams())
+    shutil.copy(coco / "v2_OpenEnded_mscoco_val2014_questions.json", root)
+    path = root / "v2_mscoco_train2014_annotations.json"
+    data = json.loads(path.read_text())
+    del data["annotations"][3]["answers"][2]["answer"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError) as failure:
+        convert_vqav2(root, tmp_path / "out", VqaArrowParams())
+    assert "v2_mscoco_train2014_annotations.json" in str(failure.value)
+    assert "annotations[3].answers[2].answer" in str(failure.value)
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+def test_images_input_supplies_the_image_folders(coco, tmp_path):
+    questions_only = tmp_path / "vqa_download"
+    questions_only.mkdir()
+    for path in coco.glob("v2_*.json"):
+        shutil.copy(path, questions_only)
+    convert_vqav2(questions_only, tmp_path / "out", VqaArrowParams(min_answer_count=2, rest_val_images=2),
+                  images=coco)
+    convert_vqav2(coco, tmp_path / "reference", VqaArrowParams(min_answer_count=2, rest_val_images=2))
+    for split in ("train", "val", "trainable_val", "rest_val"):
+        assert read(tmp_path / "out" / f"vqav2_{split}.arrow").equals(read(tmp_path / "reference" /
+                                                                           f"vqav2_{split}.arrow"))
+    # without it, every image is missing from the questions-only root and reported
+    report = convert_vqav2(questions_only, tmp_path / "missing", VqaArrowParams(min_answer_count=2))
+    assert report.splits["train"]["rows"] == 0
+    assert len({bad["path"] for bad in report.bad_images}) == 40  # each image once (val's are in 3 files)
