@@ -66,3 +66,26 @@ def test_bpe_loads_with_autotokenizer(tmp_path):
 def test_no_matching_files_is_a_clear_error(tmp_path):
     with pytest.raises(StageError, match="files_glob"):
         run_stage(tmp_path, files_glob="*nothing*.arrow")
+
+
+def test_questions_input_adds_the_vqa_questions_words(tmp_path):
+    questions = tmp_path / "vqa"
+    questions.mkdir()
+    table = pa.table({"questions": pa.array([["What color is the circle?"] * 3, ["How many shapes?"] * 3],
+                                            pa.list_(pa.string()))})
+    with pa.OSFile(str(questions / "vqav2_train.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    with_questions, without = tmp_path / "with", tmp_path / "without"
+    for root, inputs in ((with_questions, {"questions": questions}), (without, {})):
+        root.mkdir()
+        arrows = root / "arrows"
+        arrows.mkdir()
+        write_arrow(arrows / "coco_caption_karpathy_train.arrow", CAPTIONS)
+        (root / "out").mkdir()
+        ctx = StageContext(stage="tok", params=TOKENIZER_TRAIN.params(vocab_size=200),
+                           inputs={"arrows": arrows, **inputs}, output_dir=root / "out", log=logging.getLogger("t"))
+        metrics = TOKENIZER_TRAIN.load()(ctx)
+        assert metrics["files"] == 1 + len(inputs)
+    assert {"what", "color", "many"} <= set(AutoTokenizer.from_pretrained(with_questions / "out").get_vocab())
+    assert "what" not in AutoTokenizer.from_pretrained(without / "out").get_vocab()
+    assert "circle" in AutoTokenizer.from_pretrained(with_questions / "out").get_vocab()  # captions still read

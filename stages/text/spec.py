@@ -16,6 +16,9 @@ class TokenizerTrainParams(Params):
     files_glob: str = Field("*train*.arrow",
                             description="arrow files (inside the `arrows` input) to read captions from")
     caption_column: str = "caption"
+    questions_glob: str = Field("vqav2_train.arrow",
+                                description="VQA arrow files (inside the optional `questions` input) whose questions "
+                                            "are read too")
     min_frequency: int = Field(1, ge=1)
 
 
@@ -24,6 +27,7 @@ TOKENIZER_TRAIN = StageSpec(
     entry="vlflow.stages.text.tokenizer:train_tokenizer",
     params=TokenizerTrainParams,
     inputs=("arrows",),
+    optional_inputs=("questions",),
     description="Train a WordPiece/BPE tokenizer on arrow captions; saves a transformers-loadable directory",
 )
 

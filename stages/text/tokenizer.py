@@ -1,7 +1,9 @@
-"""`tokenizer.train`: trains a tokenizer on the caption column of arrow files and saves it with save_pretrained,
-so that `AutoTokenizer.from_pretrained(output_dir)` loads it."""
+"""`tokenizer.train`: trains a tokenizer on the caption column of arrow files (and, given a `questions` input, the
+questions of VQA arrows) and saves it with save_pretrained, so that `AutoTokenizer.from_pretrained(output_dir)` loads
+it."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Iterator
 
@@ -51,15 +53,23 @@ def train_bpe(texts: Iterator[str], vocab_size: int, lowercase: bool, min_freque
     return RobertaTokenizerFast(tokenizer_object=backend._tokenizer)
 
 
+def _matching(directory: Path, glob: str, field: str) -> list[Path]:
+    files = sorted(directory.glob(glob)) if directory.is_dir() else [directory]
+    if not files:
+        raise StageError(f"no files match {glob!r} in {directory}", field=field)
+    return files
+
+
 def train_tokenizer(ctx: StageContext) -> dict:
     p = ctx.params
-    arrows_dir = ctx.inputs["arrows"]
-    files = sorted(arrows_dir.glob(p.files_glob)) if arrows_dir.is_dir() else [arrows_dir]
-    if not files:
-        raise StageError(f"no files match {p.files_glob!r} in {arrows_dir}", field="with.files_glob")
+    files = _matching(ctx.inputs["arrows"], p.files_glob, "with.files_glob")
+    texts = iter_captions(files, p.caption_column)
+    if ctx.inputs.get("questions") is not None:
+        question_files = _matching(ctx.inputs["questions"], p.questions_glob, "with.questions_glob")
+        texts = itertools.chain(texts, iter_captions(question_files, "questions"))
+        files = files + question_files  # a new list: `texts` still iterates the caption files
     train = train_wordpiece if p.kind == "wordpiece" else train_bpe
-    tokenizer: PreTrainedTokenizerFast = train(iter_captions(files, p.caption_column), p.vocab_size, p.lowercase,
-                                               p.min_frequency)
+    tokenizer: PreTrainedTokenizerFast = train(texts, p.vocab_size, p.lowercase, p.min_frequency)
     tokenizer.save_pretrained(str(ctx.output_dir))
     ctx.log.info("trained %s tokenizer, %d tokens, from %s", p.kind, len(tokenizer), [f.name for f in files])
     return {"vocab_size": len(tokenizer), "files": len(files)}
