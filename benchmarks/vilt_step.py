@@ -87,7 +87,7 @@ def main() -> None:
     plain_model = ViltPretrainingModel(config).to(device)
     stage_model = copy.deepcopy(plain_model)
 
-    plain_optimizer = torch.optim.AdamW(decay_groups(plain_model, 0.01), lr=1e-4, betas=(0.9, 0.98))
+    plain_optimizer = torch.optim.AdamW(decay_groups(plain_model, 0.01, 1e-4), lr=1e-4, betas=(0.9, 0.98))
 
     def plain_step():
         loss = plain_model(mlm_batch=mlm, itm_batch=itm)["loss"]
@@ -96,7 +96,7 @@ def main() -> None:
         plain_optimizer.zero_grad()
 
     booster, _ = make_booster(LaunchSpec(plugin=args.plugin, precision=args.precision))
-    optimizer = torch.optim.AdamW(decay_groups(stage_model, 0.01), lr=1e-4, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(decay_groups(stage_model, 0.01, 1e-4), lr=1e-4, betas=(0.9, 0.98))
     boosted, optimizer, *_ = booster.boost(stage_model, optimizer)
 
     def stage_step():

@@ -1,7 +1,8 @@
-"""End to end: `vlflow run workflows/tiny_vilt.yaml` (synthetic COCO -> arrows -> tokenizer -> ViLT pretrain ->
-retrieval finetune, both on 2 gloo ranks through the launcher -> evaluation) must finish within 10 minutes on 2 CPU
-cores, retrieve far better than chance on the test split, and a second run of the same workflow must be all cache
-hits."""
+"""End to end: `vlflow run workflows/tiny_vilt.yaml` (synthetic COCO + VQAv2 files -> arrows -> tokenizer -> ViLT
+pretrain -> retrieval finetune -> retrieval evaluation, and VQA finetune -> VQA evaluation, each training and
+evaluation on 2 gloo ranks through the launcher) must finish within 10 minutes on 2 CPU cores, retrieve far better
+than chance on the test split, answer the held-out questions far better than the best constant answer, and a second
+run of the same workflow must be all cache hits."""
 import json
 import os
 import re
@@ -36,11 +37,24 @@ def test_tiny_vilt_workflow_retrieves_above_chance(tmp_path):
     assert len(metrics) == 1, found
     test = metrics[0]["all"]
     assert metrics[0]["head"] == "rank"  # scored by the fine-tuned model
+    assert metrics[0]["ranks"] == 2  # the pairs were scored by both ranks
     # R@1 at least 5x chance (chance = 1 / number of candidate images) in both directions
     assert test["ir_r1"] >= 5 * test["chance_r1"], test
     assert test["tr_r1"] >= 5 * test["chance_r1"], test
     assert test["ir_r1"] <= test["ir_r5"] <= test["ir_r10"] <= 1
     assert test["tr_r1"] <= test["tr_r5"] <= test["tr_r10"] <= 1
+
+    # VQA on the 50 held-out val images (rest_val): far above answering every question with the best single answer
+    vqa = [(p.parent, json.loads(p.read_text())) for p in cache.rglob("metrics.json")
+           if p.parent.name != "_vlflow" and "vqa_score" in p.read_text()]
+    assert len(vqa) == 1, vqa
+    vqa_dir, vqa_metrics = vqa[0]
+    assert vqa_metrics["split"] == "rest_val" and vqa_metrics["questions"] == vqa_metrics["annotated"] == 250
+    assert vqa_metrics["vqa_score"] >= 2.5 * vqa_metrics["best_constant_score"], vqa_metrics
+    assert vqa_metrics["vqa_score"] <= vqa_metrics["ceiling"] <= 1
+    predictions = json.loads((vqa_dir / "predictions.json").read_text())  # VQA challenge submission format
+    assert len(predictions) == 250 and set(predictions[0]) == {"question_id", "answer"}
+    assert len({p["question_id"] for p in predictions}) == 250
 
     # the same workflow on the same cache again: every stage is a cache hit, nothing reruns
     again = subprocess.run(
@@ -49,4 +63,4 @@ def test_tiny_vilt_workflow_retrieves_above_chance(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ),
     )
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-    assert re.search(r"\b0 ran\b", again.stdout), again.stdout[-4000:]  # not "10 ran"
+    assert re.search(r"\b0 ran\b", again.stdout), again.stdout[-4000:]  # not "9 ran"

@@ -1,18 +1,22 @@
 """ViLT model, batches and metrics, in-process (no launcher): shapes, masking, ITM negatives, saved layout,
-ViT initialisation and exact recall@k."""
+ViT initialisation, the VQA head and exact recall@k."""
 import io
 
 import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
-from transformers import ViltForImageAndTextRetrieval, ViltForMaskedLM
+import torch.nn.functional as F
+from transformers import ViltForImageAndTextRetrieval, ViltForMaskedLM, ViltForQuestionAnswering
 
 from vlflow.stages.text.tokenizer import train_wordpiece
-from vlflow.stages.vilt.data import CaptionPairs, MlmMasker, PairCollator, image_dataset, swap_images_for_itm
+from vlflow.stages.vilt.data import (CaptionPairs, MlmMasker, PairCollator, QuestionCollator, image_dataset,
+                                     swap_images_for_itm)
 from vlflow.stages.vilt.evaluate import recall_at_k, subset_recall, subsets_for
-from vlflow.stages.vilt.model import (ITM_HEAD_FILE, ViltPretrainingModel, ViltRetrievalTrainingModel, build_config,
-                                      embed_images, encode, load_vit_weights, retrieval_model_from_pretraining)
+from vlflow.stages.vilt.model import (ITM_HEAD_FILE, ViltPretrainingModel, ViltRetrievalTrainingModel,
+                                      ViltVqaTrainingModel, build_config, embed_images, encode, load_vit_weights,
+                                      retrieval_model_from_pretraining, vqa_model_from_pretraining)
+from vlflow.stages.vilt.train import decay_groups
 from vlflow.stages.vilt.spec import ViltPretrainParams
 
 torch.set_num_threads(1)
@@ -190,6 +194,65 @@ def test_retrieval_training_loss_prefers_true_caption(params, tokenizer, batch):
     assert model.retrieval.rank_output.weight.grad is not None
 
 
+def test_vqa_model_from_pretraining_saves_as_vilt_for_question_answering(tmp_path, params, tokenizer, batch):
+    pretrained = make_model(params, tokenizer)
+    pretrained.save(tmp_path / "pretrained")
+    answers = ["yes", "no", "2", "red"]
+    vqa = vqa_model_from_pretraining(tmp_path / "pretrained", answers).eval()
+    assert vqa.config.id2label == dict(enumerate(answers)) and vqa.config.num_labels == 4
+    for name, value in pretrained.vilt.state_dict().items():
+        assert torch.equal(vqa.vilt.state_dict()[name], value), name
+    vqa.save_pretrained(tmp_path / "vqa")
+    loaded, info = ViltForQuestionAnswering.from_pretrained(tmp_path / "vqa", output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    assert loaded.config.id2label[3] == "red"  # transformers users get answer strings, not label numbers
+    # our path (embed_images + encode + classifier) gives what transformers' own forward gives on the saved model
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_mask")}
+    ours = ViltVqaTrainingModel(vqa).logits(inputs["pixel_values"], inputs["pixel_mask"], inputs["input_ids"],
+                                            inputs["attention_mask"])
+    assert torch.allclose(loaded.eval()(**inputs).logits, ours, atol=1e-5)
+
+
+def test_vqa_loss_is_vilt_scaled_bce_and_score_is_the_top_answers(params, tokenizer, batch):
+    torch.manual_seed(0)
+    model = ViltVqaTrainingModel(vqa_model_from_pretraining_free(params, tokenizer, num_answers=3)).eval()  # no dropout
+    samples = [{"pixel_values": batch["pixel_values"][i, :, :64, :64], "text": "what is it?",
+                "answer_labels": labels, "answer_scores": scores, "question_id": i, "image_index": i}
+               for i, (labels, scores) in enumerate([([0], [1.0]), ([1, 2], [0.6, 0.3]), ([], []), ([2], [0.9])])]
+    collated = QuestionCollator(tokenizer, params.max_text_len, 3)(samples)
+    assert torch.allclose(collated["targets"], torch.tensor([[1, 0, 0], [0, 0.6, 0.3], [0, 0, 0], [0, 0, 0.9]]))
+    out = model(collated["pixel_values"], collated["pixel_mask"], collated["input_ids"], collated["attention_mask"],
+                collated["targets"])
+    logits = model.logits(collated["pixel_values"], collated["pixel_mask"], collated["input_ids"],
+                          collated["attention_mask"])
+    assert out["loss"].item() == pytest.approx(
+        3 * F.binary_cross_entropy_with_logits(logits, collated["targets"]).item(), rel=1e-5)
+    expected_score = collated["targets"][torch.arange(4), logits.argmax(1)].mean().item()
+    assert out["vqa_score"].item() == pytest.approx(expected_score)
+
+
+def vqa_model_from_pretraining_free(params, tokenizer, num_answers: int) -> ViltForQuestionAnswering:
+    config = build_config(params, len(tokenizer), tokenizer.pad_token_id)
+    config.id2label = {i: str(i) for i in range(num_answers)}
+    return ViltForQuestionAnswering(config)
+
+
+def test_decay_groups_spare_bias_and_norms_and_speed_up_new_heads(params, tokenizer):
+    model = ViltVqaTrainingModel(vqa_model_from_pretraining_free(params, tokenizer, num_answers=5))
+    groups = decay_groups(model, weight_decay=0.01, lr=1e-4, head_lr_mult={"vqa.classifier.": 10.0})
+    of = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(of) == len(named)  # every trainable parameter in exactly one group
+    assert of[id(named["vqa.classifier.0.weight"])]["lr"] == pytest.approx(1e-3)
+    assert of[id(named["vqa.classifier.0.weight"])]["weight_decay"] == 0.01
+    assert of[id(named["vqa.classifier.1.weight"])]["weight_decay"] == 0.0  # LayerNorm inside the head
+    assert of[id(named["vqa.classifier.3.bias"])]["lr"] == pytest.approx(1e-3)
+    assert of[id(named["vqa.vilt.encoder.layer.0.attention.attention.query.weight"])] == \
+        {"params": of[id(named["vqa.vilt.encoder.layer.0.attention.attention.query.weight"])]["params"],
+         "weight_decay": 0.01, "lr": 1e-4}
+    assert of[id(named["vqa.vilt.encoder.layer.0.attention.attention.query.bias"])]["weight_decay"] == 0.0
+
+
 def test_vit_init_matches_timm_blocks(tmp_path, params, tokenizer):
     from safetensors.torch import save_file
     from timm.models.vision_transformer import VisionTransformer
@@ -245,3 +308,14 @@ def test_coco_subsets_need_5000_images():
     text_image = torch.arange(5000).repeat_interleave(2)
     scores = (text_image[:, None] == torch.arange(5000)[None]).float()
     assert subset_recall(scores, text_image, folds["1k"])["ir_r1"] == 1.0
+
+
+def test_vqa_stages_name_a_wrong_arrows_input(arrows):
+    from vlflow.errors import StageError
+    from vlflow.stages.vilt.data import load_answers, vqa_dataset
+
+    with pytest.raises(StageError, match="vqa_answers.json") as failure:
+        load_answers(arrows)  # caption arrows, not arrow.vqav2's output
+    assert failure.value.field == "inputs.arrows"
+    with pytest.raises(StageError, match="vqav2_train.arrow"):
+        vqa_dataset(arrows, ["train"], 64, 64)

@@ -1,8 +1,9 @@
-"""ViLT batches: image-caption pairs from ViLT arrows, collation (image padding + pixel mask, tokenisation),
-MLM masking and ITM negative swapping. Randomness comes from an explicit `torch.Generator`, so a resumed run can
+"""ViLT batches: image-caption pairs (and VQAv2 image-question pairs with soft answer targets) from ViLT arrows,
+collation (image padding + pixel mask, tokenisation), MLM masking and ITM negative swapping. Randomness comes from an explicit `torch.Generator`, so a resumed run can
 reproduce the same masks and negatives for a step."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -10,7 +11,7 @@ from torch.utils.data import Dataset
 from transformers import AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
 from vlflow.errors import StageError
-from vlflow.stages.data.reader import CaptionArrowDataset
+from vlflow.stages.data.reader import CaptionArrowDataset, VqaArrowDataset
 from vlflow.stages.data.transforms import pixelbert_transform
 
 SPLIT_FILES = {  # ViLT trains on train + restval
@@ -131,3 +132,61 @@ def swap_images_for_itm(batch: dict, generator: torch.Generator) -> dict:
     itm_labels = torch.ones(size, dtype=torch.long)
     itm_labels[negatives] = 0
     return {**batch, "pixel_values": pixel_values, "pixel_mask": pixel_mask, "itm_labels": itm_labels}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VQAv2: one item per (image, question), soft-score targets over the answer vocabulary.
+
+def vqa_dataset(arrows: Path, splits: list[str], image_size: int, max_image_size: int) -> VqaArrowDataset:
+    files = []
+    for split in splits:
+        path = arrows / f"vqav2_{split}.arrow"
+        if not path.is_file():
+            raise StageError(f"no vqav2_{split}.arrow in {arrows}", field="inputs.arrows")
+        files.append(path)
+    return VqaArrowDataset(files, pixelbert_transform(image_size, max_image_size))
+
+
+def load_answers(arrows: Path) -> list[str]:
+    """The answer vocabulary (label -> answer) written by arrow.vqav2."""
+    path = arrows / "vqa_answers.json"
+    if not path.is_file():
+        raise StageError(f"no vqa_answers.json in {arrows} (is it an arrow.vqav2 output?)", field="inputs.arrows")
+    return json.loads(path.read_text())["label2answer"]
+
+
+class QuestionPairs(Dataset):
+    """One item per (image, question), like ViLT's VQA index mapper: an epoch sees every question once."""
+
+    def __init__(self, images: VqaArrowDataset):
+        self.images = images
+        self.pairs = [(i, j) for i in range(len(images)) for j in range(len(images.questions(i)))]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        image_index, question_index = self.pairs[index]
+        row = self.images[image_index]
+        labels, scores = row["answer_labels"], row["answer_scores"]
+        return {"pixel_values": row["image"], "text": row["questions"][question_index],
+                "answer_labels": labels[question_index] if labels else [],
+                "answer_scores": scores[question_index] if scores else [],
+                "question_id": row["question_id"][question_index], "image_index": image_index}
+
+
+class QuestionCollator(PairCollator):
+    """PairCollator + `targets` [B, num_answers]: each question's soft answer scores (ViLT's vqa_targets)."""
+
+    def __init__(self, tokenizer, max_text_len: int, num_answers: int):
+        super().__init__(tokenizer, max_text_len)
+        self.num_answers = num_answers
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = super().__call__(samples)
+        targets = torch.zeros(len(samples), self.num_answers)
+        for row, sample in enumerate(samples):
+            for label, score in zip(sample["answer_labels"], sample["answer_scores"]):
+                targets[row, label] = score
+        batch.update(targets=targets, question_id=torch.tensor([s["question_id"] for s in samples]))
+        return batch

@@ -1,6 +1,9 @@
 """`vilt.evaluate_retrieval`: text->image (IR) and image->text (TR) recall@1/5/10 over ALL image-text pairs of a
 split, as ViLT's `compute_irtr_recall`: each image is embedded once and scored against every caption in batches.
-Works on a pretraining output (zero-shot, ITM "match" logit) and on a fine-tuning output (rank head)."""
+Works on a pretraining output (zero-shot, ITM "match" logit) and on a fine-tuning output (rank head).
+
+Scoring all pairs is the expensive part (COCO 5k: 5,000 x 25,010 forward passes), so under the launcher every rank
+scores its share of the images (rank r takes images r, r + world, ...) and rank 0 gathers the score columns."""
 from __future__ import annotations
 
 import json
@@ -8,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoConfig, ViltForImageAndTextRetrieval
@@ -68,6 +72,31 @@ def score_all_pairs(vilt, score_head, load_image, num_images: int, texts: dict, 
             scores[start:start + n, i] = score_head(enc.pooled).float()
         if progress is not None:
             progress(i)
+    return scores
+
+
+def rank_images(num_images: int, rank: int, world_size: int) -> list[int]:
+    """The images one rank scores: strided, so ranks get equal shares (to one image) of any split."""
+    return list(range(rank, num_images, world_size))
+
+
+def gather_score_columns(local: torch.Tensor, num_images: int, rank: int, world_size: int) -> torch.Tensor | None:
+    """Rank 0: the full [num_texts, num_images] matrix from every rank's columns (rank_images order); others: None.
+
+    gather needs equal shapes, so each rank pads its block to the largest share."""
+    if world_size == 1:
+        return local
+    share = -(-num_images // world_size)
+    padded = torch.zeros(local.shape[0], share)
+    padded[:, :local.shape[1]] = local
+    blocks = [torch.empty_like(padded) for _ in range(world_size)] if rank == 0 else None
+    dist.gather(padded, blocks, dst=0)
+    if rank != 0:
+        return None
+    scores = torch.empty(local.shape[0], num_images)
+    for r, block in enumerate(blocks):
+        columns = rank_images(num_images, r, world_size)
+        scores[:, columns] = block[:, :len(columns)]
     return scores
 
 
@@ -133,15 +162,22 @@ def evaluate_retrieval(ctx: StageContext) -> dict:
     text_image = torch.tensor(text_image)
     texts = tokenize(tokenizer, captions, max_text_len)
 
-    ctx.log.info("scoring %d images x %d texts (%s head)", num_images, len(captions), head_name)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    mine = rank_images(num_images, rank, world_size)
+    ctx.log.info("scoring %d images x %d texts (%s head) on %d rank(s)", num_images, len(captions), head_name,
+                 world_size)
     started = time.perf_counter()
 
     def progress(i):
-        if (i + 1) % max(1, num_images // 10) == 0:
-            ctx.log.info("  %d/%d images, %.0fs", i + 1, num_images, time.perf_counter() - started)
+        if (i + 1) % max(1, len(mine) // 10) == 0:
+            ctx.log.info("  %d/%d images of this rank, %.0fs", i + 1, len(mine), time.perf_counter() - started)
 
-    scores = score_all_pairs(vilt, score_head, lambda i: images[i]["image"], num_images, texts,
-                             vilt.config.max_image_length, p.text_batch_size, progress)
+    local = score_all_pairs(vilt, score_head, lambda i: images[mine[i]]["image"], len(mine), texts,
+                            vilt.config.max_image_length, p.text_batch_size, progress)
+    scores = gather_score_columns(local, num_images, rank, world_size)
+    if scores is None:  # not rank 0: its columns are delivered
+        return {}
     metrics = {}
     for name, folds in subsets_for(p.subsets, num_images).items():
         metrics[name] = subset_recall(scores, text_image, folds)
@@ -150,6 +186,7 @@ def evaluate_retrieval(ctx: StageContext) -> dict:
     metrics["head"] = head_name
     metrics["num_texts"] = len(captions)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
+    metrics["ranks"] = world_size
     (ctx.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     torch.save({"scores": scores, "text_image": text_image}, ctx.output_dir / "scores.pt")
     print_table({k: v for k, v in metrics.items() if isinstance(v, dict)},

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import ViltConfig, ViltForImageAndTextRetrieval, ViltForMaskedLM
+from transformers import ViltConfig, ViltForImageAndTextRetrieval, ViltForMaskedLM, ViltForQuestionAnswering
 
 ITM_HEAD_FILE = "itm_head.safetensors"
 
@@ -170,6 +170,42 @@ def retrieval_model_from_pretraining(directory: str | Path) -> ViltForImageAndTe
     with torch.no_grad():
         model.rank_output.weight.copy_(pretrained.itm_score.weight[1:2])
         model.rank_output.bias.copy_(pretrained.itm_score.bias[1:2])
+    return model
+
+
+class ViltVqaTrainingModel(nn.Module):
+    """ViltForQuestionAnswering trained as ViLT's vqa task: binary cross-entropy of the classifier's logits against
+    the soft answer scores, times the number of answers (ViLT's scaling)."""
+
+    def __init__(self, vqa: ViltForQuestionAnswering):
+        super().__init__()
+        self.vqa = vqa
+
+    @property
+    def config(self) -> ViltConfig:
+        return self.vqa.config
+
+    def logits(self, pixel_values, pixel_mask, input_ids, attention_mask) -> torch.Tensor:
+        vilt = self.vqa.vilt
+        image_embeds, image_mask = embed_images(vilt, pixel_values, pixel_mask, self.config.max_image_length)
+        return self.vqa.classifier(encode(vilt, input_ids, attention_mask, image_embeds, image_mask).pooled)
+
+    def forward(self, pixel_values, pixel_mask, input_ids, attention_mask, targets) -> dict:
+        logits = self.logits(pixel_values, pixel_mask, input_ids, attention_mask).float()
+        loss = F.binary_cross_entropy_with_logits(logits, targets) * targets.shape[1]
+        score = targets.gather(1, logits.argmax(1, keepdim=True)).mean()  # VQA score of the top answer
+        return {"loss": loss, "vqa_loss": loss.detach(), "vqa_score": score.detach()}
+
+
+def vqa_model_from_pretraining(directory: str | Path, answers: list[str]) -> ViltForQuestionAnswering:
+    """ViltForQuestionAnswering with the pretrained backbone and a fresh classifier over `answers` (as ViLT)."""
+    pretrained = ViltPretrainingModel.from_pretrained(directory)
+    config = pretrained.config
+    config.architectures = ["ViltForQuestionAnswering"]
+    config.id2label = dict(enumerate(answers))
+    config.label2id = {answer: i for i, answer in enumerate(answers)}
+    model = ViltForQuestionAnswering(config)
+    model.vilt.load_state_dict(pretrained.vilt.state_dict())
     return model
 
 

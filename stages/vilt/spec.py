@@ -66,6 +66,16 @@ class ViltFinetuneRetrievalParams(ViltTrainParams):
     lr: float = Field(1e-4, gt=0)
 
 
+class ViltFinetuneVqaParams(ViltTrainParams):
+    """ViLT's vqa fine-tuning defaults: 10 epochs of VQAv2 train + trainable_val at batch 256, head at 10x lr."""
+
+    train_splits: list[str] = Field(default_factory=lambda: ["train", "trainable_val"], min_length=1,
+                                    description="vqav2_<split>.arrow files to train on")
+    max_steps: int = Field(25_000, ge=1)
+    batch_size: int = Field(256, ge=1)
+    head_lr_mult: float = Field(10.0, gt=0, description="lr multiplier of the new answer classifier (ViLT lr_mult)")
+
+
 class ViltEvaluateRetrievalParams(Params):
     split: str = "test"
     subsets: list[Literal["all", "1k", "5k"]] = Field(
@@ -78,6 +88,15 @@ class ViltEvaluateRetrievalParams(Params):
     max_image_size: int | None = None
     max_text_len: int | None = None
     num_threads: int = Field(0, ge=0, description="torch threads; 0 keeps torch's default")
+
+
+class ViltEvaluateVqaParams(Params):
+    split: str = Field("rest_val", description="vqav2_<split>.arrow; test/test-dev have no answers: predictions only")
+    batch_size: int = Field(64, ge=1)
+    max_questions: int | None = Field(None, ge=1, description="evaluate only the first N questions")
+    image_size: int | None = Field(None, description="defaults to the trained model's")
+    max_image_size: int | None = None
+    max_text_len: int | None = None
 
 
 PRETRAIN = StageSpec(
@@ -107,7 +126,28 @@ EVALUATE_RETRIEVAL = StageSpec(
     entry="vlflow.stages.vilt.evaluate:evaluate_retrieval",
     params=ViltEvaluateRetrievalParams,
     inputs=("arrows", "model"),
+    distributed=True,  # ranks share the images; no training, so the booster goes unused
     description="Text->image and image->text recall@1/5/10 over all pairs of a split",
 )
 
-STAGES = [PRETRAIN, FINETUNE_RETRIEVAL, EVALUATE_RETRIEVAL]
+FINETUNE_VQA = StageSpec(
+    name="vilt.finetune_vqa",
+    entry="vlflow.stages.vilt.train:finetune_vqa",
+    params=ViltFinetuneVqaParams,
+    inputs=("arrows", "pretrained"),
+    optional_inputs=("tokenizer",),
+    distributed=True,
+    resumable=True,
+    description="ViLT VQAv2 fine-tuning (answer classifier, binary cross-entropy on soft scores)",
+)
+
+EVALUATE_VQA = StageSpec(
+    name="vilt.evaluate_vqa",
+    entry="vlflow.stages.vilt.evaluate_vqa:evaluate_vqa",
+    params=ViltEvaluateVqaParams,
+    inputs=("arrows", "model"),
+    distributed=True,  # ranks share the images; no training, so the booster goes unused
+    description="VQA score of a fine-tuned model on a split (+ predictions in the VQA submission format)",
+)
+
+STAGES = [PRETRAIN, FINETUNE_RETRIEVAL, EVALUATE_RETRIEVAL, FINETUNE_VQA, EVALUATE_VQA]

@@ -1,4 +1,4 @@
-"""`vilt.pretrain` and `vilt.finetune_retrieval`: one training loop, read top to bottom.
+"""`vilt.pretrain`, `vilt.finetune_retrieval` and `vilt.finetune_vqa`: one training loop, read top to bottom.
 
 Runs under the distributed worker (ctx.booster is a Colossal-AI Booster). The global batch is reached by gradient
 accumulation; checkpoints go to ctx.work_dir every `checkpoint_every` steps, and a restarted run continues at the
@@ -20,10 +20,12 @@ from vlflow.errors import StageError
 from vlflow.stage import StageContext
 from vlflow.stages.common.training import (MetricsLogger, ResumableSampler, accumulation_steps, load_checkpoint,
                                            save_checkpoint, step_seed)
-from vlflow.stages.vilt.data import (CaptionPairs, MlmMasker, PairCollator, image_dataset, load_tokenizer,
-                                     swap_images_for_itm, tokenize)
-from vlflow.stages.vilt.model import (ViltPretrainingModel, ViltRetrievalTrainingModel, build_config,
-                                      load_vit_weights, retrieval_model_from_pretraining)
+from vlflow.stages.vilt.data import (CaptionPairs, MlmMasker, PairCollator, QuestionCollator, QuestionPairs,
+                                     image_dataset, load_answers, load_tokenizer, swap_images_for_itm, tokenize,
+                                     vqa_dataset)
+from vlflow.stages.vilt.model import (ViltPretrainingModel, ViltRetrievalTrainingModel, ViltVqaTrainingModel,
+                                      build_config, load_vit_weights, retrieval_model_from_pretraining,
+                                      vqa_model_from_pretraining)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,17 +81,40 @@ def finetune_retrieval(ctx: StageContext) -> dict:
                  dataset=dataset)
 
 
+def finetune_vqa(ctx: StageContext) -> dict:
+    p = ctx.params
+    torch.manual_seed(p.seed)
+    pretrained_dir = ctx.inputs["pretrained"]
+    tokenizer = load_tokenizer({"tokenizer": pretrained_dir / "tokenizer", **ctx.inputs}, p.tokenizer)
+    answers = load_answers(ctx.inputs["arrows"])
+    model = ViltVqaTrainingModel(vqa_model_from_pretraining(pretrained_dir / "model", answers))
+    dataset = QuestionPairs(vqa_dataset(ctx.inputs["arrows"], p.train_splits, p.image_size, p.max_image_size))
+
+    def step_losses(model, batch: dict, generator: torch.Generator) -> dict:
+        return model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], input_ids=batch["input_ids"],
+                     attention_mask=batch["attention_mask"], targets=batch["targets"])
+
+    return train(ctx, model, tokenizer, step_losses, save_model=lambda m, out: m.vqa.save_pretrained(out),
+                 dataset=dataset, collate=QuestionCollator(tokenizer, p.max_text_len, len(answers)),
+                 head_lr_mult={"vqa.classifier.": p.head_lr_mult})
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The shared loop
 
-def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups as ViLT: no weight decay on biases and LayerNorm weights."""
+def decay_groups(model: torch.nn.Module, weight_decay: float, lr: float,
+                 head_lr_mult: dict[str, float] | None = None) -> list[dict]:
+    """AdamW groups as ViLT: no weight decay on biases and LayerNorm weights; parameters whose name starts with a
+    `head_lr_mult` prefix train at lr x its multiplier (ViLT's lr_mult for new task heads)."""
     no_decay = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}
-    decay, rest = [], []
+    groups: dict[tuple[bool, float], list] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (rest if name.endswith("bias") or id(param) in no_decay else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+            mult = next((m for prefix, m in (head_lr_mult or {}).items() if name.startswith(prefix)), 1.0)
+            decays = not (name.endswith("bias") or id(param) in no_decay)
+            groups.setdefault((decays, mult), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": lr * mult}
+            for (decays, mult), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))]
 
 
 def warmup_steps(warmup: int | float, max_steps: int) -> int:
@@ -98,7 +123,8 @@ def warmup_steps(warmup: int | float, max_steps: int) -> int:
 
 
 def train(ctx: StageContext, model: torch.nn.Module, tokenizer, step_losses: Callable, save_model: Callable,
-          dataset: CaptionPairs | None = None) -> dict:
+          dataset: torch.utils.data.Dataset | None = None, collate: Callable | None = None,
+          head_lr_mult: dict[str, float] | None = None) -> dict:
     p = ctx.params
     booster = ctx.booster
     if booster is None:
@@ -108,7 +134,8 @@ def train(ctx: StageContext, model: torch.nn.Module, tokenizer, step_losses: Cal
     if dataset is None:
         dataset = CaptionPairs(image_dataset(ctx.inputs["arrows"], "train", p.image_size, p.max_image_size))
 
-    optimizer = torch.optim.AdamW(decay_groups(model, p.weight_decay), lr=p.lr, betas=tuple(p.betas))
+    optimizer = torch.optim.AdamW(decay_groups(model, p.weight_decay, p.lr, head_lr_mult), lr=p.lr,
+                                  betas=tuple(p.betas))
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps(p.warmup_steps, p.max_steps), p.max_steps)
     model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
     resumed = load_checkpoint(ctx, model, optimizer, scheduler)
@@ -117,8 +144,8 @@ def train(ctx: StageContext, model: torch.nn.Module, tokenizer, step_losses: Cal
     # the data order is a function of (seed, batch index): resuming continues with the batches a full run would see
     sampler = ResumableSampler(len(dataset), p.per_device_batch_size, ctx.rank, ctx.world_size, p.seed,
                                start_batch=step * accum)
-    loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=PairCollator(tokenizer, p.max_text_len),
-                             num_workers=p.num_workers))
+    loader = iter(DataLoader(dataset, batch_sampler=sampler,
+                             collate_fn=collate or PairCollator(tokenizer, p.max_text_len), num_workers=p.num_workers))
     ctx.log.info("training %s: %.1fM params, steps %d..%d, global batch %d = %d per device x %d ranks x %d accum",
                  ctx.stage, sum(x.numel() for x in model.parameters()) / 1e6, step, p.max_steps,
                  p.per_device_batch_size * ctx.world_size * accum, p.per_device_batch_size, ctx.world_size, accum)

@@ -1,0 +1,122 @@
+"""`vilt.evaluate_vqa`: VQA score of a `vilt.finetune_vqa` output on one split of the VQAv2 arrows.
+
+The VQA score of a question is the soft score of the predicted answer (min(1, annotators who gave it / 3), in ViLT's
+steps); the split's score is their mean. Reported beside it: the best constant answer's score on the same questions
+(what ignoring the image and the question would get) and the vocabulary's ceiling (the mean best target score).
+`predictions.json` is in the VQA challenge's submission format ([{question_id, answer}]), so a test-dev run can be
+uploaded as is. Under the launcher each rank answers its share of the images' questions; rank 0 gathers them.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader, Subset
+from transformers import ViltForQuestionAnswering
+
+from vlflow.errors import StageError
+from vlflow.stage import StageContext
+from vlflow.stages.vilt.data import QuestionCollator, QuestionPairs, load_tokenizer, vqa_dataset
+from vlflow.stages.vilt.model import ViltVqaTrainingModel
+
+
+@torch.no_grad()
+def answer_questions(model: ViltVqaTrainingModel, loader) -> list[dict]:
+    """Per question: id, predicted label, that label's target score and the best target score (None on test)."""
+    results = []
+    for batch in loader:
+        logits = model.logits(batch["pixel_values"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"])
+        predicted = logits.argmax(1)
+        targets = batch["targets"]
+        for row, question_id in enumerate(batch["question_id"].tolist()):
+            results.append({"question_id": question_id, "label": int(predicted[row]),
+                            "score": float(targets[row, predicted[row]]), "best": float(targets[row].max()),
+                            "targets": targets[row].nonzero().squeeze(1).tolist(),
+                            "target_scores": targets[row][targets[row] > 0].tolist()})
+    return results
+
+
+def vqa_metrics(results: list[dict], num_answers: int) -> dict:
+    """VQA score, best constant answer and vocabulary ceiling of answered questions (with targets)."""
+    if not results:
+        return {}
+    per_label = torch.zeros(num_answers)
+    for r in results:
+        for label, score in zip(r["targets"], r["target_scores"]):
+            per_label[label] += score
+    n = len(results)
+    return {"vqa_score": sum(r["score"] for r in results) / n,
+            "best_constant_score": float(per_label.max()) / n,
+            "best_constant_label": int(per_label.argmax()),
+            "ceiling": sum(r["best"] for r in results) / n}
+
+
+def gather_results(local: list[dict]) -> list[dict] | None:
+    """Rank 0: every rank's results, by question id; other ranks: None."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return sorted(local, key=lambda r: r["question_id"])
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local, parts, dst=0)
+    if parts is None:
+        return None
+    return sorted((r for part in parts for r in part), key=lambda r: r["question_id"])
+
+
+def evaluate_vqa(ctx: StageContext) -> dict:
+    p = ctx.params
+    run_dir = ctx.inputs["model"]
+    model_dir = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
+    if not (model_dir / "config.json").is_file():
+        raise StageError(f"no ViLT model in {run_dir} (expected model/config.json)", field="inputs.model")
+    train_params_file = run_dir / "params.json"
+    trained = json.loads(train_params_file.read_text()) if train_params_file.is_file() else {}
+    vqa = ViltForQuestionAnswering.from_pretrained(str(model_dir)).eval()
+    if "ViltForQuestionAnswering" not in (vqa.config.architectures or []):
+        raise StageError(f"{model_dir} is not a VQA model (architectures {vqa.config.architectures}); give a "
+                         f"vilt.finetune_vqa output", field="inputs.model")
+    model = ViltVqaTrainingModel(vqa)
+    answers = [vqa.config.id2label[i] for i in range(vqa.config.num_labels)]
+    tokenizer_dir = run_dir / "tokenizer"
+    tokenizer = load_tokenizer({"tokenizer": tokenizer_dir} if tokenizer_dir.is_dir() else ctx.inputs,
+                               trained.get("tokenizer", "bert-base-uncased"))
+    questions = QuestionPairs(vqa_dataset(ctx.inputs["arrows"], [p.split], p.image_size or trained.get(
+        "image_size", 384), p.max_image_size or trained.get("max_image_size", 640)))
+    count = min(len(questions), p.max_questions or len(questions))
+
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    mine = Subset(questions, list(range(rank, count, world_size)))
+    collate = QuestionCollator(tokenizer, p.max_text_len or trained.get("max_text_len", 40), len(answers))
+    loader = DataLoader(mine, batch_size=p.batch_size, collate_fn=collate)
+    ctx.log.info("answering %d %s questions over %d answers on %d rank(s)", count, p.split, len(answers),
+                 world_size)
+    started = time.perf_counter()
+    results = gather_results(answer_questions(model, loader))
+    if results is None:  # not rank 0: its answers are delivered
+        return {}
+
+    predictions = [{"question_id": r["question_id"], "answer": answers[r["label"]]} for r in results]
+    (ctx.output_dir / "predictions.json").write_text(json.dumps(predictions))
+    annotated = [r for r in results if r["targets"]]
+    metrics = vqa_metrics(annotated, len(answers))
+    if metrics:
+        metrics["best_constant_answer"] = answers[metrics.pop("best_constant_label")]
+    metrics.update(split=p.split, questions=len(results), annotated=len(annotated), ranks=world_size,
+                   seconds=round(time.perf_counter() - started, 1))
+    (ctx.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    table = Table(title=f"{ctx.stage}: VQA on {p.split}")
+    for column in ("questions", "VQA score", "best constant answer", "ceiling"):
+        table.add_column(column, justify="right")
+    if annotated:
+        table.add_row(str(len(results)), f"{100 * metrics['vqa_score']:.2f}",
+                      f"{100 * metrics['best_constant_score']:.2f} ({metrics['best_constant_answer']!r})",
+                      f"{100 * metrics['ceiling']:.2f}")
+    else:
+        table.add_row(str(len(results)), "no answers in this split", "", "")
+    Console().print(table)
+    return metrics
