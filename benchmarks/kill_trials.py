@@ -172,6 +172,10 @@ def run_kill_trial(project: Path, kill_after: float | None, finish: bool = True,
         raise RuntimeError("vlflow run did not finish within 600 s")
     if proc.returncode != 0:
         raise RuntimeError(f"vlflow run failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+    # a complete run sweeps what killed runs left in staging and removes its own staging dirs
+    leftover = [p.name for p in (project / "state" / "staging").glob("[!.]*")]
+    if leftover:
+        raise AssertionError(f"staging dirs remain after a complete run: {leftover}")
     return committed_digests(ArtifactStore(str(project / "cache")))
 
 

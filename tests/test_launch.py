@@ -76,7 +76,10 @@ def test_torchrun_command_multi_node_uses_given_address_and_extra_args(tmp_path)
     command = build_command(launch, tmp_path / "p.json", python="py")
     assert command == ["py", "-m", "torch.distributed.run", "--nproc_per_node", "4", "--nnodes", "2",
                        "--node_rank", "1", "--master_addr", "10.0.0.1", "--master_port", "29400",
+                       "--log-dir", str(tmp_path / "torchelastic"),  # in the stage's staging dir, not /tmp
                        "--max-restarts", "0", "-m", "vlflow.launch.worker", str(tmp_path / "p.json")]
+    own = build_command(launch.model_copy(update={"extra_args": ["--log-dir=/logs"]}), tmp_path / "p.json", "py")
+    assert own.count("--log-dir") == 0 and "--log-dir=/logs" in own  # the user's own choice wins
 
 
 def test_multi_node_without_port_or_with_bad_node_rank_is_a_clear_error(tmp_path):

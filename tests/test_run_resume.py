@@ -65,6 +65,9 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
     # nothing of the training stage was committed
     committed = [json.loads(p.read_text())["meta"]["stage"] for p in (project / "cache").rglob("manifest.json")]
     assert committed == ["data"]
+    # the killed execution left its staging dir, torchrun's log dir inside it (not a /tmp/torchelastic_* dir)
+    left = list((project / "state" / "staging").iterdir())
+    assert len(left) == 1 and (left[0] / "torchelastic").is_dir(), left
     done = subprocess.run([VLFLOW, "run", "wf.yaml"], cwd=project, env=_env(), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -72,15 +75,17 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
     logs = [p.read_text() for p in (project / "cache").rglob("stage.log")]
     train_log = next(text for text in logs if "resum" in text.lower())
     assert "step" in train_log
-    # work dir is dropped once the artifact is committed
+    # work dir is dropped once the artifact is committed, and the killed run's staging dir was swept
     assert not _checkpoints(project)
+    assert "removed 1 staging dir(s) left by killed runs" in done.stdout
+    assert not list((project / "state" / "staging").iterdir())
 
 
 def test_concurrent_runs_serialise_on_the_lock(tmp_path):
     project = _project(tmp_path, textwrap.dedent("""
         name: locked
         stages:
-          slow: {uses: testing.write, with: {files: 2000, size: 8}}
+          slow: {uses: testing.write, with: {files: 20, size: 8, sleep: 4}}
     """))
     first = subprocess.Popen([VLFLOW, "run", "wf.yaml"], cwd=project, env=_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)

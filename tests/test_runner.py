@@ -230,3 +230,41 @@ def test_summarize_metrics_flattens_numbers_only():
     assert summarize_metrics(metrics) == "all.ir_r1=0.404 all.tr_r1=0.62 steps=1000"
     assert summarize_metrics({f"m{i}": i for i in range(12)}, limit=2) == "m0=0 m1=1 …"
     assert summarize_metrics({}) == ""
+
+
+def test_staging_dirs_of_dead_runs_are_swept_and_live_ones_kept(project, capsys):
+    """A killed run leaves its stage's staging dir (partial output); the next run removes it, but not the staging
+    dir of a run still going (another workflow or cache may share the state dir), nor one being claimed."""
+    import os
+    import time
+
+    from vlflow.runner import STAGING_OWNER, claim_staging, sweep_stale_staging
+
+    staging = project / "state" / "staging"
+    dead = staging / "a-dead"
+    os.close(claim_staging(dead))  # its owner let go: as if killed
+    (dead / "output").mkdir()
+    (dead / "output" / "partial.arrow").write_bytes(b"x" * 1000)
+    live = staging / "b-live"
+    os.close(claim_staging(live))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(live / STAGING_OWNER)!r}, os.O_RDWR)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        legacy = staging / "c-no-owner-file"  # as older versions left them
+        (legacy / "output").mkdir(parents=True)
+        claiming = staging / ".d-being-claimed"
+        claiming.mkdir()
+        assert sweep_stale_staging(project / "state") == [dead, legacy]
+        assert sorted(p.name for p in staging.iterdir()) == [".d-being-claimed", "b-live"]
+    finally:
+        holder.kill()
+        holder.wait()
+    old = time.time() - 3600
+    os.utime(claiming, (old, old))  # a claim this old was cut short by a kill
+    rc, out, _ = run_cli(capsys, "run", project / "wf.yaml")  # a run sweeps first, and says so
+    assert rc == 0 and "removed 2 staging dir(s) left by killed runs" in out
+    assert not list(staging.iterdir())  # and its own staging dirs are gone once committed

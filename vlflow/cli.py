@@ -176,6 +176,8 @@ def cmd_run(args) -> int:
             progress.console.print(f"         [dim]{text}[/]", highlight=False)
         elif kind == "failed":
             progress.console.print(f"[red]✗ failed[/] {stage}")
+        elif kind == "note":
+            progress.console.print(f"[dim]{text}[/]")
         if kind in ("done", "failed") and stage in tasks:
             progress.remove_task(tasks.pop(stage))
 

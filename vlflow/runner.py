@@ -6,6 +6,7 @@ they succeed, so a failure or kill never leaves a committed partial artifact.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -30,6 +31,8 @@ from vlflow.workflow import StageDecl, Workflow
 STAGE_REF = "${stages.%s.output}"
 # Launch fields that change what a stage computes (and so its cache key); where it runs (nodes, addresses) does not.
 RESULT_LAUNCH_FIELDS = ("plugin", "precision", "tp_size", "pp_size", "zero_stage")
+STAGING_OWNER = ".owner.lock"  # flock-ed by the run that stages there, released by the OS when it dies
+STAGING_GRACE_S = 10.0  # a dot-named staging dir this young is being claimed (mkdir, flock, rename)
 
 
 def build_graph(workflow: Workflow) -> nx.DiGraph:
@@ -124,6 +127,43 @@ def _diff(old, new, prefix: str) -> list[str]:
 def _short(value) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def claim_staging(staging: Path) -> int:
+    """Create the staging dir of one stage execution, holding its owner lock; returns the fd to close when done.
+
+    The dir is made under a dot-name and renamed once the lock is held, so a sweep never sees it unowned."""
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    claiming = staging.with_name("." + staging.name)
+    claiming.mkdir()
+    fd = os.open(claiming / STAGING_OWNER, os.O_CREAT | os.O_RDWR, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(claiming, staging)
+    return fd
+
+
+def sweep_stale_staging(state_dir: Path) -> list[Path]:
+    """Remove the staging dirs of stage executions whose run is gone (killed: its partial output stays there).
+
+    A live run, of any workflow or cache sharing this state dir, holds the owner lock of each of its staging dirs."""
+    removed = []
+    root = Path(state_dir) / "staging"
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        try:
+            if entry.name.startswith(".") and time.time() - entry.stat().st_mtime < STAGING_GRACE_S:
+                continue  # being claimed right now
+            fd = os.open(entry / STAGING_OWNER, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError:  # vanished meanwhile (its run finished)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live run's
+        finally:
+            os.close(fd)
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
 
 
 class Runner:
@@ -249,6 +289,9 @@ class Runner:
         """
         selected = select_stages(self.graph, until, only)
         forced = forced_stages(self.graph, force)
+        swept = sweep_stale_staging(self.state_dir)
+        if swept:
+            self.on_event("", "note", f"removed {len(swept)} staging dir(s) left by killed runs")
         artifacts: dict[str, Manifest] = {}
         if only:  # upstream stages outside the selection must already be cached
             for name in nx.lexicographical_topological_sort(self.graph):
@@ -315,6 +358,14 @@ class Runner:
         decl, spec = plan.decl, plan.spec
         run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         staging = self.state_dir / "staging" / f"{decl.name}-{run_id}"
+        owner = claim_staging(staging)
+        try:
+            return self._execute_in(plan, artifacts, staging, run_id)
+        finally:
+            os.close(owner)  # a failed execution's staging dir is swept by the next run
+
+    def _execute_in(self, plan: StagePlan, artifacts: dict[str, Manifest], staging: Path, run_id: str) -> Manifest:
+        decl, spec = plan.decl, plan.spec
         output_dir = staging / "output"
         output_dir.mkdir(parents=True)
         logs_dir = self.state_dir / "logs" / self.workflow.name

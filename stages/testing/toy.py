@@ -1,6 +1,7 @@
 """Implementations of testing.write and testing.concat (testing.train lives in train.py)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from vlflow.errors import StageError
@@ -18,6 +19,7 @@ def write(ctx: StageContext) -> dict:
         content = (line * (params.size // len(line) + 1))[: params.size]
         (ctx.output_dir / f"file_{index:03d}.txt").write_text(content)
         total += len(content)
+    time.sleep(params.sleep)
     return {"files": params.files, "bytes": total}
 
 

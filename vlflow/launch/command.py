@@ -54,11 +54,14 @@ def build_command(launch: LaunchSpec, payload_path: Path, python: str = sys.exec
     payload = str(payload_path)
     if launch.launcher == "torchrun":
         # Static rendezvous through master_addr/master_port (torchrun's default without --rdzv-backend): each
-        # node passes its node_rank, and node 0 hosts the TCP store.
+        # node passes its node_rank, and node 0 hosts the TCP store. torchrun's log dir goes beside the payload
+        # (the stage's staging dir) rather than a /tmp/torchelastic_* dir that a killed agent would leave behind.
+        log_dir = [] if {"--log-dir", "--log_dir"} & {a.split("=")[0] for a in launch.extra_args} else \
+            ["--log-dir", str(Path(payload).parent / "torchelastic")]
         return [python, "-m", "torch.distributed.run",
                 "--nproc_per_node", str(launch.nproc_per_node), "--nnodes", str(launch.nnodes),
                 "--node_rank", str(launch.node_rank), "--master_addr", launch.master_addr, "--master_port", port,
-                *launch.extra_args,
+                *log_dir, *launch.extra_args,
                 "-m", WORKER_MODULE, payload]
     worker_address = ["--master-addr", launch.master_addr, "--master-port", port]
     if launch.launcher == "mpirun":
