@@ -43,7 +43,7 @@ def test_include_merges_base_and_including_file_wins():
     assert wf.params["text"] == "toy" and wf.params["files"] == 2
     source = wf.stages["source"]
     assert isinstance(source, StageDecl)
-    assert source.params == {"files": 2, "size": 32, "text": "toy", "fail": False}  # defaults made explicit
+    assert source.params == {"files": 2, "size": 32, "text": "toy", "sleep": 0.0, "fail": False}  # defaults made explicit
     assert (Path(source.file).name, source.line) == ("base.yaml", 9)
     assert (Path(wf.stages["train"].file).name, wf.stages["train"].line) == ("toy.yaml", 15)
 
@@ -123,7 +123,7 @@ def test_interpolation_keeps_types_of_whole_references(tmp_path):
     assert p["first"] == 1 and p["spaced"] == 3
     assert p["literal"] == "${params.count} costs $$5"
     assert p["from_env"] == "7" and p["fallback"] == ""
-    assert wf.stages["w"].params == {"files": 3, "size": 7, "text": "n=3 f=true r=0.5", "fail": True}
+    assert wf.stages["w"].params == {"files": 3, "size": 7, "text": "n=3 f=true r=0.5", "sleep": 0.0, "fail": True}
 
 
 def test_yaml_anchors_merge_keys_dates_and_exponents(tmp_path):
@@ -146,7 +146,7 @@ def test_yaml_anchors_merge_keys_dates_and_exponents(tmp_path):
     assert wf.params["day"] == "2024-01-02"  # not a datetime: stage params are JSON values
     assert wf.params["lr"] == 1e-4  # YAML 1.1 would read a string
     assert wf.stages["a"].params["size"] == 4
-    assert wf.stages["b"].params == {"files": 2, "size": 9, "text": "2024-01-02", "fail": False}
+    assert wf.stages["b"].params == {"files": 2, "size": 9, "text": "2024-01-02", "sleep": 0.0, "fail": False}
 
 
 def test_overrides_apply_before_validation(tmp_path):
@@ -195,6 +195,31 @@ def test_launch_values_are_interpolated(tmp_path):
     """)
     launch = load_workflow(path, env={"WF_PORT": "29501"}).stages["t"].launch
     assert launch.nproc_per_node == 2 and launch.master_port == 29501
+
+
+def test_inputs_and_needs_are_interpolated(tmp_path):
+    path = write(tmp_path, """
+        params: {model: pretrained, after: [a]}
+        stages:
+          a: {uses: testing.write}
+          pretrained: {uses: testing.write}
+          finetuned: {uses: testing.write}
+          evaluate:
+            uses: testing.concat
+            inputs: {a: "${params.model}/file_000.txt"}
+            needs: "${params.after}"
+          other:
+            uses: testing.concat
+            inputs: {a: "${env.UPSTREAM:-a}"}
+            needs: ["${params.model}"]
+    """)
+    wf = load_workflow(path, env=NO_ENV)
+    assert wf.stages["evaluate"].inputs["a"] == InputRef("pretrained", "file_000.txt")
+    assert wf.stages["evaluate"].needs == ["a"]
+    assert wf.stages["other"].inputs["a"] == InputRef("a", "") and wf.stages["other"].needs == ["pretrained"]
+    switched = load_workflow(path, overrides=["params.model=finetuned"], env={"UPSTREAM": "finetuned"})
+    assert switched.stages["evaluate"].deps() == {"finetuned", "a"}
+    assert switched.stages["other"].deps() == {"finetuned"}
 
 
 def test_to_dict_round_trips(tmp_path):

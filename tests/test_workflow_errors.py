@@ -251,6 +251,38 @@ CASES = [
             inputs:
               a: c
     """, "wf.yaml", 5, "stages.c.inputs.a", "stage 'c' depends on itself"),
+    Case("input-unknown-param", """
+        params: {model: w}
+        stages:
+          w: {uses: testing.write}
+          c:
+            uses: testing.concat
+            inputs:
+              a: "${params.modle}/file.txt"
+    """, "wf.yaml", 7, "stages.c.inputs.a", "no params.modle (did you mean 'model'"),
+    Case("input-param-names-no-stage", """
+        params: {model: ww}
+        stages:
+          w: {uses: testing.write}
+          c:
+            uses: testing.concat
+            inputs: {a: "${params.model}"}
+    """, "wf.yaml", 6, "stages.c.inputs.a", "dangling input: no stage named 'ww'"),
+    Case("input-stage-output-ref", """
+        stages:
+          w: {uses: testing.write}
+          c:
+            uses: testing.concat
+            inputs: {a: "${stages.w.output}"}
+    """, "wf.yaml", 5, "stages.c.inputs.a", "only allowed in a stage's `with` block"),
+    Case("needs-param-not-a-stage-name", """
+        params: {after: 3}
+        stages:
+          w: {uses: testing.write}
+          v:
+            uses: testing.write
+            needs: ["${params.after}"]
+    """, "wf.yaml", 6, "stages.v.needs.0", "expected a stage name, got an integer"),
     Case("needs-not-list", """
         stages:
           w: {uses: testing.write}

@@ -3,7 +3,7 @@
 Loading happens in phases, each on plain Python data plus a map of where every value was written:
 1. parse each file (duplicate keys and non-string keys are errors), merge `extends` then `include`s under it,
 2. apply `--set PATH=VALUE` overrides to the merged document,
-3. resolve `${...}` references in `params`, then in each stage's `with` and `launch`,
+3. resolve `${...}` references in `params`, then in each stage's `with`, `inputs`, `needs` and `launch`,
 4. validate each stage against its `StageSpec` (pydantic params, declared inputs, launch settings),
 5. check the dependency graph (dangling references, self-dependencies, cycles).
 
@@ -674,9 +674,15 @@ class _Loader:
             message = _pydantic_message(error, list(spec.params.model_fields))
             raise self.fail(message + _more(exc), (*with_path, *error["loc"])) from None
 
-        inputs = self.inputs(spec, raw.get("inputs"), path, stage_names)
-        needs_path = (*path, "needs")
+        # inputs and needs may name their stages through ${params.X} / ${env.X} (e.g. which model to evaluate)
+        inputs_path, needs_path = (*path, "inputs"), (*path, "needs")
+        raw_inputs = raw.get("inputs")
+        if isinstance(raw_inputs, dict):
+            raw_inputs = resolver.resolve(raw_inputs, inputs_path, allow_stages=False)
+        inputs = self.inputs(spec, raw_inputs, path, stage_names)
         needs = raw.get("needs")
+        if isinstance(needs, (str, list)):
+            needs = resolver.resolve(needs, needs_path, allow_stages=False)
         if isinstance(needs, str):
             needs = [needs]
         needs = self.expect(needs, list, needs_path, "a list of stage names")
