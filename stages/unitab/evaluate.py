@@ -5,6 +5,9 @@ Grounding follows UniTAB's Flickr30k grounding evaluation: the caption is given 
 forced in the decoder; after each `<obj> phrase` the model decodes the four box tokens greedily (the argmax is taken
 over the coordinate bins only, so a box always comes out); the decoded box, not the gold one, stays in the prefix for
 later phrases. Captioning gives the encoder no text and decodes greedily from <s>.
+
+Under the launcher each rank grounds its share of the captions and captions its share of the images; rank 0
+gathers them in order, so the metrics (and the random-box baseline's draws) equal a single process's.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlflow.stage import StageContext
+from vlflow.stages.common.evaluation import gather_on_main, my_share, rank_and_world
 
 from . import metrics
 from .data import image_tensor, open_split, pad_ids, pad_images, phrase_token_spans
@@ -81,6 +85,43 @@ def random_box(rng: random.Random) -> list[float]:
     return [x[0], y[0], x[1], y[1]]
 
 
+def ground_rows(model: UniTAB, tokenizer, source, rows, batch_size: int, image_size: int,
+                max_image_size: int) -> list[dict]:
+    """One entry per annotated phrase of the given caption rows, in row order: row, phrase text, predicted box,
+    gold boxes."""
+    config = model.config
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        parsed = [phrase_token_spans(tokenizer, source.caption(i), source.phrases(i)) for i in chunk]
+        images = [image_tensor(source.image(i), image_size, max_image_size) for i in chunk]
+        text = [[tokenizer.bos_token_id, *ids[:config.max_decoding_step - 2], tokenizer.eos_token_id]
+                for ids, _ in parsed]
+        memory, padding = encode_batch(model, images, text, tokenizer.pad_token_id)
+        boxes = ground_phrases(model, memory, padding, [ids for ids, _ in parsed], [s for _, s in parsed])
+        for i, (ids, spans), row_boxes in zip(chunk, parsed, boxes):
+            phrases = source.phrases(i)
+            for n, span in enumerate(spans):
+                box = row_boxes[n] if n < len(row_boxes) else [0.0, 0.0, 0.0, 0.0]  # cut off: a miss
+                out.append({"row": i, "phrase": phrases[span.phrase_index]["text"], "box": box, "gold": span.boxes})
+    return out
+
+
+def caption_images(model: UniTAB, tokenizer, source, first_rows: list[tuple[int, int]], batch_size: int,
+                   image_size: int, max_image_size: int, max_steps: int) -> list[tuple[int, str]]:
+    """(position, caption) for each (position, row) given: the caption generated for that row's image."""
+    out = []
+    for start in range(0, len(first_rows), batch_size):
+        chunk = first_rows[start:start + batch_size]
+        images = [image_tensor(source.image(i), image_size, max_image_size) for _, i in chunk]
+        empty = [[tokenizer.bos_token_id, tokenizer.eos_token_id]] * len(chunk)
+        memory, padding = encode_batch(model, images, empty, tokenizer.pad_token_id)
+        tokens = model.generate(memory, padding, max_steps=max_steps)
+        out += [(position, caption_text(t, tokenizer, model.config.text_vocab))
+                for (position, _), t in zip(chunk, tokens.tolist())]
+    return out
+
+
 def evaluate(ctx: StageContext) -> dict:
     p = ctx.params
     model, tokenizer, config, used_ema = load_trained(ctx.inputs["model"], p.use_ema)
@@ -88,34 +129,25 @@ def evaluate(ctx: StageContext) -> dict:
     image_size, max_image_size = train_params["image_size"], train_params["max_image_size"]
     source = open_split(ctx.inputs["arrows"], p.split)
     rows = range(min(len(source), p.max_samples or len(source)))
-    result: dict = {"split": p.split, "weights": "ema" if used_ema else "model", "captions": len(rows)}
+    _, world_size = rank_and_world()
+    result: dict = {"split": p.split, "weights": "ema" if used_ema else "model", "captions": len(rows),
+                    "ranks": world_size}
     predictions: list[dict] = []
 
     if p.grounding:
-        predicted, gold = [], []
-        for start in range(0, len(rows), p.batch_size):
-            chunk = rows[start:start + p.batch_size]
-            parsed = [phrase_token_spans(tokenizer, source.caption(i), source.phrases(i)) for i in chunk]
-            images = [image_tensor(source.image(i), image_size, max_image_size) for i in chunk]
-            text = [[tokenizer.bos_token_id, *ids[:config.max_decoding_step - 2], tokenizer.eos_token_id]
-                    for ids, _ in parsed]
-            memory, padding = encode_batch(model, images, text, tokenizer.pad_token_id)
-            boxes = ground_phrases(model, memory, padding, [ids for ids, _ in parsed], [s for _, s in parsed])
-            for i, (ids, spans), row_boxes in zip(chunk, parsed, boxes):
-                phrases = source.phrases(i)
-                for n, span in enumerate(spans):
-                    box = row_boxes[n] if n < len(row_boxes) else [0.0, 0.0, 0.0, 0.0]  # cut off: a miss
-                    predicted.append(box)
-                    gold.append(span.boxes)
-                    predictions.append({"row": i, "phrase": phrases[span.phrase_index]["text"], "box": box,
-                                        "gold": span.boxes})
-        rng = random.Random(p.seed)
-        result.update({
-            "phrases": len(gold),
-            "grounding_recall@1": metrics.recall_at_1(predicted, gold),
-            "random_box_recall@1": metrics.recall_at_1([random_box(rng) for _ in gold], gold),
-            "center_box_recall@1": metrics.recall_at_1([list(CENTER_BOX) for _ in gold], gold),
-        })
+        grounded = gather_on_main(ground_rows(model, tokenizer, source, my_share(rows), p.batch_size, image_size,
+                                              max_image_size))
+        if grounded is not None:
+            grounded.sort(key=lambda entry: entry["row"])  # stable: a row's phrases keep their order
+            predicted, gold = [e["box"] for e in grounded], [e["gold"] for e in grounded]
+            rng = random.Random(p.seed)
+            result.update({
+                "phrases": len(gold),
+                "grounding_recall@1": metrics.recall_at_1(predicted, gold),
+                "random_box_recall@1": metrics.recall_at_1([random_box(rng) for _ in gold], gold),
+                "center_box_recall@1": metrics.recall_at_1([list(CENTER_BOX) for _ in gold], gold),
+            })
+            predictions += grounded
 
     if p.captioning:
         references: dict[str, list[str]] = {}
@@ -125,19 +157,18 @@ def evaluate(ctx: StageContext) -> dict:
             references.setdefault(image_id, []).append(source.caption(i))
             first_row.setdefault(image_id, i)
         image_ids = list(first_row)
-        generated: list[str] = []
-        for start in range(0, len(image_ids), p.batch_size):
-            chunk = [first_row[image_id] for image_id in image_ids[start:start + p.batch_size]]
-            images = [image_tensor(source.image(i), image_size, max_image_size) for i in chunk]
-            empty = [[tokenizer.bos_token_id, tokenizer.eos_token_id]] * len(chunk)
-            memory, padding = encode_batch(model, images, empty, tokenizer.pad_token_id)
-            tokens = model.generate(memory, padding, max_steps=p.max_decoding_step)
-            generated += [caption_text(t, tokenizer, config.text_vocab) for t in tokens.tolist()]
-        refs = [references[image_id] for image_id in image_ids]
-        result.update({"images": len(image_ids), "bleu4": metrics.bleu4(generated, refs),
-                       "cider": metrics.cider_d(generated, refs)})
-        predictions += [{"image_id": i, "caption": c} for i, c in zip(image_ids, generated)]
+        generated = gather_on_main(caption_images(
+            model, tokenizer, source, my_share(list(enumerate(first_row.values()))), p.batch_size, image_size,
+            max_image_size, p.max_decoding_step))
+        if generated is not None:
+            captions = [caption for _, caption in sorted(generated)]
+            refs = [references[image_id] for image_id in image_ids]
+            result.update({"images": len(image_ids), "bleu4": metrics.bleu4(captions, refs),
+                           "cider": metrics.cider_d(captions, refs)})
+            predictions += [{"image_id": i, "caption": c} for i, c in zip(image_ids, captions)]
 
+    if rank_and_world()[0] != 0:  # its results are delivered to rank 0, which writes them
+        return {}
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     (ctx.output_dir / "metrics.json").write_text(json.dumps(result, indent=1))
     with open(ctx.output_dir / "predictions.jsonl", "w") as f:

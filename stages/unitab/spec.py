@@ -103,6 +103,7 @@ STAGES = [
         entry="vlflow.stages.unitab.evaluate:evaluate",
         params=EvaluateParams,
         inputs=("arrows", "model"),
+        distributed=True,  # ranks share the captions and images; no training, so the booster goes unused
         description="phrase grounding recall@1 (+ random/center baselines) and caption BLEU-4/CIDEr-D",
     ),
 ]

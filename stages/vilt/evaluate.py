@@ -18,6 +18,7 @@ from transformers import AutoConfig, ViltForImageAndTextRetrieval
 
 from vlflow.errors import StageError
 from vlflow.stage import StageContext
+from vlflow.stages.common.evaluation import rank_and_world
 from vlflow.stages.vilt.data import image_dataset, load_tokenizer, tokenize
 from vlflow.stages.vilt.model import ViltPretrainingModel, embed_images, encode
 
@@ -162,8 +163,7 @@ def evaluate_retrieval(ctx: StageContext) -> dict:
     text_image = torch.tensor(text_image)
     texts = tokenize(tokenizer, captions, max_text_len)
 
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, world_size = rank_and_world()
     mine = rank_images(num_images, rank, world_size)
     ctx.log.info("scoring %d images x %d texts (%s head) on %d rank(s)", num_images, len(captions), head_name,
                  world_size)

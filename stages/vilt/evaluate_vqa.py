@@ -4,7 +4,7 @@ The VQA score of a question is the soft score of the predicted answer (min(1, an
 steps); the split's score is their mean. Reported beside it: the best constant answer's score on the same questions
 (what ignoring the image and the question would get) and the vocabulary's ceiling (the mean best target score).
 `predictions.json` is in the VQA challenge's submission format ([{question_id, answer}]), so a test-dev run can be
-uploaded as is. Under the launcher each rank answers its share of the images' questions; rank 0 gathers them.
+uploaded as is. Under the launcher each rank answers its share of the questions; rank 0 gathers the answers.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import json
 import time
 
 import torch
-import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, Subset
@@ -20,6 +19,7 @@ from transformers import ViltForQuestionAnswering
 
 from vlflow.errors import StageError
 from vlflow.stage import StageContext
+from vlflow.stages.common.evaluation import gather_on_main, my_share, rank_and_world
 from vlflow.stages.vilt.data import QuestionCollator, QuestionPairs, load_tokenizer, vqa_dataset
 from vlflow.stages.vilt.model import ViltVqaTrainingModel
 
@@ -55,17 +55,6 @@ def vqa_metrics(results: list[dict], num_answers: int) -> dict:
             "ceiling": sum(r["best"] for r in results) / n}
 
 
-def gather_results(local: list[dict]) -> list[dict] | None:
-    """Rank 0: every rank's results, by question id; other ranks: None."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return sorted(local, key=lambda r: r["question_id"])
-    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(local, parts, dst=0)
-    if parts is None:
-        return None
-    return sorted((r for part in parts for r in part), key=lambda r: r["question_id"])
-
-
 def evaluate_vqa(ctx: StageContext) -> dict:
     p = ctx.params
     run_dir = ctx.inputs["model"]
@@ -87,17 +76,17 @@ def evaluate_vqa(ctx: StageContext) -> dict:
         "image_size", 384), p.max_image_size or trained.get("max_image_size", 640)))
     count = min(len(questions), p.max_questions or len(questions))
 
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    mine = Subset(questions, list(range(rank, count, world_size)))
+    _, world_size = rank_and_world()
+    mine = Subset(questions, my_share(range(count)))
     collate = QuestionCollator(tokenizer, p.max_text_len or trained.get("max_text_len", 40), len(answers))
     loader = DataLoader(mine, batch_size=p.batch_size, collate_fn=collate)
     ctx.log.info("answering %d %s questions over %d answers on %d rank(s)", count, p.split, len(answers),
                  world_size)
     started = time.perf_counter()
-    results = gather_results(answer_questions(model, loader))
+    results = gather_on_main(answer_questions(model, loader))
     if results is None:  # not rank 0: its answers are delivered
         return {}
+    results.sort(key=lambda r: r["question_id"])
 
     predictions = [{"question_id": r["question_id"], "answer": answers[r["label"]]} for r in results]
     (ctx.output_dir / "predictions.json").write_text(json.dumps(predictions))
