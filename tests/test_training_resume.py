@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,60 +20,7 @@ from vlflow.store import ArtifactStore
 
 VLFLOW = str(Path(sys.executable).with_name("vlflow"))
 
-VILT = """
-name: resume_vilt
-defaults:
-  launch: {nproc_per_node: 2, plugin: torch_ddp, precision: fp32, backend: gloo}
-stages:
-  data:
-    uses: synthetic.coco
-    with: {num_images: 80, image_size: 64, splits: {train: 64, restval: 0, val: 8, test: 8}}
-  arrows: {uses: arrow.coco_karpathy, inputs: {root: data}}
-  tokenizer: {uses: tokenizer.train, inputs: {arrows: arrows}, with: {kind: wordpiece, vocab_size: 120}}
-  pretrain:
-    uses: vilt.pretrain
-    inputs: {arrows: arrows, tokenizer: tokenizer}
-    with: {hidden_size: 32, num_layers: 1, num_heads: 2, patch_size: 16, mlp_ratio: 2, dropout: 0.1, image_size: 64,
-           max_image_size: 64, max_text_len: 24, max_image_len: 8, tasks: [mlm, itm], whole_word_masking: true,
-           max_steps: 40, batch_size: 16, per_device_batch_size: 4, lr: 1.0e-3, warmup_steps: 0.1,
-           checkpoint_every: 5, log_every: 5, num_workers: 0}
-"""
-
-UNITAB = """
-name: resume_unitab
-defaults:
-  launch: {nproc_per_node: 2, plugin: torch_ddp, precision: fp32, backend: gloo}
-stages:
-  data: {uses: synthetic.flickr30k, with: {num_images: 80, image_size: 64}}
-  arrows: {uses: arrow.grounding, inputs: {root: data}}
-  tokenizer: {uses: tokenizer.train, inputs: {arrows: arrows}, with: {kind: bpe, vocab_size: 300}}
-  pretrain:
-    uses: unitab.pretrain
-    inputs: {arrows: arrows, tokenizer: tokenizer}
-    with:
-      backbone: resnet10t
-      backbone_feature_level: -3
-      backbone_norm: batch_norm
-      text_encoder_config: {hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64,
-                            max_position_embeddings: 80}
-      d_model: 32
-      enc_layers: 1
-      dec_layers: 1
-      nheads: 2
-      dim_feedforward: 64
-      dropout: 0.1
-      num_queries: 16
-      max_decoding_step: 48
-      image_size: 32
-      max_image_size: 32
-      ema: true
-      ema_decay: 0.9
-      batch_size: 16
-      per_device_batch_size: 4
-      max_steps: 40
-      checkpoint_every: 5
-      log_every: 5
-"""
+WORKFLOWS = Path(__file__).parent / "data" / "workflows"
 
 
 def _weights(store: ArtifactStore, stage: str) -> dict[str, torch.Tensor]:
@@ -94,9 +42,10 @@ def _weights(store: ArtifactStore, stage: str) -> dict[str, torch.Tensor]:
 
 
 def _run(project: Path, *args: str, kill_when=None, timeout: float = 400) -> subprocess.CompletedProcess | None:
-    """`vlflow run wf.yaml ARGS` in `project`; with `kill_when`, SIGKILL the whole tree once it holds (returns None)."""
+    """`vlflow run wf.yaml --until pretrain ARGS` in `project`; with `kill_when`, SIGKILL the whole tree once it
+    holds (returns None)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([VLFLOW, "run", "wf.yaml", *args], cwd=project, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([VLFLOW, "run", "wf.yaml", "--until", "pretrain", *args], cwd=project, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
@@ -117,12 +66,12 @@ def _run(project: Path, *args: str, kill_when=None, timeout: float = 400) -> sub
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("workflow", [VILT, UNITAB], ids=["vilt", "unitab"])
+@pytest.mark.parametrize("workflow", ["small_vilt.yaml", "small_unitab.yaml"], ids=["vilt", "unitab"])
 def test_killed_pretraining_resumes_to_the_uninterrupted_weights(tmp_path, workflow):
     project = tmp_path / "project"
     project.mkdir()
     (project / "vlflow.toml").write_text('[cache]\nurl = "cache"\n[state]\ndir = "state"\n')
-    (project / "wf.yaml").write_text(workflow)
+    shutil.copy(WORKFLOWS / workflow, project / "wf.yaml")
     store = ArtifactStore(str(project / "cache"))
 
     def checkpoint_committed_at_step_10() -> bool:
