@@ -355,9 +355,8 @@ class Runner:
         return all(d not in selected or d in done for d in self.workflow.stages[name].deps())
 
     def _execute(self, plan: StagePlan, artifacts: dict[str, Manifest]) -> Manifest:
-        decl, spec = plan.decl, plan.spec
         run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        staging = self.state_dir / "staging" / f"{decl.name}-{run_id}"
+        staging = self.state_dir / "staging" / f"{plan.name}-{run_id}"
         owner = claim_staging(staging)
         try:
             return self._execute_in(plan, artifacts, staging, run_id)

@@ -15,10 +15,14 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def my_share(items: Sequence[T]) -> Sequence[T]:
-    """This rank's items: rank r of w takes items r, r + w, r + 2w, ... (equal shares, to one item)."""
-    rank, world = rank_and_world()
+def share(items: Sequence[T], rank: int, world: int) -> Sequence[T]:
+    """Rank `rank` of `world` takes items rank, rank + world, ... (equal shares, to one item)."""
     return items[rank::world]
+
+
+def my_share(items: Sequence[T]) -> Sequence[T]:
+    """This rank's share of `items`."""
+    return share(items, *rank_and_world())
 
 
 def gather_on_main(local: list) -> list | None:

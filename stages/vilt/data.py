@@ -1,9 +1,11 @@
 """ViLT batches: image-caption pairs (and VQAv2 image-question pairs with soft answer targets) from ViLT arrows,
-collation (image padding + pixel mask, tokenisation), MLM masking and ITM negative swapping. Randomness comes from an explicit `torch.Generator`, so a resumed run can
-reproduce the same masks and negatives for a step."""
+collation (image padding + pixel mask, tokenisation), MLM masking and ITM negative swapping. Randomness comes from
+an explicit `torch.Generator`, so a resumed run can reproduce the same masks and negatives for a step. Also how the
+evaluation stages read a training stage's output (`load_trained_run`)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +40,36 @@ def load_tokenizer(inputs: dict[str, Path], name_or_path: str) -> PreTrainedToke
         return AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as exc:
         raise StageError(f"cannot load tokenizer {str(source)!r}: {exc}", field="with.tokenizer") from exc
+
+
+@dataclass
+class TrainedRun:
+    """A ViLT training stage's output as the evaluation stages read it: the model directory (transformers layout),
+    the tokenizer saved beside it and the training params (for the input geometry)."""
+
+    model_dir: Path
+    params: dict
+    tokenizer: PreTrainedTokenizerBase
+
+    def geometry(self, p) -> tuple[int, int, int]:
+        """(image_size, max_image_size, max_text_len): the evaluation params' values, else the training run's."""
+        return (p.image_size or self.params.get("image_size", 384),
+                p.max_image_size or self.params.get("max_image_size", 640),
+                p.max_text_len or self.params.get("max_text_len", 40))
+
+
+def load_trained_run(run_dir: Path, inputs: dict[str, Path]) -> TrainedRun:
+    """`run_dir`: a training stage's output (`model/`, `tokenizer/`, `params.json`) or a bare transformers model dir;
+    without a saved tokenizer, the `tokenizer` input or the training params' tokenizer name is used."""
+    model_dir = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
+    if not (model_dir / "config.json").is_file():
+        raise StageError(f"no ViLT model in {run_dir} (expected model/config.json)", field="inputs.model")
+    params_file = run_dir / "params.json"
+    params = json.loads(params_file.read_text()) if params_file.is_file() else {}
+    tokenizer_dir = run_dir / "tokenizer"
+    tokenizer = load_tokenizer({"tokenizer": tokenizer_dir} if tokenizer_dir.is_dir() else inputs,
+                               params.get("tokenizer", "bert-base-uncased"))
+    return TrainedRun(model_dir, params, tokenizer)
 
 
 def image_dataset(arrows: Path, split: str, image_size: int, max_image_size: int) -> CaptionArrowDataset:

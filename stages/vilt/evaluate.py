@@ -16,10 +16,9 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoConfig, ViltForImageAndTextRetrieval
 
-from vlflow.errors import StageError
 from vlflow.stage import StageContext
-from vlflow.stages.common.evaluation import rank_and_world
-from vlflow.stages.vilt.data import image_dataset, load_tokenizer, tokenize
+from vlflow.stages.common.evaluation import rank_and_world, share
+from vlflow.stages.vilt.data import image_dataset, load_trained_run, tokenize
 from vlflow.stages.vilt.model import ViltPretrainingModel, embed_images, encode
 
 KS = (1, 5, 10)
@@ -77,8 +76,8 @@ def score_all_pairs(vilt, score_head, load_image, num_images: int, texts: dict, 
 
 
 def rank_images(num_images: int, rank: int, world_size: int) -> list[int]:
-    """The images one rank scores: strided, so ranks get equal shares (to one image) of any split."""
-    return list(range(rank, num_images, world_size))
+    """The images one rank scores (the common strided share, so ranks get equal shares of any split)."""
+    return list(share(range(num_images), rank, world_size))
 
 
 def gather_score_columns(local: torch.Tensor, num_images: int, rank: int, world_size: int) -> torch.Tensor | None:
@@ -139,20 +138,10 @@ def evaluate_retrieval(ctx: StageContext) -> dict:
     p = ctx.params
     if p.num_threads:
         torch.set_num_threads(p.num_threads)
-    run_dir = ctx.inputs["model"]
-    model_dir = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
-    train_params_file = run_dir / "params.json"
-    trained = json.loads(train_params_file.read_text()) if train_params_file.is_file() else {}
-    if not (model_dir / "config.json").is_file():
-        raise StageError(f"no ViLT model in {run_dir} (expected model/config.json)", field="inputs.model")
-    image_size = p.image_size or trained.get("image_size", 384)
-    max_image_size = p.max_image_size or trained.get("max_image_size", 640)
-    max_text_len = p.max_text_len or trained.get("max_text_len", 40)
-
-    tokenizer_dir = run_dir / "tokenizer"
-    tokenizer = load_tokenizer({"tokenizer": tokenizer_dir} if tokenizer_dir.is_dir() else ctx.inputs,
-                               trained.get("tokenizer", "bert-base-uncased"))
-    vilt, score_head, head_name = load_scorer(model_dir)
+    run = load_trained_run(ctx.inputs["model"], ctx.inputs)
+    image_size, max_image_size, max_text_len = run.geometry(p)
+    tokenizer = run.tokenizer
+    vilt, score_head, head_name = load_scorer(run.model_dir)
     images = image_dataset(ctx.inputs["arrows"], p.split, image_size, max_image_size)
     num_images = min(len(images), p.max_images or len(images))
     captions, text_image = [], []

@@ -20,23 +20,21 @@ from transformers import ViltForQuestionAnswering
 from vlflow.errors import StageError
 from vlflow.stage import StageContext
 from vlflow.stages.common.evaluation import gather_on_main, my_share, rank_and_world
-from vlflow.stages.vilt.data import QuestionCollator, QuestionPairs, load_tokenizer, vqa_dataset
+from vlflow.stages.vilt.data import QuestionCollator, QuestionPairs, load_trained_run, vqa_dataset
 from vlflow.stages.vilt.model import ViltVqaTrainingModel
 
 
 @torch.no_grad()
 def answer_questions(model: ViltVqaTrainingModel, loader) -> list[dict]:
-    """Per question: id, predicted label, that label's target score and the best target score (None on test)."""
+    """Per question: id, predicted label and its targets as {label: score} (empty on test splits)."""
     results = []
     for batch in loader:
         logits = model.logits(batch["pixel_values"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"])
-        predicted = logits.argmax(1)
-        targets = batch["targets"]
-        for row, question_id in enumerate(batch["question_id"].tolist()):
-            results.append({"question_id": question_id, "label": int(predicted[row]),
-                            "score": float(targets[row, predicted[row]]), "best": float(targets[row].max()),
-                            "targets": targets[row].nonzero().squeeze(1).tolist(),
-                            "target_scores": targets[row][targets[row] > 0].tolist()})
+        for question_id, label, targets in zip(batch["question_id"].tolist(), logits.argmax(1).tolist(),
+                                               batch["targets"]):
+            labels = targets.nonzero().squeeze(1)
+            results.append({"question_id": question_id, "label": label,
+                            "targets": dict(zip(labels.tolist(), targets[labels].tolist()))})
     return results
 
 
@@ -46,39 +44,31 @@ def vqa_metrics(results: list[dict], num_answers: int) -> dict:
         return {}
     per_label = torch.zeros(num_answers)
     for r in results:
-        for label, score in zip(r["targets"], r["target_scores"]):
+        for label, score in r["targets"].items():
             per_label[label] += score
     n = len(results)
-    return {"vqa_score": sum(r["score"] for r in results) / n,
+    return {"vqa_score": sum(r["targets"].get(r["label"], 0.0) for r in results) / n,
             "best_constant_score": float(per_label.max()) / n,
             "best_constant_label": int(per_label.argmax()),
-            "ceiling": sum(r["best"] for r in results) / n}
+            "ceiling": sum(max(r["targets"].values()) for r in results) / n}
 
 
 def evaluate_vqa(ctx: StageContext) -> dict:
     p = ctx.params
-    run_dir = ctx.inputs["model"]
-    model_dir = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
-    if not (model_dir / "config.json").is_file():
-        raise StageError(f"no ViLT model in {run_dir} (expected model/config.json)", field="inputs.model")
-    train_params_file = run_dir / "params.json"
-    trained = json.loads(train_params_file.read_text()) if train_params_file.is_file() else {}
-    vqa = ViltForQuestionAnswering.from_pretrained(str(model_dir)).eval()
+    run = load_trained_run(ctx.inputs["model"], ctx.inputs)
+    vqa = ViltForQuestionAnswering.from_pretrained(str(run.model_dir)).eval()
     if "ViltForQuestionAnswering" not in (vqa.config.architectures or []):
-        raise StageError(f"{model_dir} is not a VQA model (architectures {vqa.config.architectures}); give a "
+        raise StageError(f"{run.model_dir} is not a VQA model (architectures {vqa.config.architectures}); give a "
                          f"vilt.finetune_vqa output", field="inputs.model")
     model = ViltVqaTrainingModel(vqa)
     answers = [vqa.config.id2label[i] for i in range(vqa.config.num_labels)]
-    tokenizer_dir = run_dir / "tokenizer"
-    tokenizer = load_tokenizer({"tokenizer": tokenizer_dir} if tokenizer_dir.is_dir() else ctx.inputs,
-                               trained.get("tokenizer", "bert-base-uncased"))
-    questions = QuestionPairs(vqa_dataset(ctx.inputs["arrows"], [p.split], p.image_size or trained.get(
-        "image_size", 384), p.max_image_size or trained.get("max_image_size", 640)))
+    image_size, max_image_size, max_text_len = run.geometry(p)
+    questions = QuestionPairs(vqa_dataset(ctx.inputs["arrows"], [p.split], image_size, max_image_size))
     count = min(len(questions), p.max_questions or len(questions))
 
     _, world_size = rank_and_world()
     mine = Subset(questions, my_share(range(count)))
-    collate = QuestionCollator(tokenizer, p.max_text_len or trained.get("max_text_len", 40), len(answers))
+    collate = QuestionCollator(run.tokenizer, max_text_len, len(answers))
     loader = DataLoader(mine, batch_size=p.batch_size, collate_fn=collate)
     ctx.log.info("answering %d %s questions over %d answers on %d rank(s)", count, p.split, len(answers),
                  world_size)

@@ -146,7 +146,7 @@ EVALUATE_VQA = StageSpec(
     entry="vlflow.stages.vilt.evaluate_vqa:evaluate_vqa",
     params=ViltEvaluateVqaParams,
     inputs=("arrows", "model"),
-    distributed=True,  # ranks share the images; no training, so the booster goes unused
+    distributed=True,  # ranks share the questions; no training, so the booster goes unused
     description="VQA score of a fine-tuned model on a split (+ predictions in the VQA submission format)",
 )
 
