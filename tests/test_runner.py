@@ -125,6 +125,26 @@ def test_independent_stages_run_concurrently(project, capsys):
     assert s2 < e1, "the two independent stages did not overlap"
 
 
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_stages_sharing_one_key_run_once_and_their_output_names_no_stage(project, capsys, jobs):
+    (project / "wf.yaml").write_text(textwrap.dedent("""
+        stages:
+          first: {uses: testing.write, with: {files: 2}}
+          second: {uses: testing.write, with: {files: 2}}
+    """))
+    rc, out, _ = run_cli(capsys, "run", project / "wf.yaml", "--jobs", jobs)
+    assert rc == 0, out
+    assert out.count("✓ done") == 1 and out.count("✓ cached") == 1  # one key: made once, then reused
+    assert "2 stages, 1 ran, 1 cached" in out
+    manifests = list((project / "cache").rglob("manifest.json"))
+    assert len(manifests) == 1
+    data = [p for p in manifests[0].parent.rglob("file_*.txt")]
+    assert len(data) == 2
+    for path in data:  # the shared artifact may not depend on which stage made it
+        text = path.read_text()
+        assert "first" not in text and "second" not in text
+
+
 def test_show_status_graph_gc(project, capsys):
     wf = project / "wf.yaml"
     assert run_cli(capsys, "run", wf)[0] == 0

@@ -189,7 +189,7 @@ def cmd_run(args) -> int:
                    timeout=args.lock_timeout):
         with progress:
             plans = runner.run(until=args.until, only=args.only, force=args.force)
-    ran = sum(1 for p in plans if p.manifest is not None and p.manifest.meta.get("started", 0) >= started)
+    ran = sum(1 for p in plans if p.ran)
     console.print(f"[bold]{workflow.name}[/]: {len(plans)} stages, {ran} ran, {len(plans) - ran} cached "
                   f"({time.time() - started:.1f}s)")
     return 0

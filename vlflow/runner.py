@@ -80,6 +80,7 @@ class StagePlan:
     reasons: list[str] = field(default_factory=list)
     manifest: Manifest | None = None
     components: dict | None = None
+    ran: bool = False  # executed by this run (False when cached, also when another stage of this run made its key)
 
 
 def content_digest(manifest: Manifest) -> str:
@@ -311,12 +312,14 @@ class Runner:
                         break
                     if not self._ready(name, selected, done):
                         continue
-                    pending.remove(name)
                     plan = self.plan_stage(name, artifacts, forced)
                     if plan.key is None:
                         missing = sorted(d for d in self._data_deps(plan.decl) if d not in artifacts)
                         raise VlflowError(f"stage {name}: input stage(s) {', '.join(missing)} not in the cache; "
                                           f"run them first (e.g. --until {name})")
+                    if plan.action == "run" and any(p.key == plan.key for p in running.values()):
+                        continue  # another stage of this run is making this very artifact: use it when committed
+                    pending.remove(name)
                     if plan.action == "cached":
                         self.on_event(name, "cached", plan.key[:12])
                         artifacts[name] = plan.manifest
@@ -335,7 +338,7 @@ class Runner:
                         failure = failure or exc
                         self.on_event(plan.name, "failed", str(exc))
                         continue
-                    plan.action = "cached"
+                    plan.action, plan.ran = "cached", True
                     artifacts[plan.name] = plan.manifest
                     done[plan.name] = plan
                     self.on_event(plan.name, "done", f"{plan.manifest.meta.get('duration', 0):.1f}s")

@@ -9,7 +9,7 @@ from vlflow.stage import Params, StageSpec
 class WriteParams(Params):
     files: int = Field(1, ge=0, description="how many files to write")
     size: int = Field(16, ge=0, description="bytes per file (text is repeated/padded to this size)")
-    text: str = Field("", description="content seed; empty means the stage name")
+    text: str = Field("", description="content seed; empty means 'write'")
     sleep: float = Field(0.0, ge=0, le=60, description="seconds to wait after writing (holds a run open in tests)")
     fail: bool = Field(False, description="raise instead of writing (to test failure handling)")
 

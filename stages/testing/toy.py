@@ -12,7 +12,7 @@ def write(ctx: StageContext) -> dict:
     params = ctx.params
     if params.fail:
         raise StageError("failing on purpose (fail: true)", field=f"stages.{ctx.stage}.with.fail")
-    seed = params.text or ctx.stage
+    seed = params.text or "write"  # never the stage's name: two stages with one key share one artifact
     total = 0
     for index in range(params.files):
         line = f"{seed} {index}\n"
