@@ -1,5 +1,7 @@
 """tokenizer.train: output loads with AutoTokenizer, for both kinds; bad input gives a clear error."""
 import logging
+import subprocess
+import sys
 
 import pyarrow as pa
 import pytest
@@ -8,6 +10,7 @@ from transformers import AutoTokenizer, BertTokenizerFast, RobertaTokenizerFast
 from vlflow.errors import StageError
 from vlflow.stage import StageContext
 from vlflow.stages.text.spec import TOKENIZER_TRAIN
+from vlflow.stages.text.tokenizer import BERT_SPECIALS
 
 CAPTIONS = [
     ["A red circle on a white background", "a small red circle"],
@@ -89,3 +92,55 @@ def test_questions_input_adds_the_vqa_questions_words(tmp_path):
     assert {"what", "color", "many"} <= set(AutoTokenizer.from_pretrained(with_questions / "out").get_vocab())
     assert "what" not in AutoTokenizer.from_pretrained(without / "out").get_vocab()
     assert "circle" in AutoTokenizer.from_pretrained(with_questions / "out").get_vocab()  # captions still read
+
+
+# Many words of equal frequency: tokenizers' trainers break ties between equal-count merges by token id, which for
+# WordPiece's "##x" pieces used to follow hash-map order, so each process learnt a different vocabulary.
+TIED_CAPTIONS = [[f"a {colour} {shape} at the {place}" for colour in ("red", "blue", "green", "yellow", "purple")
+                  for shape in ("circle", "square")] for place in ("top", "left", "bottom", "right", "middle")]
+TRAIN_IN_FRESH_PROCESS = """
+import logging, sys
+from pathlib import Path
+from vlflow.stage import StageContext
+from vlflow.stages.text.spec import TOKENIZER_TRAIN
+arrows, out, kind, vocab_size = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+out.mkdir()
+ctx = StageContext(stage="tok", params=TOKENIZER_TRAIN.params(kind=kind, vocab_size=vocab_size),
+                   inputs={"arrows": arrows}, output_dir=out, log=logging.getLogger("t"))
+TOKENIZER_TRAIN.load()(ctx)
+"""
+
+
+@pytest.mark.parametrize("kind, vocab_size", [("wordpiece", 120), ("bpe", 300)])
+def test_two_trainings_in_fresh_processes_give_identical_files(tmp_path, kind, vocab_size):
+    arrows = tmp_path / "arrows"
+    arrows.mkdir()
+    write_arrow(arrows / "coco_caption_karpathy_train.arrow", TIED_CAPTIONS)
+    outputs = []
+    for run in ("first", "second"):
+        out = tmp_path / run
+        subprocess.run([sys.executable, "-c", TRAIN_IN_FRESH_PROCESS, str(arrows), str(out), kind, str(vocab_size)],
+                       check=True, capture_output=True)
+        outputs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert sorted(outputs[0]) == sorted(outputs[1])
+    for name in outputs[0]:
+        assert outputs[0][name] == outputs[1][name], f"{kind}: {name} differs between two trainings"
+    vocab = AutoTokenizer.from_pretrained(tmp_path / "first").get_vocab()
+    assert not [t for t in vocab if any(0xF0000 <= ord(c) < 0x100000 for c in t)]  # no internal marker leaks out
+
+
+def test_wordpiece_pieces_tokenize_unseen_words(tmp_path):
+    arrows = tmp_path / "arrows"
+    arrows.mkdir()
+    write_arrow(arrows / "coco_caption_karpathy_train.arrow", TIED_CAPTIONS)
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = StageContext(stage="tok", params=TOKENIZER_TRAIN.params(vocab_size=70), inputs={"arrows": arrows},
+                       output_dir=out, log=logging.getLogger("test"))
+    TOKENIZER_TRAIN.load()(ctx)
+    tok = AutoTokenizer.from_pretrained(out)
+    vocab = tok.get_vocab()
+    assert [vocab[t] for t in BERT_SPECIALS] == [0, 1, 2, 3, 4]  # BERT's special ids first
+    pieces = tok.tokenize("bluer")  # unseen word: a learnt prefix plus "##" continuation pieces
+    assert pieces[0] != "[UNK]" and all(p.startswith("##") for p in pieces[1:]) and len(pieces) > 1
+    assert tok.convert_tokens_to_string(pieces) == "bluer"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
-from tokenizers import ByteLevelBPETokenizer, processors
+from tokenizers import ByteLevelBPETokenizer, Tokenizer, models, pre_tokenizers, processors, trainers
 from tokenizers.implementations import BertWordPieceTokenizer
 from transformers import BertTokenizerFast, PreTrainedTokenizerFast, RobertaTokenizerFast
 
@@ -34,12 +34,48 @@ def iter_captions(arrow_files: list[Path], column: str = "caption") -> Iterator[
                         yield value
 
 
+# WordPiece training runs tokenizers' BPE trainer (as `WordPieceTrainer` does), but marks continuation characters by
+# moving them into a private-use plane instead of giving them a "##" prefix: the trainer numbers the alphabet in sorted
+# order, whereas "##x" tokens get ids in hash-map order, and merges of equal count are taken in id order. So the same
+# captions gave different vocabularies (not only orders) from run to run; with the marked alphabet they give one.
+CONTINUATION_BASE = 0xF0000  # Supplementary Private Use Area-A: U+F0000 + ord(c) for Basic Multilingual Plane chars
+BMP_END = 0x10000
+
+
+def _mark_continuations(word: str) -> str:
+    """`red` -> `r` + marked(e) + marked(d); characters outside the BMP (rare in captions) stay as they are."""
+    return word[:1] + "".join(chr(CONTINUATION_BASE + ord(c)) if ord(c) < BMP_END else c for c in word[1:])
+
+
+def _unmark(token: str, prefix: str = "##") -> str:
+    """Inverse of `_mark_continuations` for a trained token: a token that starts with a marked char is a piece."""
+    if not token:
+        return token
+    is_piece = CONTINUATION_BASE <= ord(token[0]) < CONTINUATION_BASE + BMP_END
+    text = "".join(chr(ord(c) - CONTINUATION_BASE) if CONTINUATION_BASE <= ord(c) < CONTINUATION_BASE + BMP_END else c
+                   for c in token)
+    return prefix + text if is_piece else text
+
+
 def train_wordpiece(texts: Iterator[str], vocab_size: int, lowercase: bool, min_frequency: int) -> BertTokenizerFast:
-    backend = BertWordPieceTokenizer(lowercase=lowercase)
-    backend.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=BERT_SPECIALS)
-    # BERT framing: [CLS] A [SEP], pairs [CLS] A [SEP] B [SEP] (the untrained wrapper had no ids to build it from)
-    backend._tokenizer.post_processor = processors.BertProcessing(
-        ("[SEP]", backend.token_to_id("[SEP]")), ("[CLS]", backend.token_to_id("[CLS]")))
+    framing = BertWordPieceTokenizer(lowercase=lowercase)  # its normalizer and pre-tokenizer split the captions
+    normalizer, pre_tokenizer = framing._tokenizer.normalizer, framing._tokenizer.pre_tokenizer
+
+    def marked_words() -> Iterator[str]:
+        for text in texts:
+            words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+            yield " ".join(_mark_continuations(word) for word, _ in words)
+
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=BERT_SPECIALS,
+                                  show_progress=False)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bpe.train_from_iterator(marked_words(), trainer)
+    vocab: dict[str, int] = {}
+    for token, _ in sorted(bpe.get_vocab().items(), key=lambda item: item[1]):
+        vocab.setdefault(_unmark(token), len(vocab))  # ids stay dense and in training order
+    # With a vocabulary, the wrapper adds BERT's framing: [CLS] A [SEP], pairs [CLS] A [SEP] B [SEP]
+    backend = BertWordPieceTokenizer(vocab, lowercase=lowercase)
     return BertTokenizerFast(tokenizer_object=backend._tokenizer, do_lower_case=lowercase)
 
 
