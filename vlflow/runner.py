@@ -24,6 +24,7 @@ import networkx as nx
 
 from vlflow.errors import StageError, VlflowError
 from vlflow.procs import die_with_parent
+from vlflow.code_digest import CodeDigest
 from vlflow.stage import StageSpec, get_spec
 from vlflow.store import META_DIR, ArtifactStore, Manifest  # META_DIR: stage.log, metrics.json of a run
 from vlflow.workflow import StageDecl, Workflow
@@ -80,6 +81,7 @@ class StagePlan:
     reasons: list[str] = field(default_factory=list)
     manifest: Manifest | None = None
     components: dict | None = None
+    code_files: dict[str, str] | None = None  # display path -> sha256 of each source file the stage runs
     ran: bool = False  # executed by this run (False when cached, also when another stage of this run made its key)
 
 
@@ -130,6 +132,21 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _code_changes(uses: str, old: dict | None, new: dict) -> list[str]:
+    """`code: stages/common/training.py changed`, one line per source file that differs from the last run's."""
+    if not isinstance(old, dict):  # a run recorded before per-file digests
+        return [f"code of {uses} changed"]
+    changes = []
+    for path in sorted(set(old) | set(new)):
+        if path not in old:
+            changes.append(f"code: {path} is now run")
+        elif path not in new:
+            changes.append(f"code: {path} is no longer run")
+        elif old[path] != new[path]:
+            changes.append(f"code: {path} changed")
+    return changes or [f"code of {uses} changed (its spec version or name)"]
+
+
 def claim_staging(staging: Path) -> int:
     """Create the staging dir of one stage execution, holding its owner lock; returns the fd to close when done.
 
@@ -177,20 +194,18 @@ class Runner:
         self.graph = build_graph(workflow)
         self.on_event = on_event or (lambda stage, kind, text: None)
         self.python = python
-        self._code_digests: dict[str, str] = {}
 
     # ---- planning -------------------------------------------------------------------------------------------
-    def _code_digest(self, spec: StageSpec) -> str:
-        if spec.name not in self._code_digests:
-            self._code_digests[spec.name] = spec.code_digest()
-        return self._code_digests[spec.name]
+    @staticmethod
+    def _code(spec: StageSpec) -> CodeDigest:
+        return spec.code()  # cached per process (vlflow.code_digest)
 
     def key_components(self, decl: StageDecl, artifacts: dict[str, Manifest]) -> dict:
         spec = get_spec(decl.uses)
         launch = decl.launch.model_dump() if decl.launch else {}
         return {
             "uses": decl.uses,
-            "code": self._code_digest(spec),
+            "code": self._code(spec).digest,
             "params": decl.params,
             "launch": {k: launch[k] for k in RESULT_LAUNCH_FIELDS if k in launch},
             "inputs": {name: {"digest": content_digest(artifacts[ref.stage]), "subpath": ref.subpath}
@@ -218,6 +233,7 @@ class Runner:
             return plan
         plan.components = self.key_components(decl, artifacts)
         plan.key = _digest(plan.components)
+        plan.code_files = self._code(plan.spec).files
         plan.manifest = self.store.manifest(plan.key)
         if name in forced:
             plan.reasons.append("forced")
@@ -237,7 +253,8 @@ class Runner:
         if old.get("uses") != components["uses"]:
             reasons.append(f"stage type changed: {old.get('uses')} -> {components['uses']}")
         if old.get("code") != components["code"]:
-            reasons.append(f"code of {components['uses']} changed")
+            current = self._code(get_spec(components["uses"])).files
+            reasons += _code_changes(components["uses"], last.get("code_files"), current)
         reasons += [f"param {d}" for d in _diff(old.get("params", {}), components["params"], "")]
         reasons += [f"launch {d}" for d in _diff(old.get("launch", {}), components["launch"], "")]
         for input_name in sorted(set(old.get("inputs", {})) | set(components["inputs"])):
@@ -410,11 +427,11 @@ class Runner:
         meta = {
             "workflow": self.workflow.name, "stage": decl.name, "uses": decl.uses, "params": decl.params,
             "components": plan.components, "metrics": metrics or {}, "started": started, "duration": duration,
-            "host": os.uname().nodename,
+            "host": os.uname().nodename, "code_files": plan.code_files,
         }
         manifest = self.store.commit(plan.key, output_dir, meta)
         self.store.put_ref(self._ref_name(decl.name), {"key": plan.key, "components": plan.components,
-                                                        "committed": time.time()})
+                                                        "code_files": plan.code_files, "committed": time.time()})
         shutil.rmtree(staging, ignore_errors=True)
         if work_dir is not None:  # the artifact is committed: checkpoints are no longer needed to resume
             shutil.rmtree(work_dir, ignore_errors=True)

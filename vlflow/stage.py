@@ -15,9 +15,12 @@ import importlib.util
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from vlflow.code_digest import CodeDigest
 
 
 class Params(BaseModel):
@@ -64,17 +67,16 @@ class StageSpec:
         module_name, _, func = self.entry.partition(":")
         return getattr(importlib.import_module(module_name), func)
 
+    def code(self) -> "CodeDigest":
+        """The source files this stage runs (entry module, what it imports inside vlflow and its own package,
+        the engine code hosting it) with their digests; see `vlflow.code_digest`. Nothing is imported."""
+        from vlflow.code_digest import code_digest
+
+        return code_digest(self.entry.partition(":")[0], self.distributed, f"{self.name}\0{self.version}")
+
     def code_digest(self) -> str:
-        """sha256 of the stage's source package (the entry module's package) plus `version`, without importing it."""
-        module_name = self.entry.partition(":")[0]
-        spec = importlib.util.find_spec(module_name)
-        h = hashlib.sha256(f"{self.name}\0{self.version}\0".encode())
-        if spec is None or spec.origin is None:
-            return h.hexdigest()
-        root = Path(spec.origin).parent
-        for path in sorted(root.rglob("*.py")):
-            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-        return h.hexdigest()
+        """sha256 over the code this stage runs (see `code`) and `version`."""
+        return self.code().digest
 
 
 @dataclass
