@@ -3,10 +3,14 @@
 PyTorch's FakeTensorMode with fake CUDA tensors runs forward passes here (this torch is a CUDA build; fake tensors
 carry shapes, dtypes and devices, no data) and raises `FakeTensorDeviceMismatchError` where an op mixes a CPU tensor
 with a CUDA one, exactly where a real GPU would raise. What it cannot do (measured): backward (needs a real GPU), and
-ops whose output depends on the data (`.item()`, `.tolist()`, boolean indexing). So that evaluation loops and
-decoding (which read tokens back on the host) run to the end, this mode answers those with placeholders: every
-scalar read is 0 / False, `nonzero` selects every position. Those values are meaningless: the check is about devices,
-dtypes and shapes, never about results.
+ops whose output depends on the data (`.item()`, `.tolist()`, boolean indexing). This mode differs from the stock
+one in two ways, so that whole stages run to the end:
+- ops on CPU tensors alone run for real (data loading, tokenising and host-side reads keep their values); only what
+  is made on or moved to CUDA becomes fake;
+- data-dependent reads of fake tensors (decoding reads tokens back on the host) get placeholders: every scalar read
+  is 0 / False, `nonzero` selects every position. Those values are meaningless: the check is about devices, dtypes
+  and shapes, never about device results.
+Autocast on "cuda" is disabled here (torch.cuda.is_available() is False), so dtypes are fp32 inside.
 
     with fake_cuda():                       # vlflow.stages.common.device.stage_device() is cuda:0 inside, Module.to("cuda") gives fake weights
         scores = score_pairs(model, batches, device=stage_device(), ...)
@@ -22,7 +26,9 @@ from unittest import mock
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorDeviceMismatchError, FakeTensorMode
+from torch._subclasses.fake_tensor import (FakeTensor, FakeTensorDeviceMismatchError, FakeTensorMode,
+                                          unset_fake_temporarily)
+from torch.utils import _pytree as pytree
 
 aten = torch.ops.aten
 CUDA = torch.device("cuda", 0)
@@ -35,6 +41,9 @@ class _PlaceholderFakeMode(FakeTensorMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not _touches_device(args, kwargs):  # host work stays real: data loading, tokenising, host-side reads
+            with unset_fake_temporarily():
+                return func(*args, **kwargs)
         if func in _INDEXING:
             _check_indices(func, args[0], args[1])
         if func is aten._local_scalar_dense.default:  # .item(), .tolist(), bool(), int()
@@ -63,6 +72,14 @@ def _check_indices(func, tensor: torch.Tensor, indices) -> None:
     for index in indices:
         if isinstance(index, torch.Tensor) and tensor.device.type == "cpu" and index.device.type != "cpu":
             raise FakeTensorDeviceMismatchError(func, tensor.device, index.device)
+
+
+def _touches_device(args, kwargs) -> bool:
+    """Whether an op involves a fake tensor or makes one on CUDA."""
+    device = kwargs.get("device")
+    if device is not None and torch.device(device).type == "cuda":
+        return True
+    return any(isinstance(leaf, FakeTensor) for leaf in pytree.tree_leaves((args, kwargs)))
 
 
 _active: list[_PlaceholderFakeMode] = []
