@@ -288,3 +288,39 @@ def test_staging_dirs_of_dead_runs_are_swept_and_live_ones_kept(project, capsys)
     rc, out, _ = run_cli(capsys, "run", project / "wf.yaml")  # a run sweeps first, and says so
     assert rc == 0 and "removed 2 staging dir(s) left by killed runs" in out
     assert not list(staging.iterdir())  # and its own staging dirs are gone once committed
+
+
+def test_manifests_record_the_environment_and_plan_show_run_react_to_a_change(project, capsys, monkeypatch):
+    import platform
+    from importlib.metadata import version
+
+    monkeypatch.setenv("COLUMNS", "250")
+    wf = project / "wf.yaml"
+    assert run_cli(capsys, "run", wf)[0] == 0
+    manifests = {json.loads(p.read_text())["meta"]["stage"]: p for p in (project / "cache").rglob("manifest.json")}
+    env = json.loads(manifests["a"].read_text())["meta"]["environment"]
+    cuda = subprocess.run([sys.executable, "-c", "import torch; print(torch.version.cuda)"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert env == {"python": platform.python_version(), "torch": version("torch"), "cuda": None if cuda == "None"
+                   else cuda, "transformers": version("transformers"), "colossalai": version("colossalai"),
+                   "timm": version("timm"), "pyarrow": version("pyarrow"), "tokenizers": version("tokenizers")}
+
+    # the artifact of a was made under another torch (hand-edited: one cannot swap torch inside a test)
+    summary = json.loads(manifests["a"].read_text())
+    summary["meta"]["environment"]["torch"] = "2.0.0"
+    manifests["a"].write_text(json.dumps(summary))
+    warning = f"made under another environment: torch 2.0.0 -> {version('torch')}"
+    rc, out, _ = run_cli(capsys, "plan", wf)
+    assert rc == 0 and warning in " ".join(out.split()) and out.count("cached") == 4
+    rc, out, _ = run_cli(capsys, "show", wf, "a")
+    assert rc == 0 and warning in " ".join(out.split()) and f"torch {version('torch')}" not in out.split("warning")[0]
+    rc, out, _ = run_cli(capsys, "run", wf)
+    assert rc == 0 and "0 ran, 4 cached" in out and warning in " ".join(out.split())
+
+    rc, out, _ = run_cli(capsys, "plan", wf, "--rerun-on-env-change")
+    assert f"environment changed: torch 2.0.0 -> {version('torch')}" in " ".join(out.split())
+    rc, out, _ = run_cli(capsys, "run", wf, "--rerun-on-env-change")
+    assert rc == 0 and "1 ran, 3 cached" in out  # a is remade with the same data: c and d stay cached
+    assert json.loads(manifests["a"].read_text())["meta"]["environment"]["torch"] == version("torch")
+    rc, out, _ = run_cli(capsys, "plan", wf)
+    assert "warning" not in out and out.count("cached") == 4

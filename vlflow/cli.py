@@ -25,6 +25,12 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", help="local state dir: locks, work dirs, logs (default .vlflow)")
 
 
+def _add_env_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rerun-on-env-change", action="store_true",
+                   help="rerun cached stages made under other versions of python, torch, CUDA, transformers, "
+                        "colossalai, timm, pyarrow or tokenizers (default: only warn)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlflow", description="Declarative, cached, resumable vision-language "
                                      "training workflows on Colossal-AI.")
@@ -36,10 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_args(p)
     p.add_argument("-j", "--jobs", type=int, help="independent stages to run at once (default from vlflow.toml)")
     p.add_argument("--lock-timeout", type=float, default=None, help="give up waiting for the cache lock after N s")
+    _add_env_arg(p)
 
     p = sub.add_parser("plan", help="show, per stage, whether it runs or is cached, and why it reruns")
     _add_workflow_args(p)
     _add_cache_args(p)
+    _add_env_arg(p)
 
     p = sub.add_parser("validate", help="check a workflow and print it resolved")
     _add_workflow_args(p, selectors=False)
@@ -105,7 +113,8 @@ def _runner(args):
     from vlflow.runner import Runner
 
     workflow, config = _load(args)
-    return Runner(workflow, _store(config), config.state_dir, jobs=getattr(args, "jobs", None) or config.jobs), config
+    return Runner(workflow, _store(config), config.state_dir, jobs=getattr(args, "jobs", None) or config.jobs,
+                  rerun_on_env_change=getattr(args, "rerun_on_env_change", False)), config
 
 
 def _size(n: int) -> str:
@@ -141,7 +150,8 @@ def cmd_plan(args) -> int:
         table.add_column(col, overflow="fold")
     for plan in plans:
         action = "[green]cached[/]" if plan.action == "cached" else "[yellow]run[/]"
-        table.add_row(plan.name, plan.decl.uses, action, (plan.key or "?")[:12], "\n".join(plan.reasons))
+        why = plan.reasons + [f"[yellow]warning: {w}[/]" for w in plan.warnings]
+        table.add_row(plan.name, plan.decl.uses, action, (plan.key or "?")[:12], "\n".join(why))
     _console().print(table)
     return 0
 
@@ -176,12 +186,15 @@ def cmd_run(args) -> int:
             progress.console.print(f"         [dim]{text}[/]", highlight=False)
         elif kind == "failed":
             progress.console.print(f"[red]✗ failed[/] {stage}")
+        elif kind == "warning":
+            progress.console.print(f"[yellow]  warning:[/] {text}")
         elif kind == "note":
             progress.console.print(f"[dim]{text}[/]")
         if kind in ("done", "failed") and stage in tasks:
             progress.remove_task(tasks.pop(stage))
 
-    runner = Runner(workflow, store, config.state_dir, jobs=args.jobs or config.jobs, on_event=on_event)
+    runner = Runner(workflow, store, config.state_dir, jobs=args.jobs or config.jobs, on_event=on_event,
+                    rerun_on_env_change=args.rerun_on_env_change)
     lock_path = config.state_dir / "locks" / f"{lock_name}.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -259,6 +272,15 @@ def cmd_show(args) -> int:
     console.print(f"created {_when(m.created)}, {len(m.files)} files, {_size(m.size)}, "
                   f"ran {m.meta.get('duration', 0):.1f}s on {m.meta.get('host', '?')}")
     console.print("params: " + json.dumps(m.meta.get("params", {}), sort_keys=True))
+    recorded = m.meta.get("environment")
+    if isinstance(recorded, dict):
+        from vlflow.environment import current_environment, describe, environment_changes
+
+        console.print(f"environment: {describe(recorded)}", markup=False)
+        changes = environment_changes(recorded, current_environment())
+        if changes:
+            console.print(f"[yellow]warning:[/] made under another environment: {', '.join(changes)} "
+                          "(vlflow run --rerun-on-env-change remakes it)")
     metrics = m.meta.get("metrics") or {}
     if metrics:
         table = Table(title="metrics")

@@ -25,6 +25,7 @@ import networkx as nx
 from vlflow.errors import StageError, VlflowError
 from vlflow.procs import die_with_parent
 from vlflow.code_digest import CodeDigest
+from vlflow.environment import current_environment, environment_changes
 from vlflow.stage import StageSpec, get_spec
 from vlflow.store import META_DIR, ArtifactStore, Manifest  # META_DIR: stage.log, metrics.json of a run
 from vlflow.workflow import StageDecl, Workflow
@@ -82,6 +83,7 @@ class StagePlan:
     manifest: Manifest | None = None
     components: dict | None = None
     code_files: dict[str, str] | None = None  # display path -> sha256 of each source file the stage runs
+    warnings: list[str] = field(default_factory=list)  # e.g. a cached artifact made under other package versions
     ran: bool = False  # executed by this run (False when cached, also when another stage of this run made its key)
 
 
@@ -186,7 +188,8 @@ def sweep_stale_staging(state_dir: Path) -> list[Path]:
 
 class Runner:
     def __init__(self, workflow: Workflow, store: ArtifactStore, state_dir: Path, jobs: int = 1,
-                 on_event: Callable[[str, str, str], None] | None = None, python: str = sys.executable):
+                 on_event: Callable[[str, str, str], None] | None = None, python: str = sys.executable,
+                 rerun_on_env_change: bool = False):
         self.workflow = workflow
         self.store = store
         self.state_dir = Path(state_dir)
@@ -194,6 +197,7 @@ class Runner:
         self.graph = build_graph(workflow)
         self.on_event = on_event or (lambda stage, kind, text: None)
         self.python = python
+        self.rerun_on_env_change = rerun_on_env_change  # else a changed environment is only a warning
 
     # ---- planning -------------------------------------------------------------------------------------------
     @staticmethod
@@ -235,10 +239,16 @@ class Runner:
         plan.key = _digest(plan.components)
         plan.code_files = self._code(plan.spec).files
         plan.manifest = self.store.manifest(plan.key)
+        changes = environment_changes((plan.manifest.meta if plan.manifest else {}).get("environment"),
+                                      current_environment())
         if name in forced:
             plan.reasons.append("forced")
+        elif changes and self.rerun_on_env_change:
+            plan.reasons.append(f"environment changed: {', '.join(changes)}")
         elif plan.manifest is not None:
             plan.action = "cached"
+            if changes:
+                plan.warnings.append(f"made under another environment: {', '.join(changes)}")
         else:
             plan.reasons.extend(self.why(name, plan.components))
         return plan
@@ -339,6 +349,8 @@ class Runner:
                     pending.remove(name)
                     if plan.action == "cached":
                         self.on_event(name, "cached", plan.key[:12])
+                        for warning in plan.warnings:
+                            self.on_event(name, "warning", warning)
                         artifacts[name] = plan.manifest
                         done[name] = plan
                         continue
@@ -427,7 +439,7 @@ class Runner:
         meta = {
             "workflow": self.workflow.name, "stage": decl.name, "uses": decl.uses, "params": decl.params,
             "components": plan.components, "metrics": metrics or {}, "started": started, "duration": duration,
-            "host": os.uname().nodename, "code_files": plan.code_files,
+            "host": os.uname().nodename, "code_files": plan.code_files, "environment": current_environment(),
         }
         manifest = self.store.commit(plan.key, output_dir, meta)
         self.store.put_ref(self._ref_name(decl.name), {"key": plan.key, "components": plan.components,

@@ -9,9 +9,7 @@ caching, manifests or object stores: the runner materialises inputs as local dir
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
-import importlib.util
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
