@@ -44,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lock-timeout", type=float, default=None, help="give up waiting for the cache lock after N s")
     _add_env_arg(p)
 
+    p = sub.add_parser("check", help="rerun cached stages into a scratch dir and compare their data with the cache "
+                                     "(exit 1 when a stage does not reproduce)")
+    p.add_argument("workflow", type=Path, help="workflow YAML file")
+    p.add_argument("stages", nargs="*", metavar="STAGE", help="stages to check (default: every stage)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value, e.g. --set stages.pretrain.with.max_steps=10 (repeatable)")
+    p.add_argument("--build", action="store_true", help="first run what is missing (like vlflow run --until STAGE)")
+    _add_cache_args(p)
+
     p = sub.add_parser("plan", help="show, per stage, whether it runs or is cached, and why it reruns")
     _add_workflow_args(p)
     _add_cache_args(p)
@@ -205,6 +214,53 @@ def cmd_run(args) -> int:
     ran = sum(1 for p in plans if p.ran)
     console.print(f"[bold]{workflow.name}[/]: {len(plans)} stages, {ran} ran, {len(plans) - ran} cached "
                   f"({time.time() - started:.1f}s)")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from rich.markup import escape
+
+    from vlflow.check import Verdict, check_stages
+
+    console = _console()
+    if args.build:  # exactly `vlflow run WORKFLOW --until STAGE...` with the same --set/--cache/--state-dir
+        argv = ["run", str(args.workflow)] + [a for stage in args.stages for a in ("--until", stage)]
+        argv += [a for override in args.overrides for a in ("--set", override)]
+        argv += [a for flag, value in (("--cache", args.cache), ("--state-dir", args.state_dir)) if value
+                 for a in (flag, value)]
+        cmd_run(build_parser().parse_args(argv))
+    runner, _ = _runner(args)
+
+    def on_start(stage: str) -> None:
+        console.print(f"[dim]… checking {stage}: rerunning into a scratch dir[/]")
+
+    def on_result(result) -> None:
+        if result.verdict is Verdict.REPRODUCED:
+            console.print(f"[green]✓ same[/]       {result.stage}  [dim]{result.files} data files, "
+                          f"{result.seconds:.1f}s[/]")
+        elif result.verdict is Verdict.NOT_CACHED:
+            console.print(f"[dim]- not cached {result.stage}: nothing to check ({escape(result.detail)})[/]")
+        elif result.verdict is Verdict.FAILED:
+            console.print(f"[red]✗ failed[/]     {result.stage}: the rerun failed", markup=True)
+            console.print(result.detail, markup=False)
+        else:
+            first = result.differences[0]
+            console.print(f"[red]✗ differs[/]    {result.stage}: {len(result.differences)} of the data files differ; "
+                          f"first: {escape(first.describe())}", highlight=False)
+            console.print(f"             [dim]{escape(result.detail)}[/]")
+
+    results = check_stages(runner, args.stages, on_start=on_start, on_result=on_result)
+    checked = [r for r in results if r.verdict is not Verdict.NOT_CACHED]
+    bad = [r.stage for r in checked if not r.ok]
+    if not checked:
+        console.print(f"[bold]{runner.workflow.name}[/]: nothing to check, no selected stage is cached "
+                      "(run it first, or add --build)")
+        return 1
+    if bad:
+        console.print(f"[bold]{runner.workflow.name}[/]: {len(bad)} of {len(checked)} checked stages do not "
+                      f"reproduce: {', '.join(bad)}")
+        return 1
+    console.print(f"[bold]{runner.workflow.name}[/]: all {len(checked)} checked stages reproduce their cached data")
     return 0
 
 
@@ -399,7 +455,7 @@ def cmd_stages(args) -> int:
 
 
 COMMANDS = {"stages": cmd_stages, "run": cmd_run, "plan": cmd_plan, "validate": cmd_validate, "graph": cmd_graph, "status": cmd_status,
-            "ls": cmd_ls, "show": cmd_show, "gc": cmd_gc}
+            "ls": cmd_ls, "show": cmd_show, "gc": cmd_gc, "check": cmd_check}
 
 
 def _interrupt_on_sigterm() -> None:
@@ -416,7 +472,7 @@ def _interrupt_on_sigterm() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "run":
+    if args.command in ("run", "check"):
         _interrupt_on_sigterm()
     try:
         return COMMANDS[args.command](args)
@@ -425,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing partial was committed; rerun to resume", file=sys.stderr, flush=True)
-        if args.command == "run":
+        if args.command in ("run", "check"):
             import os
 
             # exit without joining stage threads: their child processes are killed with us (die_with_parent)

@@ -149,6 +149,16 @@ def _code_changes(uses: str, old: dict | None, new: dict) -> list[str]:
     return changes or [f"code of {uses} changed (its spec version or name)"]
 
 
+@dataclass
+class Produced:
+    """What one execution of a stage left in its staging dir, before any commit."""
+    output_dir: Path
+    log_path: Path
+    metrics: dict | None
+    started: float
+    duration: float
+
+
 def claim_staging(staging: Path) -> int:
     """Create the staging dir of one stage execution, holding its owner lock; returns the fd to close when done.
 
@@ -396,17 +406,42 @@ class Runner:
             os.close(owner)  # a failed execution's staging dir is swept by the next run
 
     def _execute_in(self, plan: StagePlan, artifacts: dict[str, Manifest], staging: Path, run_id: str) -> Manifest:
+        decl = plan.decl
+        work_dir = None
+        if plan.spec.resumable:
+            work_dir = self.state_dir / "work" / plan.key
+            work_dir.mkdir(parents=True, exist_ok=True)
+        produced = self.produce(plan, artifacts, staging, run_id, work_dir)
+        output_dir, log_path, metrics = produced.output_dir, produced.log_path, produced.metrics
+        started, duration = produced.started, produced.duration
+        meta_dir = output_dir / META_DIR
+        meta_dir.mkdir(exist_ok=True)
+        shutil.copyfile(log_path, meta_dir / "stage.log")
+        (meta_dir / "metrics.json").write_text(json.dumps(metrics or {}, indent=1, default=float))
+        meta = {
+            "workflow": self.workflow.name, "stage": decl.name, "uses": decl.uses, "params": decl.params,
+            "components": plan.components, "metrics": metrics or {}, "started": started, "duration": duration,
+            "host": os.uname().nodename, "code_files": plan.code_files, "environment": current_environment(),
+        }
+        manifest = self.store.commit(plan.key, output_dir, meta)
+        self.store.put_ref(self._ref_name(decl.name), {"key": plan.key, "components": plan.components,
+                                                        "code_files": plan.code_files, "committed": time.time()})
+        shutil.rmtree(staging, ignore_errors=True)
+        if work_dir is not None:  # the artifact is committed: checkpoints are no longer needed to resume
+            shutil.rmtree(work_dir, ignore_errors=True)
+        return manifest
+
+    def produce(self, plan: StagePlan, artifacts: dict[str, Manifest], staging: Path, run_id: str,
+                work_dir: Path | None) -> "Produced":
+        """Run one stage into `staging/output`, its inputs materialised from `artifacts`; nothing is committed.
+
+        `vlflow check` (vlflow.check) reruns cached stages through this too, with a scratch work dir."""
         decl, spec = plan.decl, plan.spec
         output_dir = staging / "output"
         output_dir.mkdir(parents=True)
         logs_dir = self.state_dir / "logs" / self.workflow.name
         logs_dir.mkdir(parents=True, exist_ok=True)
         log_path = logs_dir / f"{decl.name}-{run_id}.log"
-        work_dir = None
-        if spec.resumable:
-            work_dir = self.state_dir / "work" / plan.key
-            work_dir.mkdir(parents=True, exist_ok=True)
-
         inputs = {}
         for input_name, ref in decl.inputs.items():
             base = self._materialize(artifacts[ref.stage])
@@ -431,23 +466,7 @@ class Runner:
                                       on_line=lambda line: self.on_event(decl.name, "log", line))
         else:
             metrics = self._run_local(decl, payload_path, log_path)
-        duration = time.time() - started
-        meta_dir = output_dir / META_DIR
-        meta_dir.mkdir(exist_ok=True)
-        shutil.copyfile(log_path, meta_dir / "stage.log")
-        (meta_dir / "metrics.json").write_text(json.dumps(metrics or {}, indent=1, default=float))
-        meta = {
-            "workflow": self.workflow.name, "stage": decl.name, "uses": decl.uses, "params": decl.params,
-            "components": plan.components, "metrics": metrics or {}, "started": started, "duration": duration,
-            "host": os.uname().nodename, "code_files": plan.code_files, "environment": current_environment(),
-        }
-        manifest = self.store.commit(plan.key, output_dir, meta)
-        self.store.put_ref(self._ref_name(decl.name), {"key": plan.key, "components": plan.components,
-                                                        "code_files": plan.code_files, "committed": time.time()})
-        shutil.rmtree(staging, ignore_errors=True)
-        if work_dir is not None:  # the artifact is committed: checkpoints are no longer needed to resume
-            shutil.rmtree(work_dir, ignore_errors=True)
-        return manifest
+        return Produced(output_dir, log_path, metrics, started, time.time() - started)
 
     def _materialize(self, manifest: Manifest) -> Path:
         return self.store.materialize(manifest.key, self.state_dir / "mirror" / manifest.digest)

@@ -18,6 +18,10 @@ class ConcatParams(Params):
     suffix: str = Field("", description="appended to the joined text")
 
 
+class ClockParams(Params):
+    text: str = Field("", description="content of steady.txt; empty means the stage name")
+
+
 class TrainParams(Params):
     steps: int = Field(20, ge=1)
     lr: float = Field(0.1, gt=0)
@@ -39,6 +43,13 @@ STAGES = [
         inputs=("a",),
         optional_inputs=("b",),
         description="Joins the text of all files in inputs a (and b) into out.txt.",
+    ),
+    StageSpec(
+        name="testing.clock",
+        entry="vlflow.stages.testing.clock:clock",
+        params=ClockParams,
+        description="Writes steady.txt and stamp.txt, the time it ran: a planted nondeterministic stage "
+                    "(for vlflow check).",
     ),
     StageSpec(
         name="testing.train",
