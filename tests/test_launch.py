@@ -141,7 +141,7 @@ def test_two_process_training_returns_rank0_metrics(uninterrupted_run):
     run_dir, result = uninterrupted_run
     metrics = result["metrics"]
     assert metrics["world_size"] == 2 and metrics["steps"] == 12 and metrics["resumed_from_step"] == 0
-    logged = [json.loads(line) for line in (run_dir / "out" / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (run_dir / "out" / "_vlflow" / "metrics.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in logged] == list(range(1, 13))
     assert logged[-1]["loss"] < logged[0]["loss"] / 2  # it actually learns
     assert metrics["final_loss"] == pytest.approx(logged[-1]["loss"])
@@ -151,7 +151,7 @@ def test_two_process_training_returns_rank0_metrics(uninterrupted_run):
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_10", "step_5"]
     assert any("checkpoint saved at step 10" in line for line in result["lines"])
     assert (run_dir / "log.txt").read_text().count("checkpoint saved at step") == 2
-    assert list((run_dir / "out" / "tensorboard").glob("events.*"))
+    assert list((run_dir / "out" / "_vlflow" / "tensorboard").glob("events.*"))
 
 
 def test_two_node_launch_on_loopback(tmp_path):
@@ -205,7 +205,7 @@ def test_kill_mid_training_then_rerun_resumes_with_identical_weights(tmp_path, u
     assert metrics["resumed_from_step"] in (5, 10)
     log = (tmp_path / "rerun.log").read_text()
     assert "resumed from checkpoint" in log and f"(step {metrics['resumed_from_step']})" in log
-    logged = [json.loads(line) for line in (tmp_path / "out2" / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (tmp_path / "out2" / "_vlflow" / "metrics.jsonl").read_text().splitlines()]
     assert logged[0] == {"step": metrics["resumed_from_step"], "resumed_from_step": metrics["resumed_from_step"]}
     assert [entry["step"] for entry in logged[1:]] == list(range(metrics["resumed_from_step"] + 1, 13))
 

@@ -74,9 +74,9 @@ def test_metrics_logger_writes_jsonl_and_tensorboard_on_rank0_only(tmp_path):
     with MetricsLogger(make_ctx(tmp_path)) as metrics:
         metrics.log(1, loss=torch.tensor(0.5), lr=0.1)
         metrics.log(2, loss=0.25, note="text is kept")
-    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "out" / "_vlflow" / "metrics.jsonl").read_text().splitlines()]
     assert lines == [{"step": 1, "loss": 0.5, "lr": 0.1}, {"step": 2, "loss": 0.25, "note": "text is kept"}]
-    assert list((tmp_path / "out" / "tensorboard").glob("events.*"))
+    assert list((tmp_path / "out" / "_vlflow" / "tensorboard").glob("events.*"))
 
     other = tmp_path / "rank1"
     with MetricsLogger(make_ctx(other, rank=1)) as metrics:

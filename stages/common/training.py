@@ -4,8 +4,10 @@
 - `save_checkpoint` / `load_checkpoint`: Booster checkpoints in `ctx.work_dir/checkpoints/step_<n>/`, written to a
   temporary directory and renamed, with the `latest` pointer file replaced last, so a kill at any moment leaves the
   previous checkpoint usable. The last `KEEP_CHECKPOINTS` are kept.
-- `seed_everything`: python/numpy/torch seeds.
-- `MetricsLogger`: JSONL (+ TensorBoard when installed) in the output directory, rank 0 only.
+- `seed_everything`: python/numpy/torch seeds; `configure_determinism`: threads per rank + deterministic algorithms.
+- `MetricsLogger`: JSONL (+ TensorBoard when installed) under `output_dir/_vlflow/` (timings and event-file names are
+  not data: `_vlflow/` is left out of the artifact's data digest), rank 0 only.
+- `load_tokenizer`: the `tokenizer` input when given, else a hub name / local path.
 - `ResumableSampler`: the data order as a pure function of (seed, batch index), so a resumed run continues with
   exactly the batches an uninterrupted run would have seen.
 
@@ -18,7 +20,6 @@ import logging
 import os
 import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -28,6 +29,7 @@ import torch.distributed as dist
 
 from vlflow.errors import StageError
 from vlflow.stage import StageContext
+from vlflow.store import META_DIR
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +54,41 @@ def accumulation_steps(global_batch: int, per_device_batch: int, world_size: int
 def seed_everything(seed: int, rank: int = 0) -> None:
     """Seed python, numpy and torch with `seed + rank`.
 
-    The rank offset gives each rank its own dropout/augmentation stream; initial weights still agree because the
-    DDP/ZeRO plugins broadcast rank 0's parameters.
+    Build a model right after `seed_everything(seed)` (rank 0 for all), so that every rank starts from the same
+    weights: LowLevelZeroPlugin and GeminiPlugin do not broadcast parameters (only torch DDP does). Seed per rank
+    (`rank=`) afterwards, for each rank's own dropout/augmentation stream.
     """
     value = seed + rank
     random.seed(value)
     np.random.seed(value % 2**32)
     torch.manual_seed(value)
+
+
+def configure_determinism(world_size: int = 1) -> int:
+    """Threads per rank and deterministic kernels, so a training stage's result is a function of its seed, world
+    size and thread count. Threads: OMP_NUM_THREADS when set, else the machine's cores / ranks on this node
+    (LOCAL_WORLD_SIZE from torchrun, else `world_size`), so ranks do not oversubscribe a CPU machine. Deterministic
+    algorithms warn (not fail) where an op has no deterministic kernel. On GPUs cuBLAS also needs
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 (set here when absent; it must be set before the first cuBLAS call), and
+    atomics-based kernels (index_add/scatter backward, some attention backward) still vary run to run.
+    Returns the thread count."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or world_size or 1)
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // max(1, local_ranks))
+    torch.set_num_threads(threads)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return threads
+
+
+def load_tokenizer(inputs: dict[str, Path], name_or_path: str, field: str = "with.tokenizer"):
+    """The `tokenizer` input directory when given, else `name_or_path` (hub name or local dir)."""
+    from transformers import AutoTokenizer
+
+    source = inputs.get("tokenizer") or name_or_path
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as exc:
+        raise StageError(f"cannot load tokenizer {str(source)!r}: {exc}", field=field) from None
 
 
 def _barrier() -> None:
@@ -106,7 +136,7 @@ def save_checkpoint(ctx: StageContext, model, optimizer, lr_scheduler, step: int
     if ctx.is_main:
         if write_files is not None:
             write_files(tmp)
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "extra": extra or {}, "time": time.time()}))
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "extra": extra or {}}))
         shutil.rmtree(final, ignore_errors=True)  # same step saved by an attempt that died before updating latest
         os.replace(tmp, final)
         _write_atomically(root / LATEST_FILE, final.name)  # the commit point
@@ -156,7 +186,9 @@ def load_checkpoint(ctx: StageContext, model, optimizer, lr_scheduler) -> tuple[
 
 
 class MetricsLogger:
-    """Appends `{"step": n, ...}` lines to `<output_dir>/metrics.jsonl` (and TensorBoard scalars) on rank 0.
+    """Appends `{"step": n, ...}` lines to `<output_dir>/_vlflow/metrics.jsonl` (and TensorBoard scalars under
+    `_vlflow/tensorboard/`) on rank 0: they carry timings and the event file name carries time and host, so they live
+    in the artifact's bookkeeping, outside its data digest (a rerun reproducing the weights leaves downstream cached).
 
     Other ranks get a logger that does nothing, so stages can call it unconditionally.
     """
@@ -167,15 +199,16 @@ class MetricsLogger:
         self._writer = None
         if not self.enabled:
             return
-        ctx.output_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(ctx.output_dir / filename, "a")
+        directory = ctx.output_dir / META_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        self._file = open(directory / filename, "a")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional
                 log.info("tensorboard not installed: metrics go to %s only", filename)
             else:
-                self._writer = SummaryWriter(log_dir=str(ctx.output_dir / "tensorboard"))
+                self._writer = SummaryWriter(log_dir=str(directory / "tensorboard"))
 
     def log(self, step: int, **values: Any) -> None:
         if not self.enabled:

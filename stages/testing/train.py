@@ -11,14 +11,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
 from vlflow.stage import StageContext
+from vlflow.stages.common.fit import FitSettings, TrainTask, fit
+from vlflow.stages.common.training import ResumableSampler, configure_determinism, seed_everything
 from vlflow.stages.testing.toy import data_files
-from vlflow.stages.common.training import (MetricsLogger, ResumableSampler, load_checkpoint, save_checkpoint,
-                                           seed_everything)
-
 SEED = 0
 NUM_SAMPLES = 64
 NUM_FEATURES = 4
@@ -43,46 +41,40 @@ def make_dataset(seed: int) -> TensorDataset:
     return TensorDataset(features, targets)
 
 
-def mean_over_ranks(value: torch.Tensor) -> float:
-    value = value.detach().clone()
-    if dist.is_initialized():
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value.item()
+class SleepAfterStep:
+    """Holds each step open for `seconds` (tests interrupt a run mid-training)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def start(self, model, device, checkpoint, ctx) -> None:
+        pass
+
+    def after_step(self, model, step: int) -> None:
+        time.sleep(self.seconds)
+
+    def save(self, directory: Path) -> None:
+        pass
 
 
 def train(ctx: StageContext) -> dict:
     params = ctx.params
-    booster = ctx.booster
+    configure_determinism(ctx.world_size)
     seed_everything(SEED)  # same initial weights on every rank, and in every attempt
     dataset = make_dataset(data_seed(ctx.inputs.get("data")))
     model = torch.nn.Linear(NUM_FEATURES, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=params.lr, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / (params.steps + 1))
-    model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
-
-    resumed = load_checkpoint(ctx, model, optimizer, scheduler)
-    start_step = resumed[0] if resumed else 0
-    sampler = ResumableSampler(len(dataset), BATCH_PER_DEVICE, ctx.rank, ctx.world_size, seed=SEED,
-                               start_batch=start_step)
-    loader = DataLoader(dataset, batch_sampler=sampler)
     loss_fn = torch.nn.MSELoss()
-    loss = torch.tensor(float("nan"))
-    with MetricsLogger(ctx) as metrics:
-        if start_step:
-            metrics.log(start_step, resumed_from_step=start_step)
-        for step, (features, targets) in zip(range(start_step + 1, params.steps + 1), loader):
-            loss = loss_fn(model(features), targets)
-            booster.backward(loss, optimizer)
-            optimizer.step()
-            optimizer.zero_grad()
-            scheduler.step()
-            metrics.log(step, loss=mean_over_ranks(loss), lr=scheduler.get_last_lr()[0])
-            if step % params.checkpoint_every == 0 and step < params.steps:
-                save_checkpoint(ctx, model, optimizer, scheduler, step)
-            if params.sleep:
-                time.sleep(params.sleep)
+    task = TrainTask(losses=lambda model, batch: {"loss": loss_fn(model(batch[0]), batch[1])})
 
-    booster.save_model(model, str(ctx.output_dir / "model"), shard=True, use_safetensors=True)
-    return {"final_loss": mean_over_ranks(loss), "steps": params.steps, "resumed_from_step": start_step,
+    def batches(start_batch: int):
+        return DataLoader(dataset, batch_sampler=ResumableSampler(len(dataset), BATCH_PER_DEVICE, ctx.rank,
+                                                                  ctx.world_size, seed=SEED, start_batch=start_batch))
+
+    settings = FitSettings(max_steps=params.steps, seed=SEED, log_every=1, checkpoint_every=params.checkpoint_every)
+    hooks = [SleepAfterStep(params.sleep)] if params.sleep else []
+    result = fit(ctx, model, optimizer, scheduler, task, batches, settings, hooks)
+    ctx.booster.save_model(result.model, str(ctx.output_dir / "model"), shard=True, use_safetensors=True)
+    return {"final_loss": result.metrics["loss"], "steps": params.steps, "resumed_from_step": result.resumed_from_step,
             "world_size": ctx.world_size}

@@ -19,6 +19,8 @@ from timm.layers import GroupNorm, freeze_batch_norm_2d
 from torch import nn
 from transformers import RobertaConfig, RobertaModel
 
+from vlflow.stages.common.fit import ema_update  # noqa: F401  (MDETR/UniTAB `--ema`, shared by the training loop)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Vocabulary layout: [0, text_vocab) text tokens, then <obj>, </obj>, then num_bins coordinate bins.
@@ -229,18 +231,4 @@ class UniTAB(nn.Module):
 
 def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """The single token cross-entropy of UniTAB (padding positions carry ignore_index)."""
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# EMA of the weights (MDETR/UniTAB `--ema`)
-
-@torch.no_grad()
-def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema = decay * ema + (1 - decay) * model for float parameters; buffers are copied."""
-    ema_params = dict(ema_model.named_parameters())
-    for name, param in model.named_parameters():
-        ema_params[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
-    ema_buffers = dict(ema_model.named_buffers())
-    for name, buffer in model.named_buffers():
-        ema_buffers[name].copy_(buffer)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)  # fp32 loss

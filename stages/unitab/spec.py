@@ -59,7 +59,7 @@ class PretrainParams(ModelParams):
     lr_backbone: float = Field(2e-5, ge=0, description="0 freezes the backbone")
     text_encoder_lr: float = Field(2e-5, ge=0, description="0 freezes the text encoder")
     weight_decay: float = Field(1e-4, ge=0)
-    clip_max_norm: float = Field(0.1, ge=0, description="0 disables clipping")
+    grad_clip: float = Field(0.1, ge=0, description="max global L2 norm of the gradients; 0 disables clipping")
     do_caption: bool = False
     no_detection: bool = False
     pretrain_seqcrop: Literal["none", "mixed", "grounding", "caption"] = "mixed"

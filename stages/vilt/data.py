@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from transformers import AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedTokenizerBase
+from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
 from vlflow.errors import StageError
+from vlflow.stages.common.training import load_tokenizer  # noqa: F401  (one loader for every stage)
 from vlflow.stages.data.reader import CaptionArrowDataset, VqaArrowDataset
 from vlflow.stages.data.transforms import pixelbert_transform
 
@@ -31,15 +32,6 @@ def arrow_files(arrows: Path, split: str, prefix: str = "coco_caption_karpathy")
     if not files:
         raise StageError(f"no {prefix}_{split}*.arrow in {arrows}", field="inputs.arrows")
     return files
-
-
-def load_tokenizer(inputs: dict[str, Path], name_or_path: str) -> PreTrainedTokenizerBase:
-    """The `tokenizer` input directory when given, else `name_or_path` (hub name or local dir)."""
-    source = inputs.get("tokenizer") or name_or_path
-    try:
-        return AutoTokenizer.from_pretrained(str(source))
-    except (OSError, ValueError) as exc:
-        raise StageError(f"cannot load tokenizer {str(source)!r}: {exc}", field="with.tokenizer") from exc
 
 
 @dataclass
@@ -146,8 +138,10 @@ class MlmMasker:
         return {**batch, "input_ids": input_ids, "labels": labels}
 
 
-def swap_images_for_itm(batch: dict, generator: torch.Generator) -> dict:
-    """ITM batch: half of the pairs (chosen at random) get another image of the batch; itm_labels 1 = matching."""
+def itm_negatives(batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """ITM pairs on the host batch: half of the positions (chosen at random) get another image of the batch.
+    Returns (image_order, itm_labels): the ITM image of position i is image image_order[i]; itm_labels 1 = matching.
+    Both are fixed-size, so the device side gathers with them (`index_select`) without data-dependent shapes."""
     size = len(batch["input_ids"])
     if size < 2:
         raise StageError("ITM needs at least 2 samples per device batch", field="with.per_device_batch_size")
@@ -155,15 +149,23 @@ def swap_images_for_itm(batch: dict, generator: torch.Generator) -> dict:
     # a random other position for each negative: shift by 1..size-1 (never itself)
     others = (negatives + torch.randint(1, size, (len(negatives),), generator=generator)) % size
     # only swap where the other position shows a different image (duplicates possible in small datasets)
-    different = batch["image_index"][others] != batch["image_index"][negatives]
+    image_index = batch["image_index"].cpu()
+    different = image_index[others] != image_index[negatives]
     negatives, others = negatives[different], others[different]
-    pixel_values = batch["pixel_values"].clone()
-    pixel_mask = batch["pixel_mask"].clone()
-    pixel_values[negatives] = batch["pixel_values"][others]
-    pixel_mask[negatives] = batch["pixel_mask"][others]
+    image_order = torch.arange(size)
+    image_order[negatives] = others
     itm_labels = torch.ones(size, dtype=torch.long)
     itm_labels[negatives] = 0
-    return {**batch, "pixel_values": pixel_values, "pixel_mask": pixel_mask, "itm_labels": itm_labels}
+    return image_order, itm_labels
+
+
+def swap_images_for_itm(batch: dict, generator: torch.Generator) -> dict:
+    """The ITM batch itself (`itm_negatives` applied to the images): pixel_values/pixel_mask reordered, itm_labels."""
+    image_order, itm_labels = itm_negatives(batch, generator)
+    image_order = image_order.to(batch["pixel_values"].device)
+    return {**batch, "pixel_values": batch["pixel_values"].index_select(0, image_order),
+            "pixel_mask": batch["pixel_mask"].index_select(0, image_order),
+            "itm_labels": itm_labels.to(batch["pixel_values"].device)}
 
 
 # ---------------------------------------------------------------------------------------------------------------

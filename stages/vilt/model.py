@@ -96,16 +96,17 @@ class ViltPretrainingModel(nn.Module):
             image_embeds, image_mask = embed_images(self.vilt, mlm_batch["pixel_values"], mlm_batch["pixel_mask"],
                                                     max_image_len)
             enc = encode(self.vilt, mlm_batch["input_ids"], mlm_batch["attention_mask"], image_embeds, image_mask)
-            logits = self.mlm.mlm_score(enc.text_feats)
+            logits = self.mlm.mlm_score(enc.text_feats).float()  # the loss in fp32 from bf16/fp16 logits
             labels = mlm_batch["labels"]
             out["mlm_loss"] = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
-            predicted = labels != -100
-            out["mlm_acc"] = (logits.argmax(-1)[predicted] == labels[predicted]).float().mean().detach()
+            predicted = labels != -100  # accuracy over masked tokens without boolean indexing (no sync, no dynamic shape)
+            hits = ((logits.argmax(-1) == labels) & predicted).sum()
+            out["mlm_acc"] = (hits / predicted.sum().clamp(min=1)).detach()
         if itm_batch is not None:
             image_embeds, image_mask = embed_images(self.vilt, itm_batch["pixel_values"], itm_batch["pixel_mask"],
                                                     max_image_len)
             enc = encode(self.vilt, itm_batch["input_ids"], itm_batch["attention_mask"], image_embeds, image_mask)
-            logits = self.itm_score(enc.pooled)
+            logits = self.itm_score(enc.pooled).float()
             labels = itm_batch["itm_labels"]
             out["itm_loss"] = F.cross_entropy(logits, labels)
             out["itm_acc"] = (logits.argmax(-1) == labels).float().mean().detach()
@@ -249,7 +250,7 @@ def word_patch_alignment_loss(enc: Encoded, itm_labels: torch.Tensor, beta: floa
     text_mask = enc.text_mask.bool().clone()
     image_mask = enc.image_mask.bool().clone()
     # exclude [CLS]/[SEP] and the image CLS from the alignment
-    text_mask[torch.arange(len(text_mask)), text_mask.sum(1) - 1] = False
+    text_mask[torch.arange(len(text_mask), device=text_mask.device), text_mask.sum(1) - 1] = False
     text_mask[:, 0] = False
     image_mask[:, 0] = False
     text_pad, image_pad = ~text_mask, ~image_mask
@@ -260,8 +261,8 @@ def word_patch_alignment_loss(enc: Encoded, itm_labels: torch.Tensor, beta: floa
     image_len = (~image_pad).sum(1).to(cost.dtype)
     plan = ipot(cost.detach(), text_len, text_pad, image_len, image_pad, joint_pad, beta, iterations)
     distance = torch.diagonal(cost.matmul(plan.detach()), dim1=-2, dim2=-1).sum(-1)
-    positive = itm_labels == 1
-    return (distance[positive].sum() - distance[~positive].sum()) / len(distance)
+    # pulled down for matching pairs, pushed up for swapped ones (torch.where: no data-dependent shapes)
+    return torch.where(itm_labels == 1, distance, -distance).sum() / len(distance)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,31 +1,30 @@
-"""`vilt.pretrain`, `vilt.finetune_retrieval` and `vilt.finetune_vqa`: one training loop, read top to bottom.
-
-Runs under the distributed worker (ctx.booster is a Colossal-AI Booster). The global batch is reached by gradient
-accumulation; checkpoints go to ctx.work_dir every `checkpoint_every` steps, and a restarted run continues at the
-saved step with the same data order, masks and negatives (all drawn from generators seeded by seed/step/rank).
+"""`vilt.pretrain`, `vilt.finetune_retrieval` and `vilt.finetune_vqa`: each builds its model and a `TrainTask` (host-side
+random choices + device-side losses) and trains it with the shared `fit` loop (stages/common/fit.py): gradient
+accumulation to the global batch, clipping, checkpoints in ctx.work_dir every `checkpoint_every` steps, and a restarted
+run continues at the saved step with the same data order, masks and negatives (drawn from generators seeded by
+seed/step/micro-batch/rank).
 """
 from __future__ import annotations
 
 import json
-import time
-from contextlib import nullcontext
 from typing import Callable
 
 import torch
 from colossalai.accelerator import get_accelerator
 from torch.utils.data import DataLoader
-from transformers import get_linear_schedule_with_warmup
 
-from vlflow.errors import StageError
 from vlflow.stage import StageContext
-from vlflow.stages.common.training import (MetricsLogger, ResumableSampler, accumulation_steps, load_checkpoint,
-                                           save_checkpoint, step_seed)
+from vlflow.errors import StageError
+from vlflow.stages.common.fit import FitSettings, TrainTask, fit, warmup_linear_schedule, warmup_steps  # noqa: F401
+from vlflow.stages.common.training import ResumableSampler, accumulation_steps, configure_determinism
 from vlflow.stages.vilt.data import (CaptionPairs, MlmMasker, PairCollator, QuestionCollator, QuestionPairs,
-                                     image_dataset, load_answers, load_tokenizer, swap_images_for_itm, tokenize,
+                                     image_dataset, itm_negatives, load_answers, load_tokenizer, tokenize,
                                      vqa_dataset)
 from vlflow.stages.vilt.model import (ViltPretrainingModel, ViltRetrievalTrainingModel, ViltVqaTrainingModel,
                                       build_config, load_vit_weights, retrieval_model_from_pretraining,
                                       vqa_model_from_pretraining)
+
+IMAGE_KEYS = ("pixel_values", "pixel_mask")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -33,7 +32,7 @@ from vlflow.stages.vilt.model import (ViltPretrainingModel, ViltRetrievalTrainin
 
 def pretrain(ctx: StageContext) -> dict:
     p = ctx.params
-    torch.manual_seed(p.seed)  # same initial weights on every rank
+    torch.manual_seed(p.seed)  # same initial weights on every rank (ZeRO/Gemini do not broadcast them)
     tokenizer = load_tokenizer(ctx.inputs, p.tokenizer)
     if p.init_from:
         model = ViltPretrainingModel.from_pretrained(p.init_from, p.tasks)
@@ -44,15 +43,38 @@ def pretrain(ctx: StageContext) -> dict:
         model = ViltPretrainingModel(build_config(p, len(tokenizer), tokenizer.pad_token_id), p.tasks)
         if p.vit_init:
             load_vit_weights(model.vilt, p.vit_init)
-    masker = MlmMasker(tokenizer, p.mlm_prob, p.whole_word_masking) if "mlm" in p.tasks else None
-    wpa_weight = p.wpa_weight if p.itm_wpa else 0.0
+    task = pretrain_task(tokenizer, p.tasks, p.mlm_prob, p.whole_word_masking, p.wpa_weight if p.itm_wpa else 0.0)
+    return train(ctx, model, tokenizer, task, save_model=lambda m, out: m.save(out))
 
-    def step_losses(model, batch: dict, generator: torch.Generator) -> dict:
-        mlm_batch = masker(batch, generator) if masker is not None else None
-        itm_batch = swap_images_for_itm(batch, generator) if "itm" in p.tasks else None
+
+def pretrain_task(tokenizer, tasks, mlm_prob: float, whole_word: bool, wpa_weight: float) -> TrainTask:
+    """MLM (masks drawn on the host) and ITM (negatives drawn on the host, images gathered on the device)."""
+    masker = MlmMasker(tokenizer, mlm_prob, whole_word) if "mlm" in tasks else None
+    itm = "itm" in tasks
+
+    def prepare(batch: dict, generator: torch.Generator) -> dict:
+        prepared = {k: batch[k] for k in (*IMAGE_KEYS, "input_ids", "attention_mask")}
+        if masker is not None:
+            masked = masker(batch, generator)
+            prepared.update(mlm_input_ids=masked["input_ids"], mlm_labels=masked["labels"])
+        if itm:
+            prepared["itm_image_order"], prepared["itm_labels"] = itm_negatives(batch, generator)
+        return prepared
+
+    def losses(model, batch: dict) -> dict:
+        mlm_batch = itm_batch = None
+        if masker is not None:
+            mlm_batch = {**{k: batch[k] for k in (*IMAGE_KEYS, "attention_mask")},
+                         "input_ids": batch["mlm_input_ids"], "labels": batch["mlm_labels"]}
+        if itm:
+            order = batch["itm_image_order"]
+            itm_batch = {"pixel_values": batch["pixel_values"].index_select(0, order),
+                         "pixel_mask": batch["pixel_mask"].index_select(0, order),
+                         "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                         "itm_labels": batch["itm_labels"]}
         return model(mlm_batch=mlm_batch, itm_batch=itm_batch, wpa_weight=wpa_weight)
 
-    return train(ctx, model, tokenizer, step_losses, save_model=lambda m, out: m.save(out))
+    return TrainTask(losses=losses, prepare=prepare)
 
 
 def finetune_retrieval(ctx: StageContext) -> dict:
@@ -62,23 +84,28 @@ def finetune_retrieval(ctx: StageContext) -> dict:
     tokenizer = load_tokenizer({"tokenizer": pretrained_dir / "tokenizer", **ctx.inputs}, p.tokenizer)
     model = ViltRetrievalTrainingModel(retrieval_model_from_pretraining(pretrained_dir / "model"))
     dataset = CaptionPairs(image_dataset(ctx.inputs["arrows"], "train", p.image_size, p.max_image_size))
+    task = retrieval_task(tokenizer, dataset, p.false_texts, p.max_text_len)
+    return train(ctx, model, tokenizer, task, save_model=lambda m, out: m.retrieval.save_pretrained(out),
+                 dataset=dataset)
+
+
+def retrieval_task(tokenizer, dataset: CaptionPairs, false_texts: int, max_text_len: int) -> TrainTask:
+    """Each image with its caption and `false_texts` captions of other images (drawn and tokenised on the host)."""
     all_captions = [(i, dataset.images.captions(i)[j]) for i, j in dataset.pairs]  # (image index, caption)
 
-    def step_losses(model, batch: dict, generator: torch.Generator) -> dict:
+    def prepare(batch: dict, generator: torch.Generator) -> dict:
         texts = []
         for image_index, text in zip(batch["image_index"].tolist(), batch["text"]):
             texts.append(text)
-            while len(texts) % (1 + p.false_texts):  # ViLT's draw_false_text: captions of other images
+            while len(texts) % (1 + false_texts):  # ViLT's draw_false_text: captions of other images
                 other_image, caption = all_captions[int(torch.randint(len(all_captions), (1,), generator=generator))]
                 if other_image != image_index:
                     texts.append(caption)
-        tokens = tokenize(tokenizer, texts, p.max_text_len)
-        device = batch["pixel_values"].device
-        return model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"],
-                     input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))
+        tokens = tokenize(tokenizer, texts, max_text_len)
+        return {**{k: batch[k] for k in IMAGE_KEYS}, "input_ids": tokens["input_ids"],
+                "attention_mask": tokens["attention_mask"]}
 
-    return train(ctx, model, tokenizer, step_losses, save_model=lambda m, out: m.retrieval.save_pretrained(out),
-                 dataset=dataset)
+    return TrainTask(losses=lambda model, batch: model(**batch), prepare=prepare)
 
 
 def finetune_vqa(ctx: StageContext) -> dict:
@@ -89,14 +116,15 @@ def finetune_vqa(ctx: StageContext) -> dict:
     answers = load_answers(ctx.inputs["arrows"])
     model = ViltVqaTrainingModel(vqa_model_from_pretraining(pretrained_dir / "model", answers))
     dataset = QuestionPairs(vqa_dataset(ctx.inputs["arrows"], p.train_splits, p.image_size, p.max_image_size))
-
-    def step_losses(model, batch: dict, generator: torch.Generator) -> dict:
-        return model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], input_ids=batch["input_ids"],
-                     attention_mask=batch["attention_mask"], targets=batch["targets"])
-
-    return train(ctx, model, tokenizer, step_losses, save_model=lambda m, out: m.vqa.save_pretrained(out),
+    return train(ctx, model, tokenizer, vqa_task(), save_model=lambda m, out: m.vqa.save_pretrained(out),
                  dataset=dataset, collate=QuestionCollator(tokenizer, p.max_text_len, len(answers)),
                  head_lr_mult={"vqa.classifier.": p.head_lr_mult})
+
+
+def vqa_task() -> TrainTask:
+    keys = (*IMAGE_KEYS, "input_ids", "attention_mask", "targets")
+    return TrainTask(losses=lambda model, batch: model(**batch),
+                     prepare=lambda batch, generator: {k: batch[k] for k in keys})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,80 +145,34 @@ def decay_groups(model: torch.nn.Module, weight_decay: float, lr: float,
             for (decays, mult), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))]
 
 
-def warmup_steps(warmup: int | float, max_steps: int) -> int:
-    """`warmup_steps` param: a float below 1 is a fraction of max_steps (ViLT's warmup ratio), else a step count."""
-    return int(warmup * max_steps) if isinstance(warmup, float) and warmup < 1 else int(warmup)
-
-
-def train(ctx: StageContext, model: torch.nn.Module, tokenizer, step_losses: Callable, save_model: Callable,
+def train(ctx: StageContext, model: torch.nn.Module, tokenizer, task: TrainTask, save_model: Callable,
           dataset: torch.utils.data.Dataset | None = None, collate: Callable | None = None,
           head_lr_mult: dict[str, float] | None = None) -> dict:
     p = ctx.params
-    booster = ctx.booster
-    if booster is None:
-        raise StageError(f"{ctx.stage} is a distributed stage; run it through the launcher (vlflow run)")
-    device = get_accelerator().get_current_device()
+    configure_determinism(ctx.world_size)
     accum = accumulation_steps(p.batch_size, p.per_device_batch_size, ctx.world_size)
     if dataset is None:
         dataset = CaptionPairs(image_dataset(ctx.inputs["arrows"], "train", p.image_size, p.max_image_size))
-
     optimizer = torch.optim.AdamW(decay_groups(model, p.weight_decay, p.lr, head_lr_mult), lr=p.lr,
                                   betas=tuple(p.betas))
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps(p.warmup_steps, p.max_steps), p.max_steps)
-    model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
-    resumed = load_checkpoint(ctx, model, optimizer, scheduler)
-    step = resumed[0] if resumed else 0
+    scheduler = warmup_linear_schedule(optimizer, p.warmup_steps, p.max_steps)
+    collate = collate or PairCollator(tokenizer, p.max_text_len)
+    pin_memory = get_accelerator().name == "cuda"
 
-    # the data order is a function of (seed, batch index): resuming continues with the batches a full run would see
-    sampler = ResumableSampler(len(dataset), p.per_device_batch_size, ctx.rank, ctx.world_size, p.seed,
-                               start_batch=step * accum)
-    loader = iter(DataLoader(dataset, batch_sampler=sampler,
-                             collate_fn=collate or PairCollator(tokenizer, p.max_text_len), num_workers=p.num_workers))
-    ctx.log.info("training %s: %.1fM params, steps %d..%d, global batch %d = %d per device x %d ranks x %d accum",
-                 ctx.stage, sum(x.numel() for x in model.parameters()) / 1e6, step, p.max_steps,
-                 p.per_device_batch_size * ctx.world_size * accum, p.per_device_batch_size, ctx.world_size, accum)
+    def batches(start_batch: int):
+        # the data order is a function of (seed, batch index): resuming continues with the batches a full run sees
+        sampler = ResumableSampler(len(dataset), p.per_device_batch_size, ctx.rank, ctx.world_size, p.seed,
+                                   start_batch=start_batch)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=p.num_workers,
+                          pin_memory=pin_memory)
 
-    model.train()
-    window: dict[str, list[float]] = {}
-    window_start, window_samples = time.perf_counter(), 0
-    last: dict = {}
-    with MetricsLogger(ctx) as metrics:
-        while step < p.max_steps:
-            for micro in range(accum):
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(loader).items()}
-                # masks, negatives, patch sampling and dropout depend only on (seed, step, micro-batch, rank), so a
-                # resumed run draws the same ones as an uninterrupted run
-                seed = step_seed(p.seed, step, micro, ctx.rank)
-                torch.manual_seed(seed)
-                generator = torch.Generator().manual_seed(seed)
-                last_micro = micro == accum - 1  # gradients are all-reduced on the last micro-batch only
-                with nullcontext() if last_micro else booster.no_sync(model, optimizer):
-                    out = step_losses(model, batch, generator)
-                    booster.backward(out["loss"] / accum, optimizer)
-                for key, value in out.items():
-                    window.setdefault(key, []).append(float(value))
-                window_samples += len(batch["pixel_values"]) * ctx.world_size
-            if p.grad_clip > 0:
-                optimizer.clip_grad_by_norm(p.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            step += 1
-
-            if step % p.log_every == 0 or step == p.max_steps:
-                elapsed = time.perf_counter() - window_start
-                last = {k: sum(v) / len(v) for k, v in window.items()}  # rank 0's values
-                last.update(lr=scheduler.get_last_lr()[0], samples_per_s=window_samples / max(elapsed, 1e-9))
-                metrics.log(step, **last)
-                ctx.log.info("step %d/%d %s", step, p.max_steps, " ".join(f"{k}={v:.4g}" for k, v in last.items()))
-                window, window_start, window_samples = {}, time.perf_counter(), 0
-            if step % p.checkpoint_every == 0 and step < p.max_steps:
-                save_checkpoint(ctx, model, optimizer, scheduler, step)
-
+    settings = FitSettings(max_steps=p.max_steps, accumulation=accum, seed=p.seed, grad_clip=p.grad_clip,
+                           log_every=p.log_every, checkpoint_every=p.checkpoint_every)
+    result = fit(ctx, model, optimizer, scheduler, task, batches, settings)
     if ctx.is_main:
-        save_model(model.unwrap(), ctx.output_dir / "model")
+        save_model(result.unwrapped(), ctx.output_dir / "model")
         tokenizer.save_pretrained(str(ctx.output_dir / "tokenizer"))
         params = p.model_dump(mode="json")
         params["tokenizer"] = "tokenizer"  # the copy saved beside the model
         (ctx.output_dir / "params.json").write_text(json.dumps(params, indent=2))
-    return {"step": step, **last}
+    return {"step": result.step, **result.metrics}

@@ -58,27 +58,31 @@ class CpuTorchDDPPlugin(TorchDDPPlugin):
         return model, optimizer, criterion, dataloader, lr_scheduler
 
 
-def make_plugin(launch: LaunchSpec) -> Plugin:
+def make_plugin(launch: LaunchSpec, max_norm: float = 0.0) -> Plugin:
+    """The plugin for `launch`. `max_norm` > 0: gradient clipping by global L2 norm inside the optimizer step, where the
+    plugin owns it (ZeRO, Gemini, hybrid parallel clip their sharded fp32 master gradients, which exist only inside
+    step()); torch_ddp ignores it (the training loop clips the all-reduced gradients itself)."""
     if launch.plugin == "torch_ddp":
         # Gradients as views into DDP's all-reduce buckets: one copy of every gradient less per step.
         ddp_plugin = CpuTorchDDPPlugin if get_accelerator().name == "cpu" else TorchDDPPlugin
         return ddp_plugin(gradient_as_bucket_view=True)
     if launch.plugin == "low_level_zero":
-        return LowLevelZeroPlugin(stage=launch.zero_stage, precision=launch.precision)
+        return LowLevelZeroPlugin(stage=launch.zero_stage, precision=launch.precision, max_norm=max_norm)
     if launch.plugin == "gemini":
-        return GeminiPlugin(precision=launch.precision)
+        return GeminiPlugin(precision=launch.precision, max_norm=max_norm)
     if launch.plugin == "hybrid_parallel":
         # Pipeline parallelism needs a micro-batch split; one sample per micro-batch is the simplest valid choice.
         microbatch_size = 1 if launch.pp_size > 1 else None
         return HybridParallelPlugin(tp_size=launch.tp_size, pp_size=launch.pp_size, zero_stage=launch.zero_stage,
-                                    precision=launch.precision, microbatch_size=microbatch_size)
+                                    precision=launch.precision, microbatch_size=microbatch_size, max_norm=max_norm)
     raise LaunchError(f"unknown plugin {launch.plugin!r}", field="launch.plugin")
 
 
-def make_booster(launch: LaunchSpec) -> tuple[Booster, Plugin]:
-    """The Booster and its plugin for `launch` (precision through Booster for torch_ddp, else through the plugin)."""
+def make_booster(launch: LaunchSpec, max_norm: float = 0.0) -> tuple[Booster, Plugin]:
+    """The Booster and its plugin for `launch` (precision through Booster for torch_ddp, else through the plugin);
+    `max_norm` as in `make_plugin` (a training stage asks for it with its grad_clip)."""
     check_launch(launch, get_accelerator().name, dist.get_world_size())
-    plugin = make_plugin(launch)
+    plugin = make_plugin(launch, max_norm)
     # Only torch_ddp leaves precision to the Booster; the other plugins take it as a constructor argument.
     mixed_precision = "fp16" if launch.plugin == "torch_ddp" and launch.precision == "fp16" else None
     return Booster(plugin=plugin, mixed_precision=mixed_precision), plugin

@@ -1,0 +1,298 @@
+"""`fit`: the one training loop of every training stage (vilt.pretrain/finetune_retrieval/finetune_vqa, unitab.pretrain,
+testing.train). A stage builds its model, optimizer and schedule and plugs in a `TrainTask`:
+
+- `prepare(batch, generator)` (optional): the micro-batch's random choices (MLM masks, ITM negatives, false captions),
+  made on the host batch with a CPU generator seeded by (seed, step, micro-batch, rank), so a resumed run draws what
+  an uninterrupted one would;
+- `losses(model, batch)`: the forward pass on the model's device; returns `{"loss": fp32 scalar, other scalars}`.
+
+Device placement by construction: the collated, prepared batch is moved to the model's device once (`to_device`,
+non-blocking); everything a step makes from it (labels, masks, losses) is made from device tensors. The step loss
+that is all-reduced for logging lives on the device too.
+
+Per optimizer step: `accumulation` micro-batches (gradient all-reduce only on the last where the plugin supports
+`no_sync`: torch_ddp, ZeRO-1), clipping the way the plugin supports it (see `clip_gradients`), `optimizer.step()`,
+the LR schedule stepped once, hooks (`FitHook.after_step`: EMA), logging every `log_every` steps (mean over ranks, to
+`output_dir/_vlflow/metrics.jsonl`), an atomic checkpoint every `checkpoint_every` steps (`save_checkpoint`, hooks add
+their files before it is published) and resume from the latest one.
+
+Gradient accumulation dtype: under torch_ddp gradients accumulate in the parameters' dtype (fp32; fp16 autocast keeps
+fp32 weights). Under low_level_zero with bf16/fp16, Colossal-AI 0.5.0 keeps working gradients and its reduced-gradient
+store in the working (bf16/fp16) dtype and converts to the fp32 master gradients only in `step()`
+(zero/low_level/low_level_optim.py: `add_gradients_by_param_id` adds into working-dtype slices; `grad.to(master dtype)`
+at step). So N micro-batches accumulate with N roundings in bf16 (relative error ~ 2^-8 each); keep accumulation
+small (a large per-device batch) under ZeRO bf16. ZeRO-2 and Gemini have no `no_sync`: each micro-batch is reduced.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vlflow.errors import StageError
+from vlflow.stage import StageContext
+from vlflow.stages.common.training import (MetricsLogger, latest_checkpoint, load_checkpoint, save_checkpoint,
+                                           step_seed)
+
+EMA_FILE = "ema.pt"
+
+
+def to_device(value: Any, device: torch.device | str) -> Any:
+    """`value` with every tensor inside (nested dicts, lists, tuples) moved to `device` (non-blocking)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {key: to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(item, device) for item in value)
+    return value
+
+
+def first_dim(value: Any) -> int:
+    """Samples in a batch: the length of its first tensor."""
+    if isinstance(value, torch.Tensor):
+        return len(value)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    for item in items:
+        size = first_dim(item)
+        if size:
+            return size
+    return 0
+
+
+@dataclass
+class TrainTask:
+    """What a model plugs into `fit`: see the module docstring."""
+
+    losses: Callable[[nn.Module, Any], dict]
+    prepare: Callable[[Any, torch.Generator], Any] | None = None
+
+
+@dataclass
+class FitSettings:
+    max_steps: int
+    accumulation: int = 1
+    seed: int = 0
+    grad_clip: float = 0.0  # max global L2 norm of the gradients; 0 disables
+    log_every: int = 50
+    checkpoint_every: int = 1000
+
+
+class FitHook(Protocol):
+    def start(self, model: nn.Module, device: torch.device, checkpoint: Path | None, ctx: StageContext) -> None:
+        """Called once after boosting and loading the checkpoint `checkpoint` (None: a fresh start)."""
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Called after each optimizer step with the unwrapped model."""
+
+    def save(self, directory: Path) -> None:
+        """Rank 0 adds its files to a checkpoint directory before it is published."""
+
+
+class Ema:
+    """Exponential moving average of the weights (MDETR/UniTAB `--ema`), kept in fp32 on the model's device."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        # copied from the fp32 model before boosting (a ZeRO bf16 model would give a rounded start)
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    def start(self, model: nn.Module, device: torch.device, checkpoint: Path | None, ctx: StageContext) -> None:
+        self.model.to(device)
+        if checkpoint is None:
+            return
+        file = checkpoint / EMA_FILE
+        if file.is_file():
+            self.model.load_state_dict(torch.load(file, map_location=device, weights_only=True))
+        else:  # as UniTAB does when a checkpoint has no EMA
+            ctx.log.warning("checkpoint has no %s: EMA restarts from the current weights", EMA_FILE)
+            self.model.load_state_dict(model.state_dict())
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        ema_update(self.model, model, self.decay)
+
+    def save(self, directory: Path) -> None:
+        torch.save(cpu_state_dict(self.model), directory / EMA_FILE)
+
+
+def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+
+
+@torch.no_grad()
+def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * model for parameters (in the EMA's dtype); buffers are copied."""
+    ema_params = dict(ema_model.named_parameters())
+    for name, param in model.named_parameters():
+        target = ema_params[name]
+        target.mul_(decay).add_(param.detach().to(target.dtype), alpha=1 - decay)
+    ema_buffers = dict(ema_model.named_buffers())
+    for name, buffer in model.named_buffers():
+        ema_buffers[name].copy_(buffer)
+
+
+@dataclass
+class FitResult:
+    model: nn.Module  # boosted
+    optimizer: Any  # boosted
+    step: int
+    resumed_from_step: int
+    metrics: dict = field(default_factory=dict)  # the last logged means (over ranks)
+
+    def unwrapped(self) -> nn.Module:
+        return self.model.unwrap() if hasattr(self.model, "unwrap") else self.model
+
+
+def plugin_clips(plugin) -> bool:
+    """Whether the plugin clips inside `optimizer.step()` from its own `max_norm` (ZeRO, Gemini, hybrid parallel):
+    their optimizers hold sharded master gradients that only exist inside step()."""
+    from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin, LowLevelZeroPlugin
+
+    return isinstance(plugin, (LowLevelZeroPlugin, GeminiPlugin, HybridParallelPlugin))
+
+
+def clip_gradients(optimizer, plugin, model: nn.Module, max_norm: float) -> None:
+    """torch_ddp (and no plugin): the booster's optimizer wrapper clips the accumulated, all-reduced gradients
+    (unscaling first under fp16). ZeRO/Gemini/hybrid: the plugin was built with max_norm and clips in step()."""
+    if max_norm <= 0 or plugin_clips(plugin):
+        return
+    if hasattr(optimizer, "clip_grad_by_norm"):
+        optimizer.clip_grad_by_norm(max_norm)
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def host_batch(task: TrainTask, batch: Any, generator: torch.Generator) -> Any:
+    """The micro-batch's random choices, made on the host (CPU) batch with a CPU generator."""
+    return task.prepare(batch, generator) if task.prepare is not None else batch
+
+
+def device_losses(task: TrainTask, model: nn.Module, batch: Any, device: torch.device | str) -> dict:
+    """The prepared host batch moved to the model's device once, then the forward there."""
+    return task.losses(model, to_device(batch, device))
+
+
+def micro_step_losses(task: TrainTask, model: nn.Module, batch: Any, generator: torch.Generator,
+                      device: torch.device | str) -> dict:
+    """One micro-batch from the loader to its losses: host-side random choices, one move to the device, forward."""
+    return device_losses(task, model, host_batch(task, batch, generator), device)
+
+
+def training_booster(ctx: StageContext, grad_clip: float):
+    """The launch's booster, rebuilt with `max_norm=grad_clip` when its plugin clips inside step()."""
+    from vlflow.launch.booster import make_booster
+
+    if grad_clip > 0 and ctx.plugin is not None and plugin_clips(ctx.plugin) and ctx.launch is not None:
+        ctx.booster, ctx.plugin = make_booster(ctx.launch, max_norm=grad_clip)
+    return ctx.booster
+
+
+def _mean_over_ranks(window: dict[str, list[torch.Tensor]], device) -> dict[str, float]:
+    names = sorted(window)
+    if not names:
+        return {}
+    means = torch.stack([torch.stack(window[name]).float().mean() for name in names]).to(device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(means)
+        means /= dist.get_world_size()
+    return dict(zip(names, means.tolist()))
+
+
+def fit(ctx: StageContext, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, task: TrainTask,
+        batches: Callable[[int], Iterable], settings: FitSettings, hooks: Iterable[FitHook] = ()) -> FitResult:
+    """Train `model` for `settings.max_steps` optimizer steps (resuming from the latest checkpoint in ctx.work_dir).
+
+    `batches(start_batch)`: this rank's micro-batches from the `start_batch`-th on (a ResumableSampler's order).
+    """
+    from colossalai.accelerator import get_accelerator
+
+    hooks = list(hooks)
+    booster = training_booster(ctx, settings.grad_clip)
+    if booster is None:
+        raise StageError(f"{ctx.stage} is a distributed stage; run it through the launcher (vlflow run)")
+    device = get_accelerator().get_current_device()
+    model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
+    resumed = load_checkpoint(ctx, model, optimizer, scheduler)
+    step = resumed[0] if resumed else 0
+    raw_model = model.unwrap() if hasattr(model, "unwrap") else model
+    checkpoint = latest_checkpoint(ctx) if resumed else None
+    for hook in hooks:
+        hook.start(raw_model, device, checkpoint, ctx)
+    use_no_sync = settings.accumulation > 1 and ctx.plugin is not None and ctx.plugin.support_no_sync()
+    accumulation = settings.accumulation
+
+    loader: Iterator = iter(batches(step * accumulation))
+    ctx.log.info("training %s: %.1fM params, steps %d..%d, %d micro-batches per step", ctx.stage,
+                 sum(x.numel() for x in raw_model.parameters()) / 1e6, step, settings.max_steps, accumulation)
+    model.train()
+    window: dict[str, list[torch.Tensor]] = {}
+    window_start, window_samples = time.perf_counter(), 0
+    last: dict = {}
+    with MetricsLogger(ctx) as metrics:
+        if step:
+            metrics.log(step, resumed_from_step=step)
+        while step < settings.max_steps:
+            for micro in range(accumulation):
+                batch = next(loader)
+                window_samples += first_dim(batch) * ctx.world_size
+                # dropout, masks and negatives depend only on (seed, step, micro-batch, rank)
+                seed = step_seed(settings.seed, step, micro, ctx.rank)
+                torch.manual_seed(seed)
+                generator = torch.Generator().manual_seed(seed)
+                sync = micro == accumulation - 1 or not use_no_sync
+                with booster.no_sync(model, optimizer) if not sync else _nullcontext():
+                    out = micro_step_losses(task, model, batch, generator, device)
+                    booster.backward(out["loss"] / accumulation, optimizer)
+                for key, value in out.items():
+                    window.setdefault(key, []).append(value.detach() if torch.is_tensor(value)
+                                                      else torch.tensor(float(value)))
+            clip_gradients(optimizer, ctx.plugin, raw_model, settings.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            for hook in hooks:
+                hook.after_step(raw_model, step)
+
+            if step % settings.log_every == 0 or step == settings.max_steps:
+                elapsed = time.perf_counter() - window_start
+                last = _mean_over_ranks({k: [v.to(device) for v in vs] for k, vs in window.items()}, device)
+                if not math.isfinite(last.get("loss", 0.0)):
+                    raise StageError(f"loss became {last['loss']} at step {step}; lower lr or check the data")
+                last["lr"] = scheduler.get_last_lr()[0]
+                metrics.log(step, **last, samples_per_s=window_samples / max(elapsed, 1e-9))
+                ctx.log.info("step %d/%d %s", step, settings.max_steps,
+                             " ".join(f"{k}={v:.4g}" for k, v in last.items()))
+                window, window_start, window_samples = {}, time.perf_counter(), 0
+            if step % settings.checkpoint_every == 0 and step < settings.max_steps:
+                save_checkpoint(ctx, model, optimizer, scheduler, step,
+                                write_files=(lambda directory: [hook.save(directory) for hook in hooks]))
+    return FitResult(model, optimizer, step, resumed[0] if resumed else 0, last)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def warmup_linear_schedule(optimizer: torch.optim.Optimizer, warmup: int | float, max_steps: int):
+    """Linear warmup from 0 to the optimizer's lr, then linear decay to 0 at `max_steps` (transformers'
+    get_linear_schedule_with_warmup). `warmup`: a step count, or a fraction of max_steps when a float below 1."""
+    from transformers import get_linear_schedule_with_warmup
+
+    return get_linear_schedule_with_warmup(optimizer, warmup_steps(warmup, max_steps), max_steps)
+
+
+def warmup_steps(warmup: int | float, max_steps: int) -> int:
+    """A float below 1 is a fraction of max_steps (ViLT's warmup ratio), else a step count."""
+    return int(warmup * max_steps) if isinstance(warmup, float) and warmup < 1 else int(warmup)
