@@ -10,6 +10,26 @@ from pathlib import Path
 from vlflow.errors import VlflowError
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if not 1 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 1024, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
 def _add_workflow_args(p: argparse.ArgumentParser, selectors: bool = True) -> None:
     p.add_argument("workflow", type=Path, help="workflow YAML file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -40,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run what is missing (cached stages are skipped)")
     _add_workflow_args(p)
     _add_cache_args(p)
-    p.add_argument("-j", "--jobs", type=int, help="independent stages to run at once (default from vlflow.toml)")
-    p.add_argument("--lock-timeout", type=float, default=None, help="give up waiting for the cache lock after N s")
+    p.add_argument("-j", "--jobs", type=_positive_int, help="independent stages to run at once (default from "
+                                                             "vlflow.toml)")
+    p.add_argument("--lock-timeout", type=_seconds, default=None, help="give up waiting for the cache lock after N s")
     _add_env_arg(p)
 
     p = sub.add_parser("check", help="rerun cached stages into a scratch dir and compare their data with the cache "
@@ -84,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gc", help="remove artifacts not reachable from the given workflows")
     p.add_argument("workflows", type=Path, nargs="+")
     p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--min-age", type=float, default=3600.0,
+    p.add_argument("--min-age", type=_seconds, default=3600.0,
                    help="only remove unreferenced attempt dirs older than this many seconds (a commit in progress "
                         "looks the same; default 3600)")
     _add_cache_args(p)
@@ -109,7 +130,8 @@ def _load(args, config=None):
     from vlflow.workflow import load_workflow
 
     config = config or _config(args, args.workflow)
-    return load_workflow(args.workflow, overrides=args.overrides, launch_defaults=config.launch), config
+    return load_workflow(args.workflow, overrides=args.overrides, launch_defaults=config.launch,
+                         include_paths=config.include_paths), config
 
 
 def _store(config):
@@ -205,6 +227,7 @@ def cmd_run(args) -> int:
     runner = Runner(workflow, store, config.state_dir, jobs=args.jobs or config.jobs, on_event=on_event,
                     rerun_on_env_change=args.rerun_on_env_change)
     lock_path = config.state_dir / "locks" / f"{lock_name}.lock"
+    config.ensure_state_dir()
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     with CacheLock(lock_path, name=str(store.url), on_wait=lambda msg: console.print(f"[dim]{msg}[/]"),
@@ -404,7 +427,7 @@ def cmd_gc(args) -> int:
     for path in args.workflows:
         from vlflow.workflow import load_workflow
 
-        workflow = load_workflow(path, launch_defaults=config.launch)
+        workflow = load_workflow(path, launch_defaults=config.launch, include_paths=config.include_paths)
         keep |= {p.key for p in Runner(workflow, store, config.state_dir).plan() if p.action == "cached"}
     doomed = [m for m in store.list() if m.key not in keep]
     garbage = store.garbage(min_age=args.min_age)
@@ -470,15 +493,50 @@ def _interrupt_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+def _print_error(text: str) -> None:
+    """One masked paragraph on stderr (no secret, whatever the error quotes)."""
+    from vlflow.secrets import mask
+
+    print(f"error: {mask(text)}", file=sys.stderr, flush=True)
+
+
+def _stdout_gone() -> int:
+    """The reader of stdout went away (`vlflow ls ... | head -1`): stop quietly, like a tool killed by SIGPIPE."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    for stream in (sys.stdout, sys.stderr):  # text that cannot be encoded is escaped, never a traceback
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     if args.command in ("run", "check"):
         _interrupt_on_sigterm()
     try:
         return COMMANDS[args.command](args)
     except VlflowError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _print_error(str(exc))
         return 2
+    except BrokenPipeError:
+        return _stdout_gone()
+    except OSError as exc:  # the environment refused something (disk full, permissions): not a bug in vlflow
+        if os.environ.get("VLFLOW_DEBUG"):
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        _print_error(f"{exc.strerror or exc}{where}")
+        return 2
+    except Exception as exc:  # a bug: one line, the traceback on request
+        if os.environ.get("VLFLOW_DEBUG"):
+            raise
+        _print_error(f"internal error: {type(exc).__name__}: {exc} (set VLFLOW_DEBUG=1 for the traceback; "
+                     "please report it)")
+        return 1
     except KeyboardInterrupt:
         print("interrupted: nothing partial was committed; rerun to resume", file=sys.stderr, flush=True)
         if args.command in ("run", "check"):
