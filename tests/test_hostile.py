@@ -159,3 +159,265 @@ def test_truncated_and_non_archives_are_data_errors(tmp_path):
     junk.write_bytes(b"not a zip")
     with pytest.raises(DataError, match=r"junk.zip: cannot read archive: File is not a zip file"):
         safe_extract(junk, tmp_path / "t2")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workflow files: includes confined to the workflow's tree, resource bombs, tags and characters YAML refuses
+
+from vlflow.errors import WorkflowError  # noqa: E402
+from vlflow.workflow import MAX_FILES_READ, MAX_INCLUDE_DEPTH, load_workflow  # noqa: E402
+
+STAGES = "stages: {w: {uses: testing.write}}\n"
+
+
+def _load_error(path: Path, **kwargs) -> WorkflowError:
+    with pytest.raises(WorkflowError) as info:
+        load_workflow(path, **kwargs)
+    assert "\n" not in str(info.value)
+    return info.value
+
+
+def _wf(tmp_path: Path, text: str, name: str = "wf.yaml") -> Path:
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("target", ["/etc/shadow", "/etc/passwd", "/dev/zero", "../outside.yaml"])
+def test_includes_outside_the_workflow_tree_are_refused_unread(tmp_path, target):
+    (tmp_path / "outside.yaml").write_text("secret_line: do-not-print\n")
+    path = _wf(tmp_path / "project", f"include: [{target}]\n{STAGES}")
+    error = _load_error(path)
+    assert (error.file, error.line, error.field) == (str(path), 1, "include.0")
+    assert error.message.startswith(f"included file {os.path.normpath(path.parent / target)} is outside the "
+                                    f"workflow's directory tree (allowed: {path.parent}; add a directory to "
+                                    "`[workflow] include_paths` in vlflow.toml")
+    assert "root:" not in str(error) and "do-not-print" not in str(error)
+
+
+def test_include_paths_allow_another_tree_and_symlinks_out_are_refused(tmp_path):
+    shared = tmp_path / "shared"
+    _wf(shared, "params: {a: 1}\n", "base.yaml")
+    path = _wf(tmp_path / "project", f"include: [../shared/base.yaml]\n{STAGES}")
+    assert load_workflow(path, include_paths=[shared]).params == {"a": 1}
+    (tmp_path / "project" / "link.yaml").symlink_to(shared / "base.yaml")  # inside by name, outside in fact
+    path.write_text(f"include: [link.yaml]\n{STAGES}")
+    assert "is outside the workflow's directory tree" in _load_error(path).message
+
+
+def test_fifo_and_directory_includes_are_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe.yaml")
+    (tmp_path / "dir.yaml").mkdir()
+    path = _wf(tmp_path, f"include: [pipe.yaml]\n{STAGES}")
+    assert _load_error(path).message == f"included file {tmp_path / 'pipe.yaml'} is a FIFO, not a regular file"
+    path.write_text(f"extends: dir.yaml\n{STAGES}")
+    assert _load_error(path).message == f"included file {tmp_path / 'dir.yaml'} is a directory, not a regular file"
+    assert _load_error(tmp_path / "pipe.yaml").message == "the workflow file is a FIFO, not a regular file"
+
+
+def test_oversized_and_non_utf8_files(tmp_path):
+    big = _wf(tmp_path, STAGES + "#" * (1 << 20), "big.yaml")
+    assert _load_error(big).message == "file larger than 1 MiB; workflow files are small"
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"params:\n  name: caf\xe9\n" + STAGES.encode())
+    error = _load_error(latin)
+    assert (error.line, error.message) == (2, "not UTF-8 text (byte 0xe9)")
+
+
+def _laughs(levels: int = 9) -> str:
+    lines = ['  a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "params:\n" + "\n".join(lines) + "\n" + STAGES
+
+
+def test_resource_bombs_end_in_bounded_errors(tmp_path):
+    import time
+
+    started = time.monotonic()
+    error = _load_error(_wf(tmp_path, _laughs(), "laughs.yaml"))
+    assert error.message.startswith("the document expands to more than 100,000 values (YAML aliases")
+    error = _load_error(_wf(tmp_path, "params:\n  x: " + "[" * 600 + "]" * 600 + "\n" + STAGES, "deep.yaml"))
+    assert (error.line, error.message) == (2, "mappings and lists nest more than 64 levels deep")
+    chain = "".join(f"  a{i}: ${{params.a{i + 1}}}\n" for i in range(200))
+    error = _load_error(_wf(tmp_path, f"params:\n{chain}  a200: 1\n{STAGES}", "chain.yaml"))
+    assert (error.line, error.field) == (2, "params.a0")
+    assert error.message.startswith("reference chain longer than 32 (")
+    for i in range(1200):  # extends chain e0 -> e1 -> ... -> e1199
+        _wf(tmp_path / "ext", f"extends: e{i + 1}.yaml\n" if i < 1199 else STAGES, f"e{i}.yaml")
+    error = _load_error(tmp_path / "ext" / "e0.yaml")
+    assert error.message == f"include/extends nest more than {MAX_INCLUDE_DEPTH} files deep"
+    for i in range(22):  # each file includes the next twice: 2^22 reads unbounded
+        _wf(tmp_path / "fan", f"include: [f{i + 1}.yaml, f{i + 1}.yaml]\n" if i < 21 else STAGES, f"f{i}.yaml")
+    error = _load_error(tmp_path / "fan" / "f0.yaml")
+    assert error.message.startswith(f"include/extends read more than {MAX_FILES_READ} files in total")
+    with pytest.raises(WorkflowError, match="nest more than 64 levels deep"):
+        load_workflow(_wf(tmp_path, "params: {x: 1}\n" + STAGES, "ok.yaml"),
+                      overrides=["params.x=" + "[" * 600 + "]" * 600])
+    assert time.monotonic() - started < 20
+
+
+@pytest.mark.parametrize("text,line,field,message", [
+    ("stages:\n  w: !!python/object:os.system {uses: testing.write}\n", 2, "stages.w",
+     "YAML tag '!!python/object:os.system' is not allowed"),
+    ("stages:\n  w: !custom {uses: testing.write}\n", 2, "stages.w", "YAML tag '!custom' is not allowed"),
+    ("params: {s: !!set {a, b}}\n" + STAGES, 1, "params.s", "YAML tag '!!set' is not allowed"),
+    ("params: {b: !!binary aGk=}\n" + STAGES, 1, "params.b", "YAML tag '!!binary' is not allowed"),
+    ("params: {l: !!python/list [1]}\n" + STAGES, 1, "params.l", "YAML tag '!!python/list' is not allowed"),
+    (STAGES + "params: {x: \"a\x00b\"}\n", 2, None, "invalid YAML: character U+0000 is not allowed"),
+    (STAGES + "# \x07 bell\n", 2, None, "invalid YAML: character U+0007 is not allowed"),
+])
+def test_tags_and_forbidden_characters(tmp_path, text, line, field, message):
+    error = _load_error(_wf(tmp_path, text))
+    assert (error.line, error.field) == (line, field) and error.message.startswith(message)
+
+
+def test_plain_tags_and_escaped_control_characters_still_load(tmp_path):
+    workflow = load_workflow(_wf(tmp_path, 'params: {a: !!str 12, b: "tab\\there", c: =}\n' + STAGES))
+    assert workflow.params == {"a": "12", "b": "tab\there", "c": "="}
+
+
+def test_control_characters_in_set_values(tmp_path):
+    error = _load_error(_wf(tmp_path, "params: {x: 1}\n" + STAGES), overrides=["params.x=a\x01b"])
+    assert (error.file, error.field) == ("--set params.x=a\x01b", "params.x")
+    assert "character U+0001 is not allowed" in error.message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Careless values: silently wrong before, an error naming the field now
+
+
+@pytest.mark.parametrize("text,overrides,field,message", [
+    ("params: {seed: 1}\n" + STAGES, ["params.sede=3"], "params.sede",
+     "the workflow defines no params.sede (did you mean 'seed'?); --set only changes params the workflow defines"),
+    ("params: {opts: {a: 1}}\n" + STAGES, ["params.opts.b=3"], "params.opts.b", "the workflow defines no params.opts.b"),
+    (STAGES, ["params.x=1"], "params.x", "the workflow defines no params.x"),
+])
+def test_set_of_an_undefined_param_is_refused(tmp_path, text, overrides, field, message):
+    error = _load_error(_wf(tmp_path, text), overrides=overrides)
+    assert (error.file, error.field) == (f"--set {overrides[0]}", field) and error.message.startswith(message)
+
+
+@pytest.mark.parametrize("text,line,field,message", [
+    ("stages:\n  t:\n    uses: testing.train\n    launch: {nproc_per_node: true}\n", 4,
+     "stages.t.launch.nproc_per_node", "expected an integer, got a boolean true"),
+    ("stages:\n  w: {uses: testing.write, with: {files: false}}\n", 2, "stages.w.with.files",
+     "expected an integer, got a boolean false"),
+    ("stages:\n  t:\n    uses: testing.train\n    launch: {plugin: torch_ddp, tp_size: 2}\n", 4,
+     "stages.t.launch.tp_size", "tp_size=2 needs plugin: hybrid_parallel (plugin torch_ddp has no"),
+    ("defaults:\n  launch: {pp_size: 2}\nstages:\n  t: {uses: testing.train}\n", 2,
+     "defaults.launch.pp_size", "pp_size=2 needs plugin: hybrid_parallel"),
+    ("stages:\n  w: {uses: synthetic.coco, with: {seed: -1}}\n", 2, "stages.w.with.seed",
+     "input should be greater than or equal to 0, got -1"),
+    ("stages:\n  w: {uses: testing.write, with: {files: .inf}}\n", 2, "stages.w.with.files",
+     "input should be a finite number, got inf"),
+    (f"stages:\n  {'s' * 300}: {{uses: testing.write}}\n", 2, f"stages.{'s' * 300}",
+     "stage name longer than 100 characters"),
+    (f"name: {'n' * 300}\n{STAGES}", 1, "name", "workflow name longer than 100 characters"),
+])
+def test_values_that_used_to_be_coerced_or_crash(tmp_path, text, line, field, message):
+    error = _load_error(_wf(tmp_path, text))
+    assert (error.line, error.field) == (line, field) and error.message.startswith(message)
+
+
+def test_a_plugin_that_uses_tp_size_accepts_it(tmp_path):
+    path = _wf(tmp_path, "stages:\n  t:\n    uses: testing.train\n    launch: {plugin: hybrid_parallel, tp_size: 2}\n")
+    assert load_workflow(path).stages["t"].launch.tp_size == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vlflow.toml: typed sections, errors against vlflow.toml and its line
+
+from vlflow.config import load_config  # noqa: E402
+from vlflow.errors import VlflowError  # noqa: E402
+
+
+@pytest.mark.parametrize("toml,line,message", [
+    ("[run]\njobs = true\n", 2, "jobs: input should be a valid integer, got True"),
+    ("[run]\njobs = \"4\"\n", 2, "jobs: input should be a valid integer, got '4'"),
+    ("[run]\njobs = 0\n", 2, "jobs: input should be greater than or equal to 1, got 0"),
+    ("[cache]\nurl = 3\n", 2, "url: input should be a valid string, got 3"),
+    ("[cache]\nurl = \"s3://AKIA:S3CRET@bucket/x\"\n", 2, "credentials in the cache URL (s3://***@...)"),
+    ("[bogus]\nx = 1\n", 1, "unknown section [bogus] (known: cache, state, launch, run, workflow)"),
+    ("# top\n[cache]\nurll = \"x\"\n", 3, "unknown key 'urll' in [cache]"),
+    ("[launch]\nnproc_per_node = true\n", 2, "nproc_per_node: expected an integer, got a boolean true"),
+    ("[launch]\nplugin = \"deepspeed\"\n", 2, "plugin: input should be 'torch_ddp', 'low_level_zero', 'gemini' or"),
+    ("[launch]\ntp_size = 4\n", 2, "tp_size: tp_size=4 needs plugin: hybrid_parallel"),
+    ("[run]\njobs = \n", 2, "invalid TOML: Invalid value"),
+    ("[workflow]\ninclude_paths = \"x\"\n", 2, "include_paths: input should be a valid list, got 'x'"),
+])
+def test_bad_project_config_is_reported_against_vlflow_toml(tmp_path, toml, line, message):
+    (tmp_path / "vlflow.toml").write_text(toml)
+    with pytest.raises(VlflowError) as info:
+        load_config(tmp_path)
+    assert (info.value.file, info.value.line) == (str(tmp_path / "vlflow.toml"), line)
+    assert info.value.message.startswith(message), info.value.message
+    assert "S3CRET" not in str(info.value)
+
+
+def test_include_paths_and_empty_flags(tmp_path):
+    (tmp_path / "vlflow.toml").write_text('[workflow]\ninclude_paths = ["../shared"]\n')
+    assert load_config(tmp_path).include_paths == [(tmp_path.parent / "shared").resolve()]
+    for flags, message in [({"cache": ""}, "--cache is empty"), ({"state_dir": " "}, "--state-dir is empty"),
+                           ({"cache": "s3://K:S3CRET@b/x"}, "--cache: credentials in the cache URL")]:
+        with pytest.raises(VlflowError, match=message) as info:
+            load_config(tmp_path, **flags)
+        assert "S3CRET" not in str(info.value)
+
+
+def test_state_dir_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    config = load_config(tmp_path, state_dir=str(tmp_path / "file"))
+    with pytest.raises(VlflowError) as info:
+        config.ensure_state_dir()
+    assert str(info.value) == (f"state dir {tmp_path / 'file'} (from --state-dir) is not a directory; give a "
+                               "directory with --state-dir")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line: one `error:` line, exit code 2, no traceback, no secret
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+VLFLOW = [sys.executable, "-c", "import sys; from vlflow.cli import main; sys.exit(main())"]
+
+
+def _vlflow(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*VLFLOW, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def test_cli_errors_are_one_masked_line_without_traceback(tmp_path):
+    (tmp_path / "vlflow.toml").write_text('[cache]\nurl = "cache"\n')
+    wf = _wf(tmp_path, "params: {seed: 1}\n" + STAGES)
+    (tmp_path / "nul.yaml").write_bytes(b"stages: {}\n\x00\n")
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (["validate", "nul.yaml"], "error: nul.yaml:2: invalid YAML: character U+0000 is not allowed"),
+        (["plan", wf, "--cache", ""], "error: --cache is empty"),
+        (["run", wf, "--state-dir", "file"], f"error: state dir {tmp_path / 'file'} (from --state-dir) is not a dir"),
+        (["plan", wf, "--cache", "s3://AKIAXX:hunter2hunter2@bucket/c"], "error: --cache: credentials in the cache"),
+        (["validate", wf, "--set", "params.typo=3"], "error: --set params.typo=3: params.typo: the workflow defines"),
+        (["run", wf, "-j", "0"], "vlflow run: error: argument -j/--jobs: expected a whole number from 1 to 1024"),
+        (["run", wf, "--lock-timeout", "nan"], "vlflow run: error: argument --lock-timeout: expected a finite"),
+        (["plan", wf, "--cache", "nosuchproto://x/y"], "error: cannot open the artifact store nosuchproto://x/y"),
+    ]
+    for args, start in cases:
+        result = _vlflow(*args, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(start), (args, result.stderr)
+        assert "Traceback" not in result.stderr and "hunter2" not in result.stderr + result.stdout
+
+
+def test_closed_stdout_ends_quietly(tmp_path):
+    wf = _wf(tmp_path, "stages:\n  w: {uses: testing.write, with: {files: 4000, size: 16}}\n")
+    assert _vlflow("run", wf, "--cache", tmp_path / "c", "--state-dir", tmp_path / "s", cwd=tmp_path).returncode == 0
+    ls = subprocess.Popen([*VLFLOW, "ls", str(wf), "w", "--cache", str(tmp_path / "c"), "--state-dir",
+                           str(tmp_path / "s")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    first = ls.stdout.readline()
+    ls.stdout.close()  # like `| head -1`: the reader goes away after one line
+    stderr = ls.stderr.read().decode()
+    assert ls.wait(timeout=60) == 141 and first.decode().split() == ["16", "file_000.txt"]
+    assert stderr == ""

@@ -250,7 +250,7 @@ def test_to_dict_masks_values_from_secret_env_vars(tmp_path):
     assert wf.stages["w"].params["text"] == "auth tok-12345"  # the stage gets the real value
     document = wf.to_dict()
     assert document["params"] == {"token": "***", "note": "user alice"}
-    assert document["stages"]["w"]["with"]["text"] == "***"
+    assert document["stages"]["w"]["with"]["text"] == "auth ***"  # only the secret itself is masked
     assert "tok-12345" not in yaml.safe_dump(document)
 
 

@@ -492,8 +492,11 @@ CASES = [
         stages: {w: {uses: testing.write}}
     """, "wf.yaml", 1, "extends", "expected one file path, got a list"),
     Case("extends-missing-file", """
-        extends: ../nowhere/base.yaml
+        extends: nowhere/base.yaml
     """, "wf.yaml", 1, "extends", "included file not found"),
+    Case("extends-outside-the-tree", """
+        extends: ../nowhere/base.yaml
+    """, "wf.yaml", 1, "extends", "is outside the workflow's directory tree (allowed: "),
     Case("error-inside-included-file", """
         include: [base.yaml]
         stages:

@@ -15,6 +15,8 @@ import copy
 import difflib
 import os
 import re
+import stat
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -25,6 +27,7 @@ import pydantic
 import yaml
 
 from vlflow.errors import WorkflowError
+from vlflow.secrets import Masker, looks_secret, secret_env_values
 from vlflow.stage import LaunchSpec, StageSpec, get_spec, registry
 
 TOP_LEVEL_KEYS = ("name", "include", "extends", "params", "defaults", "stages")
@@ -32,8 +35,18 @@ STAGE_KEYS = ("uses", "with", "inputs", "needs", "launch")
 DEFAULTS_KEYS = ("launch",)
 STAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 WORKFLOW_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-SECRET_MARKERS = ("KEY", "SECRET", "TOKEN", "PASSWORD")
 MASK = "***"
+# Bounds on what one workflow may make the loader do: far above any real workflow, far below a resource bomb.
+MAX_FILE_BYTES = 1 << 20  # one workflow or included file
+MAX_INCLUDE_DEPTH = 32  # include/extends nesting
+MAX_FILES_READ = 256  # include/extends files read in total (a file included twice counts twice)
+MAX_YAML_DEPTH = 64  # nesting of mappings and lists in one document
+MAX_YAML_VALUES = 100_000  # values of one document after alias expansion
+MAX_REFERENCE_CHAIN = 32  # ${params.a} -> ${params.b} -> ...
+MAX_NAME_LENGTH = 100  # workflow and stage names (they become file names and lock names)
+# Tags a workflow may use explicitly; anything else (`!!python/object`, `!custom`, `!!binary`, `!!set`) is refused.
+ALLOWED_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("map", "seq", "str", "int", "float", "bool", "null",
+                                                          "merge")}
 
 # `$${` is an escaped literal `${`; `${...}` is a reference; a `${` that is neither is unterminated.
 _TOKEN = re.compile(r"\$\$\{|\$\{([^{}]*)\}|\$\{")
@@ -77,8 +90,12 @@ class Workflow:
     path: Path
     params: dict
     stages: dict[str, StageDecl]  # in file order
-    # Values of secret-looking environment variables that were interpolated: masked by to_dict().
+    # Values to mask in output: those interpolated from secret-looking variables (any length) and the long enough
+    # values of every secret-looking variable of the environment the workflow was loaded with.
     secret_values: frozenset[str] = field(default=frozenset(), repr=False)
+
+    def masker(self) -> Masker:
+        return Masker(self.secret_values, min_length=1)
 
     def to_dict(self) -> dict:
         """The resolved workflow as a document `load_workflow` accepts again (secrets shown as ***)."""
@@ -93,24 +110,29 @@ class Workflow:
                 entry["launch"] = decl.launch.model_dump(mode="json")
             stages[name] = entry
         document = {"name": self.name, "params": self.params, "stages": stages}
-        return _escape_for_output(document, self.secret_values)
+        return _escape_for_output(document, self.masker())
 
 
 def load_workflow(path, overrides: list[str] = (), launch_defaults: dict | None = None,
-                  env: Mapping[str, str] | None = None) -> Workflow:
-    """Load, merge, override, interpolate and validate a workflow file. Raises WorkflowError for any user error."""
+                  env: Mapping[str, str] | None = None, include_paths: list | tuple = ()) -> Workflow:
+    """Load, merge, override, interpolate and validate a workflow file. Raises WorkflowError for any user error.
+
+    `include:`/`extends:` may name files inside the workflow file's own directory tree, or inside one of
+    `include_paths` (vlflow.toml's `[workflow] include_paths`)."""
     env = os.environ if env is None else env
-    secrets = _secret_values(env)
+    loader = _Loader(Path(path), list(overrides), dict(launch_defaults or {}), env,
+                     [Path(p) for p in include_paths])
     try:
-        return _Loader(Path(path), list(overrides), dict(launch_defaults or {}), env).load()
+        return loader.load()
     except WorkflowError as exc:
         # Errors quote values; a value that came from a secret-looking variable must never be printed.
-        message = exc.message
-        for secret in secrets:
-            message = message.replace(secret, MASK)
-        if message == exc.message:
+        masker = Masker(env=env).with_values(loader.used_secrets)
+        message, field_name = masker.mask(exc.message), masker.mask(exc.field) if exc.field else exc.field
+        if (message, field_name) == (exc.message, exc.field):
             raise
-        raise WorkflowError(message, file=exc.file, line=exc.line, field=exc.field) from None
+        raise WorkflowError(message, file=exc.file, line=exc.line, field=field_name) from None
+    except RecursionError:  # a bound above was missed: still one clear error, never a traceback
+        raise WorkflowError("the workflow nests too deeply to be read", file=str(path)) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,11 +153,31 @@ def _dotted(path: KeyPath) -> str:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader without the timestamp resolver: `2021-01-01` stays a string (stage params are JSON values)."""
+    """SafeLoader without the timestamp resolver: `2021-01-01` stays a string (stage params are JSON values).
+
+    Composing refuses nesting deeper than MAX_YAML_DEPTH (PyYAML's composer recurses per level)."""
+
+    def __init__(self, text: str, file: str) -> None:
+        super().__init__(text)
+        self.file = file
+        self.depth = 0
+        self.values = 0  # values constructed so far, aliases expanded (bounded: billion laughs)
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise WorkflowError(f"mappings and lists nest more than {MAX_YAML_DEPTH} levels deep",
+                                    file=self.file, line=mark.line + 1)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 _YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    first: [(tag, regexp) for tag, regexp in resolvers
+            if tag not in ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value")]  # `=` stays a string
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 # YAML 1.1 reads `1e-4` (no dot) as a string; learning rates are written that way, so read it as a float.
@@ -145,7 +187,10 @@ _YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
 
 def _parse_yaml(text: str, file: str) -> tuple[Any, Locations]:
     """Parse one YAML document into plain data and the line of every mapping key / sequence item."""
-    loader = _YamlLoader(text)
+    try:
+        loader = _YamlLoader(text, file)
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow (NUL, control characters)
+        raise _reader_error(exc, text, file) from None
     try:
         root = loader.get_single_node()
         if root is None:
@@ -164,14 +209,38 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, Locations]:
             problem = f"{exc.problem} ({exc.context})"
         raise WorkflowError(f"invalid YAML: {problem}", file=file,
                             line=None if mark is None else mark.line + 1) from None
+    except yaml.reader.ReaderError as exc:
+        raise _reader_error(exc, text, file) from None
     except yaml.YAMLError as exc:
         raise WorkflowError(f"invalid YAML: {exc}", file=file) from None
     finally:
         loader.dispose()
 
 
+def _reader_error(exc: yaml.reader.ReaderError, text: str, file: str) -> WorkflowError:
+    character = exc.character
+    code = ord(character) if isinstance(character, str) else character
+    line = text.count("\n", 0, exc.position) + 1 if isinstance(exc.position, int) else None
+    return WorkflowError(f"invalid YAML: character U+{code:04X} is not allowed (control characters and NUL bytes "
+                         "cannot appear in YAML; write them as escapes in a double-quoted string)", file=file,
+                         line=line)
+
+
+def _check_tag(node: yaml.Node, path: KeyPath, file: str) -> None:
+    if node.tag not in ALLOWED_TAGS:
+        raise WorkflowError(f"YAML tag {node.tag.replace('tag:yaml.org,2002:', '!!')!r} is not allowed (workflows "
+                            "hold plain mappings, lists, strings, numbers, booleans and null)", file=file,
+                            line=node.start_mark.line + 1, field=_dotted(path) or None)
+
+
 def _from_node(loader: _YamlLoader, node: yaml.Node, path: KeyPath, locations: Locations, file: str,
                active: set[int]) -> Any:
+    loader.values += 1
+    if loader.values > MAX_YAML_VALUES:
+        raise WorkflowError(f"the document expands to more than {MAX_YAML_VALUES:,} values (YAML aliases such as "
+                            "*name repeat what they refer to; is this an alias bomb?)", file=file,
+                            line=node.start_mark.line + 1, field=_dotted(path) or None)
+    _check_tag(node, path, file)
     if isinstance(node, yaml.ScalarNode):
         return loader.construct_object(node)
     if id(node) in active:  # an alias inside itself (`a: &x [*x]`)
@@ -237,15 +306,6 @@ def _deep_merge(base: dict, base_locs: Locations, over: dict, over_locs: Locatio
 
 # ---------------------------------------------------------------------------------------------------------------
 # Interpolation
-
-
-def _looks_secret(name: str) -> bool:
-    upper = name.upper()
-    return any(marker in upper for marker in SECRET_MARKERS)
-
-
-def _secret_values(env: Mapping[str, str]) -> set[str]:
-    return {value for name, value in env.items() if _looks_secret(name) and value}
 
 
 def _collect_stage_outputs(value: Any, found: set[str]) -> None:
@@ -346,7 +406,7 @@ class _Resolver:
             else:
                 raise self.fail(f"environment variable {name} is not set (give a default: ${{env.{name}:-value}})",
                                 path)
-            if _looks_secret(name) and value:
+            if looks_secret(name) and value:
                 self.used_secrets.add(value)
             return value
         if expression.startswith("stages.") or expression == "stages":
@@ -395,6 +455,10 @@ class _Resolver:
         if key in self.in_progress:
             cycle = self.in_progress[self.in_progress.index(key):] + [key]
             raise self.fail("reference cycle: " + " -> ".join(_dotted(p) for p in cycle), self.in_progress[0])
+        if len(self.in_progress) >= MAX_REFERENCE_CHAIN:
+            first, last = _dotted(self.in_progress[0]), _dotted(key)
+            raise self.fail(f"reference chain longer than {MAX_REFERENCE_CHAIN} (${{...}} referring to ${{...}} "
+                            f"from {first} to {last}); refer to the value directly", self.in_progress[0])
         self.in_progress.append(key)
         try:
             value = self.resolve(raw, _typed_path(param_path, self.raw_params))
@@ -425,14 +489,16 @@ def _suggest(word: str, choices) -> str:
     return f" (known: {', '.join(str(c) for c in choices)})" if choices else ""
 
 
-def _escape_for_output(value: Any, secrets: frozenset[str]) -> Any:
+def _escape_for_output(value: Any, masker: Masker) -> Any:
     """Mask secrets and re-escape literal `${` so the dumped document loads back to the same workflow."""
     if isinstance(value, dict):
-        return {k: _escape_for_output(v, secrets) for k, v in value.items()}
+        return {k: _escape_for_output(v, masker) for k, v in value.items()}
     if isinstance(value, list):
-        return [_escape_for_output(v, secrets) for v in value]
-    if value is not None and not isinstance(value, bool) and any(s in str(value) for s in secrets):
-        return MASK
+        return [_escape_for_output(v, masker) for v in value]
+    if isinstance(value, str):
+        value = masker.mask(value)
+    elif value is not None and not isinstance(value, bool) and masker.contains(str(value)):
+        return MASK  # e.g. a numeric secret that a param coerced to an int
     if isinstance(value, str) and "${" in value:
         parts = _STAGE_OUTPUT_TEXT.split(value)  # stage references stay; every other `${` is literal text
         for index in range(0, len(parts), 2):
@@ -458,12 +524,17 @@ def _short_repr(value: Any, limit: int = 80) -> str:
 
 
 class _Loader:
-    def __init__(self, path: Path, overrides: list[str], launch_defaults: dict, env: Mapping[str, str]):
+    def __init__(self, path: Path, overrides: list[str], launch_defaults: dict, env: Mapping[str, str],
+                 include_paths: list[Path]):
         self.path = path
         self.overrides = overrides
         self.launch_defaults = launch_defaults
         self.env = env
         self.locations: Locations = {}
+        # Where include/extends may read: the workflow's own directory tree, then the configured extra trees.
+        self.include_roots = [path.resolve().parent, *(Path(p).resolve() for p in include_paths)]
+        self.files_read = 0
+        self.used_secrets: set[str] = set()  # values interpolated from secret-looking variables
 
     # -- errors ------------------------------------------------------------------------------------------------
 
@@ -505,7 +576,10 @@ class _Loader:
                 raise self.fail(f"unknown top-level key {key!r}{_suggest(key, TOP_LEVEL_KEYS)}", (key,))
         name = self.expect(document.get("name"), str, ("name",), "a string")
         if not WORKFLOW_NAME.fullmatch(name):
-            raise self.fail(f"invalid workflow name {name!r} (letters, digits, '_', '-', '.')", ("name",))
+            raise self.fail(f"invalid workflow name {_short_repr(name)} (letters, digits, '_', '-', '.')", ("name",))
+        if len(name) > MAX_NAME_LENGTH:  # it names lock files and refs
+            given = "" if "name" in self.locations else " (taken from the file name; set `name:`)"
+            raise self.fail(f"workflow name longer than {MAX_NAME_LENGTH} characters{given}", ("name",))
         raw_params = self.expect(document.get("params"), dict, ("params",), "a mapping of params")
         defaults = self.expect(document.get("defaults"), dict, ("defaults",), "a mapping")
         for key in defaults:
@@ -517,17 +591,20 @@ class _Loader:
             raise self.fail("the workflow defines no stages", ("stages",))
         for stage_name in raw_stages:
             if not STAGE_NAME.fullmatch(stage_name):
-                raise self.fail(f"invalid stage name {stage_name!r} (letters, digits, '_' and '-'; "
+                raise self.fail(f"invalid stage name {_short_repr(stage_name)} (letters, digits, '_' and '-'; "
                                 "must not start with a digit or '-')", ("stages", stage_name))
+            if len(stage_name) > MAX_NAME_LENGTH:  # it names files and directories
+                raise self.fail(f"stage name longer than {MAX_NAME_LENGTH} characters", ("stages", stage_name))
 
         resolver = _Resolver(raw_params, self.locations, self.env, list(raw_stages))
+        resolver.used_secrets = self.used_secrets
         params = {key: resolver.resolve_param(("params", key), value) for key, value in raw_params.items()}
         default_launch = self.launch_settings(resolver, defaults, raw_stages)
         stages = {name: self.stage(name, raw, resolver, default_launch, list(raw_stages))
                   for name, raw in raw_stages.items()}
         self.check_graph(stages)
         return Workflow(name=name, path=self.path.resolve(), params=params, stages=stages,
-                        secret_values=frozenset(resolver.used_secrets))
+                        secret_values=frozenset(self.used_secrets | secret_env_values(self.env)))
 
     def read_document(self, path: Path, chain: list[Path], origin: tuple[str, int | None, str] | None = None
                       ) -> tuple[dict, Locations]:
@@ -538,15 +615,9 @@ class _Loader:
             names = [str(p.name) for p in chain[chain.index(real):]] + [real.name]
             ofile, oline, ofield = origin
             raise WorkflowError("include cycle: " + " -> ".join(names), file=ofile, line=oline, field=ofield)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            if origin is None:
-                raise WorkflowError("workflow file not found", file=file) from None
-            ofile, oline, ofield = origin
-            raise WorkflowError(f"included file not found: {file}", file=ofile, line=oline, field=ofield) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise WorkflowError(f"cannot read workflow file: {exc}", file=file) from None
+        if origin is not None:
+            self.check_include(path, real, chain, origin)
+        text = self.read_text(path, origin)
         data, locations = _parse_yaml(text, file)
         if data is None:
             data = {}
@@ -584,14 +655,70 @@ class _Loader:
                                         line=locations[item_path].line, field=_dotted(item_path))
                 bases.append((item, item_path))
         for relative, key_path in bases:
-            target = Path(os.path.normpath(path.parent / relative))
             origin_here = (file, locations[key_path].line, _dotted(key_path))
+            if "\x00" in relative or len(relative) > 4096:
+                raise WorkflowError("invalid file path (a NUL byte, or longer than 4096 characters)", file=file,
+                                    line=origin_here[1], field=origin_here[2])
+            target = Path(os.path.normpath(path.parent / relative))
             base, base_locs = self.read_document(target, chain, origin_here)
             _deep_merge(merged, merged_locs, base, base_locs)
         own_locs = {k: v for k, v in locations.items() if k and k[0] not in ("include", "extends")}
         _deep_merge(merged, merged_locs, data, own_locs)
         merged_locs[()] = locations[()]
         return merged, merged_locs
+
+    def check_include(self, path: Path, real: Path, chain: list[Path], origin: tuple[str, int | None, str]) -> None:
+        """Refuse includes outside the allowed trees, too deep, or too many (before opening anything)."""
+        ofile, oline, ofield = origin
+        if not any(real.is_relative_to(root) for root in self.include_roots):
+            roots = ", ".join(str(root) for root in self.include_roots)
+            raise WorkflowError(f"included file {path} is outside the workflow's directory tree (allowed: {roots}; "
+                                "add a directory to `[workflow] include_paths` in vlflow.toml to allow more)",
+                                file=ofile, line=oline, field=ofield)
+        if len(chain) >= MAX_INCLUDE_DEPTH:
+            raise WorkflowError(f"include/extends nest more than {MAX_INCLUDE_DEPTH} files deep", file=ofile,
+                                line=oline, field=ofield)
+        self.files_read += 1
+        if self.files_read > MAX_FILES_READ:
+            raise WorkflowError(f"include/extends read more than {MAX_FILES_READ} files in total (a file included "
+                                "from several places is read each time)", file=ofile, line=oline, field=ofield)
+
+    def read_text(self, path: Path, origin: tuple[str, int | None, str] | None) -> str:
+        """A regular file's text, at most MAX_FILE_BYTES; FIFOs and devices are refused without reading."""
+        file = str(path)
+        try:
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it without reading.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except (FileNotFoundError, NotADirectoryError):
+            if origin is None:
+                raise WorkflowError("workflow file not found", file=file) from None
+            ofile, oline, ofield = origin
+            raise WorkflowError(f"included file not found: {file}", file=ofile, line=oline, field=ofield) from None
+        except OSError as exc:
+            raise WorkflowError(f"cannot read workflow file: {exc.strerror or exc}", file=file) from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+            if origin is not None:
+                ofile, oline, ofield = origin
+                raise WorkflowError(f"included file {file} is {kind}, not a regular file", file=ofile,
+                                    line=oline, field=ofield)
+            raise WorkflowError(f"the workflow file is {kind}, not a regular file", file=file)
+        with os.fdopen(fd, "rb") as handle:
+            try:
+                data = handle.read(MAX_FILE_BYTES + 1)
+            except OSError as exc:
+                raise WorkflowError(f"cannot read workflow file: {exc.strerror or exc}", file=file) from None
+        if len(data) > MAX_FILE_BYTES:
+            raise WorkflowError(f"file larger than {MAX_FILE_BYTES // (1 << 20)} MiB; workflow files are small",
+                                file=file)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise WorkflowError(f"not UTF-8 text (byte 0x{data[exc.start]:02x})", file=file, line=line) from None
 
     def apply_overrides(self, document: dict) -> None:
         for override in self.overrides:
@@ -612,6 +739,8 @@ class _Loader:
                 except WorkflowError as exc:
                     raise WorkflowError(f"cannot parse value {text!r}: {exc.message}", file=origin,
                                         field=key) from None
+            if parts[0] == "params" and len(parts) > 1:
+                self.check_param_exists(document.get("params"), parts, origin, key)
             target = document
             for depth, part in enumerate(parts[:-1]):
                 if part not in target or target[part] is None:
@@ -629,6 +758,22 @@ class _Loader:
             if isinstance(value, (dict, list)):  # everything under it comes from the override too
                 _mark_all(value, path, self.locations, Location(origin, None))
 
+    @staticmethod
+    def check_param_exists(params: Any, parts: list[str], origin: str, key: str) -> None:
+        """`--set params.X=...` changes a param the workflow defines: a new one would be used by nothing (a typo)."""
+        current = params if isinstance(params, dict) else {}
+        for depth, part in enumerate(parts[1:], start=1):
+            if isinstance(current, list) and part.isdigit() and int(part) < len(current):
+                current = current[int(part)]
+                continue
+            if not isinstance(current, dict) or part not in current:
+                where = ".".join(parts[:depth])
+                known = list(current) if isinstance(current, dict) else []
+                hint = _suggest(part, known) if known else ""
+                raise WorkflowError(f"the workflow defines no {where}.{part}{hint}; --set only changes params "
+                                    "the workflow defines (add it under `params:` first)", file=origin, field=key)
+            current = current[part]
+
     def launch_settings(self, resolver: _Resolver, defaults: dict, raw_stages: dict) -> dict:
         """Project launch defaults <- workflow `defaults.launch`, validated on their own."""
         raw = self.expect(defaults.get("launch"), dict, ("defaults", "launch"), "a mapping of launch settings")
@@ -638,17 +783,24 @@ class _Loader:
         return merged
 
     def validate_launch(self, settings: dict, path: KeyPath, origin_paths: list[KeyPath]) -> LaunchSpec:
-        try:
-            return LaunchSpec(**settings)
-        except pydantic.ValidationError as exc:
-            error = exc.errors()[0]
-            key = error["loc"][0] if error["loc"] else None
-            field_path = (*path, *error["loc"])
-            at = next((p for p in [(*o, key) for o in origin_paths] if p in self.locations), None)
-            message = _pydantic_message(error, list(LaunchSpec.model_fields), noun="launch setting")
-            if at is None and key in self.launch_defaults:
-                message += " (from the project's launch defaults)"
-            raise self.fail(message + _more(exc), field_path, at=at or path) from None
+        problem = bool_for_number(LaunchSpec, settings)
+        if problem is None:
+            try:
+                launch = LaunchSpec(**settings)
+            except pydantic.ValidationError as exc:
+                problem = _pydantic_problem(exc, list(LaunchSpec.model_fields), "launch setting")
+            else:
+                problem = launch_conflict(launch)
+                if problem is None:
+                    return launch
+        loc, message = problem
+        loc = loc if isinstance(loc, tuple) else (loc,) if loc is not None else ()
+        key = loc[0] if loc else None
+        field_path = (*path, *loc)
+        at = next((p for p in [(*o, key) for o in origin_paths] if p in self.locations), None)
+        if at is None and key in self.launch_defaults:
+            message += " (from the project's launch defaults)"
+        raise self.fail(message, field_path, at=at or path)
 
     def stage(self, name: str, raw: Any, resolver: _Resolver, default_launch: dict, stage_names: list[str]
               ) -> StageDecl:
@@ -667,6 +819,9 @@ class _Loader:
         resolver.current_stage = name
         values = resolver.resolve(raw_with, with_path)
         resolver.current_stage = None
+        problem = bool_for_number(spec.params, values)
+        if problem is not None:
+            raise self.fail(problem[1], (*with_path, problem[0]))
         try:
             params = spec.params(**values).model_dump(mode="json")
         except pydantic.ValidationError as exc:
@@ -779,6 +934,41 @@ def _pydantic_message(error: dict, known: list[str], noun: str = "parameter") ->
         return f"unknown {noun} {key!r}{_suggest(key, known)}"
     message = error["msg"]
     return f"{message[0].lower()}{message[1:]}, got {_short_repr(error.get('input'))}"
+
+
+def _pydantic_problem(exc: pydantic.ValidationError, known: list[str], noun: str) -> tuple[tuple, str]:
+    error = exc.errors()[0]
+    return tuple(error["loc"]), _pydantic_message(error, known, noun=noun) + _more(exc)
+
+
+def _numeric_only(annotation: Any) -> bool:
+    """Whether a field annotation takes numbers (int/float, optionally None) and no booleans."""
+    import typing
+
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    args = [a for a in args if a is not type(None)]
+    return bool(args) and all(a in (int, float) for a in args)
+
+
+def bool_for_number(model: type[pydantic.BaseModel], values: Mapping) -> tuple[str, str] | None:
+    """(field, message) when a boolean is given for a number: pydantic would read `true` as 1 silently."""
+    for name, value in values.items():
+        field_info = model.model_fields.get(name)
+        if isinstance(value, bool) and field_info is not None and _numeric_only(field_info.annotation):
+            kind = "an integer" if field_info.annotation is int else "a number"
+            return name, f"expected {kind}, got a boolean {str(value).lower()}"
+    return None
+
+
+def launch_conflict(launch: LaunchSpec) -> tuple[str, str] | None:
+    """(field, message) for settings the chosen plugin would ignore (so a run does not silently differ)."""
+    if launch.plugin != "hybrid_parallel":
+        for name in ("tp_size", "pp_size"):
+            if getattr(launch, name) != 1:
+                return name, (f"{name}={getattr(launch, name)} needs plugin: hybrid_parallel (plugin "
+                              f"{launch.plugin} has no tensor/pipeline parallelism and would ignore it)")
+    return None
 
 
 def _more(exc: pydantic.ValidationError) -> str:

@@ -25,7 +25,7 @@ def _check_splits(splits: dict[str, float]) -> dict[str, float]:
 class _SyntheticParams(Params):
     num_images: int = Field(200, ge=1, le=1_000_000)
     image_size: int = Field(128, ge=32, le=4096, description="image width in pixels")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     captions_per_image: int = Field(5, ge=1, le=20)
     caption_style: Literal["varied", "complete"] = Field(
         "varied", description="varied: template captions that often name only some shapes (or only the background); "
@@ -153,7 +153,7 @@ class VqaArrowParams(ArrowParams):
     min_answer_count: int = Field(9, ge=1, description="answers that are the majority answer of fewer questions "
                                                        "are not in the vocabulary (ViLT: 9 -> 3,129 answers)")
     rest_val_images: int = Field(1000, ge=0, description="last val images held out as vqav2_rest_val (ViLT: 1000)")
-    seed: int = Field(0, description="seeds the row order (and so which images form rest_val)")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds the row order (and so which images form rest_val)")
 
 
 STAGES = [
