@@ -49,6 +49,8 @@ class _PlaceholderFakeMode(FakeTensorMode):
         if func is aten._local_scalar_dense.default:  # .item(), .tolist(), bool(), int()
             dtype = args[0].dtype
             return False if dtype == torch.bool else 0.0 if dtype.is_floating_point else 0
+        if func is aten._nested_tensor_from_mask_left_aligned.default:  # nn.Transformer's fast-path check: no
+            return False
         if func is aten.nonzero.default:  # boolean indexing and masks: every position selected
             tensor = args[0]
             return super().__torch_dispatch__(aten.empty.memory_format, types, ((tensor.numel(), tensor.dim()),),

@@ -6,8 +6,9 @@ forced in the decoder; after each `<obj> phrase` the model decodes the four box 
 over the coordinate bins only, so a box always comes out); the decoded box, not the gold one, stays in the prefix for
 later phrases. Captioning gives the encoder no text and decodes greedily from <s>.
 
-Under the launcher each rank grounds its share of the captions and captions its share of the images; rank 0
-gathers them in order, so the metrics (and the random-box baseline's draws) equal a single process's.
+Under the launcher each rank grounds its share of the captions and captions its share of the images, on its device
+(cuda:local_rank, else the CPU with its share of the cores) in the launch's precision; rank 0 gathers them in order,
+so the metrics (and the random-box baseline's draws) equal a single process's.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlflow.stage import StageContext
+from vlflow.stages.common.device import autocast, launch_precision, limit_cpu_threads, stage_device
 from vlflow.stages.common.evaluation import gather_on_main, my_share, rank_and_world
 
 from . import metrics
@@ -32,8 +34,10 @@ CENTER_BOX = (0.25, 0.25, 0.75, 0.75)  # the centred box covering half of each s
 
 @torch.no_grad()
 def ground_phrases(model: UniTAB, memory, memory_padding, token_ids: list[list[int]], spans: list[list]) -> list[list]:
-    """For each caption (its tokens without specials + phrase spans) the predicted box of every span, in order."""
+    """For each caption (its tokens without specials + phrase spans) the predicted box of every span, in order.
+    Prefixes are built on the host and moved to the memory's device once per decoding step."""
     cfg, layout = model.config, model.layout
+    device = memory.device
     prefixes = [[cfg.bos_token_id] for _ in token_ids]
     consumed = [0] * len(token_ids)
     boxes: list[list] = [[] for _ in token_ids]
@@ -47,12 +51,14 @@ def ground_phrases(model: UniTAB, memory, memory_padding, token_ids: list[list[i
             prefixes[i] += token_ids[i][consumed[i]:span.token_start] + [layout.obj_start]
             prefixes[i] += token_ids[i][span.token_start:span.token_end]
             consumed[i] = span.token_end
+        rows = torch.tensor(active, device=device)
         for _ in range(4):  # x1, y1, x2, y2
             prev = pad_ids([prefixes[i] for i in active], cfg.pad_token_id)
             lengths = torch.tensor([len(prefixes[i]) for i in active])
             padding = torch.arange(prev.shape[1])[None] >= lengths[:, None]
-            logits = model.decode(memory[active], memory_padding[active], prev, padding)
-            last = logits[torch.arange(len(active)), lengths - 1, layout.first_bin:layout.size]
+            logits = model.decode(memory[rows], memory_padding[rows], prev.to(device), padding.to(device))
+            last = logits[torch.arange(len(active), device=device), (lengths - 1).to(device),
+                          layout.first_bin:layout.size]
             for i, token in zip(active, (last.argmax(-1) + layout.first_bin).tolist()):
                 prefixes[i].append(token)
         for i in active:
@@ -72,11 +78,12 @@ def caption_text(tokens: list[int], tokenizer, text_vocab: int) -> str:
     return tokenizer.decode(text, skip_special_tokens=True).strip()
 
 
-def encode_batch(model: UniTAB, images, text_ids: list[list[int]], pad_token_id: int):
+def encode_batch(model: UniTAB, images, text_ids: list[list[int]], pad_token_id: int, device: torch.device):
+    """Encoder memory of a batch padded on the host and moved to `device` once."""
     batch, mask = pad_images(images)
     ids = pad_ids(text_ids, pad_token_id)
     text_mask = pad_ids([[1] * len(t) for t in text_ids], 0)
-    return model.encode(batch, mask, ids, text_mask)
+    return model.encode(*(t.to(device, non_blocking=True) for t in (batch, mask, ids, text_mask)))
 
 
 def random_box(rng: random.Random) -> list[float]:
@@ -86,9 +93,9 @@ def random_box(rng: random.Random) -> list[float]:
 
 
 def ground_rows(model: UniTAB, tokenizer, source, rows, batch_size: int, image_size: int,
-                max_image_size: int) -> list[dict]:
+                max_image_size: int, device: torch.device = torch.device("cpu"), precision: str = "fp32") -> list[dict]:
     """One entry per annotated phrase of the given caption rows, in row order: row, phrase text, predicted box,
-    gold boxes."""
+    gold boxes. The model runs on `device` (where its weights are) in `precision`."""
     config = model.config
     out = []
     for start in range(0, len(rows), batch_size):
@@ -97,8 +104,9 @@ def ground_rows(model: UniTAB, tokenizer, source, rows, batch_size: int, image_s
         images = [image_tensor(source.image(i), image_size, max_image_size) for i in chunk]
         text = [[tokenizer.bos_token_id, *ids[:config.max_decoding_step - 2], tokenizer.eos_token_id]
                 for ids, _ in parsed]
-        memory, padding = encode_batch(model, images, text, tokenizer.pad_token_id)
-        boxes = ground_phrases(model, memory, padding, [ids for ids, _ in parsed], [s for _, s in parsed])
+        with autocast(precision, device):
+            memory, padding = encode_batch(model, images, text, tokenizer.pad_token_id, device)
+            boxes = ground_phrases(model, memory, padding, [ids for ids, _ in parsed], [s for _, s in parsed])
         for i, (ids, spans), row_boxes in zip(chunk, parsed, boxes):
             phrases = source.phrases(i)
             for n, span in enumerate(spans):
@@ -108,15 +116,17 @@ def ground_rows(model: UniTAB, tokenizer, source, rows, batch_size: int, image_s
 
 
 def caption_images(model: UniTAB, tokenizer, source, first_rows: list[tuple[int, int]], batch_size: int,
-                   image_size: int, max_image_size: int, max_steps: int) -> list[tuple[int, str]]:
+                   image_size: int, max_image_size: int, max_steps: int, device: torch.device = torch.device("cpu"),
+                   precision: str = "fp32") -> list[tuple[int, str]]:
     """(position, caption) for each (position, row) given: the caption generated for that row's image."""
     out = []
     for start in range(0, len(first_rows), batch_size):
         chunk = first_rows[start:start + batch_size]
         images = [image_tensor(source.image(i), image_size, max_image_size) for _, i in chunk]
         empty = [[tokenizer.bos_token_id, tokenizer.eos_token_id]] * len(chunk)
-        memory, padding = encode_batch(model, images, empty, tokenizer.pad_token_id)
-        tokens = model.generate(memory, padding, max_steps=max_steps)
+        with autocast(precision, device):
+            memory, padding = encode_batch(model, images, empty, tokenizer.pad_token_id, device)
+            tokens = model.generate(memory, padding, max_steps=max_steps).cpu()
         out += [(position, caption_text(t, tokenizer, model.config.text_vocab))
                 for (position, _), t in zip(chunk, tokens.tolist())]
     return out
@@ -124,19 +134,22 @@ def caption_images(model: UniTAB, tokenizer, source, first_rows: list[tuple[int,
 
 def evaluate(ctx: StageContext) -> dict:
     p = ctx.params
+    limit_cpu_threads()
+    device, precision = stage_device(), launch_precision(ctx)
     model, tokenizer, config, used_ema = load_trained(ctx.inputs["model"], p.use_ema)
+    model.to(device)
     train_params = json.loads((Path(ctx.inputs["model"]) / "config.json").read_text())["train_params"]
     image_size, max_image_size = train_params["image_size"], train_params["max_image_size"]
     source = open_split(ctx.inputs["arrows"], p.split)
     rows = range(min(len(source), p.max_samples or len(source)))
     _, world_size = rank_and_world()
     result: dict = {"split": p.split, "weights": "ema" if used_ema else "model", "captions": len(rows),
-                    "ranks": world_size}
+                    "ranks": world_size, "device": device.type, "precision": precision}
     predictions: list[dict] = []
 
     if p.grounding:
         grounded = gather_on_main(ground_rows(model, tokenizer, source, my_share(rows), p.batch_size, image_size,
-                                              max_image_size))
+                                              max_image_size, device, precision))
         if grounded is not None:
             grounded.sort(key=lambda entry: entry["row"])  # stable: a row's phrases keep their order
             predicted, gold = [e["box"] for e in grounded], [e["gold"] for e in grounded]
@@ -159,7 +172,7 @@ def evaluate(ctx: StageContext) -> dict:
         image_ids = list(first_row)
         generated = gather_on_main(caption_images(
             model, tokenizer, source, my_share(list(enumerate(first_row.values()))), p.batch_size, image_size,
-            max_image_size, p.max_decoding_step))
+            max_image_size, p.max_decoding_step, device, precision))
         if generated is not None:
             captions = [caption for _, caption in sorted(generated)]
             refs = [references[image_id] for image_id in image_ids]

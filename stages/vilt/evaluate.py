@@ -2,24 +2,31 @@
 split, as ViLT's `compute_irtr_recall`: each image is embedded once and scored against every caption in batches.
 Works on a pretraining output (zero-shot, ITM "match" logit) and on a fine-tuning output (rank head).
 
-Scoring all pairs is the expensive part (COCO 5k: 5,000 x 25,010 forward passes), so under the launcher every rank
-scores its share of the images (rank r takes images r, r + world, ...) and rank 0 gathers the score columns."""
+Scoring all pairs is the expensive part (COCO 5k: 5,000 x 25,010 pairs), so under the launcher every rank scores its
+share of the images (rank r takes images r, r + world, ...) on its device (cuda:local_rank, else the CPU with its share
+of the cores), in the launch's precision (bf16/fp16 autocast), `image_batch_size` images x `text_batch_size` texts per
+forward, and rank 0 gathers the score columns. Every patch of an image is used (no random patch sampling), so the
+scores are deterministic."""
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoConfig, ViltForImageAndTextRetrieval
 
 from vlflow.stage import StageContext
+from vlflow.stages.common.device import autocast, launch_precision, limit_cpu_threads, stage_device
 from vlflow.stages.common.evaluation import rank_and_world, share
-from vlflow.stages.vilt.data import image_dataset, load_trained_run, tokenize
-from vlflow.stages.vilt.model import ViltPretrainingModel, embed_images, encode
+from vlflow.stages.vilt.data import image_dataset, load_trained_run, pad_images, tokenize
+from vlflow.stages.vilt.model import ViltPretrainingModel, encode
 
 KS = (1, 5, 10)
 
@@ -40,39 +47,111 @@ def recall_at_k(scores: torch.Tensor, text_image: torch.Tensor, ks=KS) -> dict[s
     return out
 
 
-def load_scorer(model_dir: Path):
-    """(ViltModel, pooled -> score) from a pretraining or fine-tuning output's `model` directory."""
+def load_scorer(model_dir: Path, device: torch.device):
+    """(ViltModel, pooled -> score, head name) from a pretraining or fine-tuning output's `model` directory, on
+    `device`."""
     config = AutoConfig.from_pretrained(str(model_dir))
     if "ViltForImageAndTextRetrieval" in (config.architectures or []):
-        model = ViltForImageAndTextRetrieval.from_pretrained(str(model_dir)).eval()
+        model = ViltForImageAndTextRetrieval.from_pretrained(str(model_dir)).eval().to(device)
         return model.vilt, lambda pooled: model.rank_output(pooled)[:, 0], "rank"
-    model = ViltPretrainingModel.from_pretrained(model_dir).eval()
+    model = ViltPretrainingModel.from_pretrained(model_dir).eval().to(device)
     return model.vilt, lambda pooled: model.itm_score(pooled)[:, 1], "itm"
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Images at evaluation: every patch, fixed shapes. transformers' visual_embed samples up to max_image_length patches
+# at random (a different score per run and per batch composition) and finds them with nonzero/unique (a host sync
+# per image batch); here every patch of the padded grid goes in, padding masked, so a score depends on its image
+# and text only, whatever the batch and the rank.
+
+@dataclass
+class ImageBatch:
+    """Host-side image batch: padded pixels, pixel mask and each image's patch grid (rows, columns)."""
+
+    pixel_values: torch.Tensor
+    pixel_mask: torch.Tensor
+    grids: list[tuple[int, int]]
+
+    def to(self, device: torch.device) -> "ImageBatch":
+        return ImageBatch(self.pixel_values.to(device, non_blocking=True),
+                          self.pixel_mask.to(device, non_blocking=True), self.grids)
+
+
+def patch_grids(pixel_mask: torch.Tensor, patch_size: int) -> list[tuple[int, int]]:
+    """Each image's valid patch rows and columns, computed on the host as transformers' visual_embed does."""
+    height, width = pixel_mask.shape[-2] // patch_size, pixel_mask.shape[-1] // patch_size
+    mask = F.interpolate(pixel_mask[:, None].float(), size=(height, width)).long()[:, 0]
+    return list(zip(mask[:, :, 0].sum(1).tolist(), mask[:, 0, :].sum(1).tolist()))
+
+
+def image_batch(images: list[torch.Tensor], patch_size: int) -> ImageBatch:
+    pixel_values, pixel_mask = pad_images(images)
+    return ImageBatch(pixel_values, pixel_mask, patch_grids(pixel_mask, patch_size))
+
+
+def embed_all_patches(vilt, batch: ImageBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image embeddings [B, 1 + H*W, D], mask [B, 1 + H*W]) with every patch: visual_embed without sampling."""
+    embeddings, config = vilt.embeddings, vilt.config
+    patches = embeddings.patch_embeddings(batch.pixel_values)  # [B, D, H, W]
+    size, dim, height, width = patches.shape
+    mask = F.interpolate(batch.pixel_mask[:, None].float(), size=(height, width)).long()[:, 0]
+    grid = config.image_size // config.patch_size
+    spatial = embeddings.position_embeddings[:, 1:, :].transpose(1, 2).view(1, dim, grid, grid)
+    positions = torch.cat([F.pad(F.interpolate(spatial, size=(h, w), mode="bilinear", align_corners=True),
+                                 (0, width - w, 0, height - h)) for h, w in batch.grids])
+    patches = patches.flatten(2).transpose(1, 2) + positions.flatten(2).transpose(1, 2)
+    cls = embeddings.cls_token.expand(size, -1, -1) + embeddings.position_embeddings[:, :1, :]
+    image_embeds = embeddings.dropout(torch.cat([cls.to(patches.dtype), patches], dim=1))
+    image_mask = torch.cat([torch.ones_like(mask[:, :1, 0]), mask.flatten(1)], dim=1)
+    return image_embeds, image_mask
+
+
+@dataclass
+class TextBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+def text_batches(texts: dict, batch_size: int, device: torch.device) -> list[TextBatch]:
+    """All texts in batches, each trimmed to its longest text (shorter sequences, same scores), moved once."""
+    out = []
+    for start in range(0, len(texts["input_ids"]), batch_size):
+        attention_mask = texts["attention_mask"][start:start + batch_size]
+        length = int(attention_mask.sum(1).max())
+        out.append(TextBatch(texts["input_ids"][start:start + batch_size, :length].to(device, non_blocking=True),
+                             attention_mask[:, :length].to(device, non_blocking=True)))
+    return out
+
+
 @torch.no_grad()
-def score_all_pairs(vilt, score_head, load_image, num_images: int, texts: dict, max_image_len: int,
-                    text_batch_size: int, progress=None) -> torch.Tensor:
-    """[num_texts, num_images] scores; each image (`load_image(i)`, CHW) is embedded once, then run against every
-    text batch."""
-    num_texts = len(texts["input_ids"])
-    scores = torch.empty(num_texts, num_images)
-    for i in range(num_images):
-        pixel_values = load_image(i)[None]
-        pixel_mask = torch.ones(1, *pixel_values.shape[-2:], dtype=torch.long)
-        image_embeds, image_mask = embed_images(vilt, pixel_values, pixel_mask, max_image_len)
-        for start in range(0, num_texts, text_batch_size):
-            input_ids = texts["input_ids"][start:start + text_batch_size]
-            attention_mask = texts["attention_mask"][start:start + text_batch_size]
-            # trim padding shared by the whole batch: shorter sequences, same scores
-            length = int(attention_mask.sum(1).max())
-            n = len(input_ids)
-            enc = encode(vilt, input_ids[:, :length], attention_mask[:, :length],
-                         image_embeds.expand(n, -1, -1), image_mask.expand(n, -1))
-            scores[start:start + n, i] = score_head(enc.pooled).float()
+def score_all_pairs(vilt, score_head, images: Iterable[ImageBatch], texts: list[TextBatch], num_images: int,
+                    device: torch.device, precision: str = "fp32", progress=None) -> torch.Tensor:
+    """[num_texts, num_images] scores (on the CPU, fp32). Each image batch is embedded once and scored against every
+    text batch in one forward of images x texts pairs."""
+    num_texts = sum(len(t.input_ids) for t in texts)
+    scores = torch.empty(num_texts, num_images, device=device)
+    done = 0
+    for host_batch in images:
+        batch = host_batch.to(device)
+        with autocast(precision, device):
+            image_embeds, image_mask = embed_all_patches(vilt, batch)
+            count, start = len(batch.grids), 0
+            for text in texts:
+                n = len(text.input_ids)
+                enc = encode(vilt, text.input_ids.repeat(count, 1), text.attention_mask.repeat(count, 1),
+                             image_embeds.repeat_interleave(n, dim=0), image_mask.repeat_interleave(n, dim=0))
+                scores[start:start + n, done:done + count] = score_head(enc.pooled).float().view(count, n).T
+                start += n
+        done += count
         if progress is not None:
-            progress(i)
-    return scores
+            progress(done)
+    return scores.cpu()
+
+
+def image_batches(load_image, indices: list[int], batch_size: int, patch_size: int) -> Iterator[ImageBatch]:
+    """Host-side batches of the images `indices` (`load_image(i)`: CHW tensor), in order."""
+    for start in range(0, len(indices), batch_size):
+        yield image_batch([load_image(i) for i in indices[start:start + batch_size]], patch_size)
 
 
 def rank_images(num_images: int, rank: int, world_size: int) -> list[int]:
@@ -136,12 +215,12 @@ def print_table(metrics: dict[str, dict], title: str) -> None:
 
 def evaluate_retrieval(ctx: StageContext) -> dict:
     p = ctx.params
-    if p.num_threads:
-        torch.set_num_threads(p.num_threads)
+    limit_cpu_threads(p.num_threads or None)
+    device, precision = stage_device(), launch_precision(ctx)
     run = load_trained_run(ctx.inputs["model"], ctx.inputs)
     image_size, max_image_size, max_text_len = run.geometry(p)
     tokenizer = run.tokenizer
-    vilt, score_head, head_name = load_scorer(run.model_dir)
+    vilt, score_head, head_name = load_scorer(run.model_dir, device)
     images = image_dataset(ctx.inputs["arrows"], p.split, image_size, max_image_size)
     num_images = min(len(images), p.max_images or len(images))
     captions, text_image = [], []
@@ -154,16 +233,19 @@ def evaluate_retrieval(ctx: StageContext) -> dict:
 
     rank, world_size = rank_and_world()
     mine = rank_images(num_images, rank, world_size)
-    ctx.log.info("scoring %d images x %d texts (%s head) on %d rank(s)", num_images, len(captions), head_name,
-                 world_size)
+    ctx.log.info("scoring %d images x %d texts (%s head) on %d rank(s), %s %s", num_images, len(captions), head_name,
+                 world_size, device, precision)
     started = time.perf_counter()
+    reported = [0]
 
-    def progress(i):
-        if (i + 1) % max(1, len(mine) // 10) == 0:
-            ctx.log.info("  %d/%d images of this rank, %.0fs", i + 1, len(mine), time.perf_counter() - started)
+    def progress(done):
+        if done - reported[0] >= max(1, len(mine) // 10) or done == len(mine):
+            reported[0] = done
+            ctx.log.info("  %d/%d images of this rank, %.0fs", done, len(mine), time.perf_counter() - started)
 
-    local = score_all_pairs(vilt, score_head, lambda i: images[mine[i]]["image"], len(mine), texts,
-                            vilt.config.max_image_length, p.text_batch_size, progress)
+    batches = image_batches(lambda i: images[i]["image"], mine, p.image_batch_size, vilt.config.patch_size)
+    local = score_all_pairs(vilt, score_head, batches, text_batches(texts, p.text_batch_size, device), len(mine),
+                            device, precision, progress)
     scores = gather_score_columns(local, num_images, rank, world_size)
     if scores is None:  # not rank 0: its columns are delivered
         return {}
@@ -175,8 +257,11 @@ def evaluate_retrieval(ctx: StageContext) -> dict:
     metrics["head"] = head_name
     metrics["num_texts"] = len(captions)
     metrics["ranks"] = world_size
+    metrics["device"], metrics["precision"] = device.type, precision
     (ctx.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    metrics["seconds"] = round(time.perf_counter() - started, 1)  # run facts stay out of the data (manifest only)
+    # timings stay out of the data (they change every run): returned, they go to the manifest and _vlflow/ only
+    metrics["seconds"] = round(time.perf_counter() - started, 1)
+    metrics["pairs_per_second"] = round(len(captions) * num_images / max(metrics["seconds"], 1e-9), 1)
     torch.save({"scores": scores, "text_image": text_image}, ctx.output_dir / "scores.pt")
     print_table({k: v for k, v in metrics.items() if isinstance(v, dict)},
                 f"{ctx.stage}: {p.split} retrieval ({head_name} head)")

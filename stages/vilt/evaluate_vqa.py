@@ -4,7 +4,8 @@ The VQA score of a question is the soft score of the predicted answer (min(1, an
 steps); the split's score is their mean. Reported beside it: the best constant answer's score on the same questions
 (what ignoring the image and the question would get) and the vocabulary's ceiling (the mean best target score).
 `predictions.json` is in the VQA challenge's submission format ([{question_id, answer}]), so a test-dev run can be
-uploaded as is. Under the launcher each rank answers its share of the questions; rank 0 gathers the answers.
+uploaded as is. Under the launcher each rank answers its share of the questions on its device in the launch's
+precision, with every image patch (deterministic); rank 0 gathers the answers.
 """
 from __future__ import annotations
 
@@ -19,19 +20,31 @@ from transformers import ViltForQuestionAnswering
 
 from vlflow.errors import StageError
 from vlflow.stage import StageContext
+from vlflow.stages.common.device import autocast, launch_precision, limit_cpu_threads, stage_device
 from vlflow.stages.common.evaluation import gather_on_main, my_share, rank_and_world
 from vlflow.stages.vilt.data import QuestionCollator, QuestionPairs, load_trained_run, vqa_dataset
-from vlflow.stages.vilt.model import ViltVqaTrainingModel
+from vlflow.stages.vilt.evaluate import ImageBatch, embed_all_patches, patch_grids
+from vlflow.stages.vilt.model import encode
+
+
+def image_batch_of(batch: dict, patch_size: int) -> ImageBatch:
+    """The collated batch's images with their patch grids (computed on the host)."""
+    return ImageBatch(batch["pixel_values"], batch["pixel_mask"], patch_grids(batch["pixel_mask"], patch_size))
 
 
 @torch.no_grad()
-def answer_questions(model: ViltVqaTrainingModel, loader) -> list[dict]:
-    """Per question: id, predicted label and its targets as {label: score} (empty on test splits)."""
+def answer_questions(vqa: ViltForQuestionAnswering, loader, device: torch.device, precision: str = "fp32") -> list[dict]:
+    """Per question: id, predicted label and its targets as {label: score} (empty on test splits). The model runs on
+    `device` in `precision` with every image patch (deterministic); targets stay on the host."""
     results = []
     for batch in loader:
-        logits = model.logits(batch["pixel_values"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"])
-        for question_id, label, targets in zip(batch["question_id"].tolist(), logits.argmax(1).tolist(),
-                                               batch["targets"]):
+        images = image_batch_of(batch, vqa.config.patch_size).to(device)
+        with autocast(precision, device):
+            image_embeds, image_mask = embed_all_patches(vqa.vilt, images)
+            pooled = encode(vqa.vilt, batch["input_ids"].to(device, non_blocking=True),
+                            batch["attention_mask"].to(device, non_blocking=True), image_embeds, image_mask).pooled
+            labels = vqa.classifier(pooled).argmax(1).cpu()
+        for question_id, label, targets in zip(batch["question_id"].tolist(), labels.tolist(), batch["targets"]):
             labels = targets.nonzero().squeeze(1)
             results.append({"question_id": question_id, "label": label,
                             "targets": dict(zip(labels.tolist(), targets[labels].tolist()))})
@@ -55,12 +68,14 @@ def vqa_metrics(results: list[dict], num_answers: int) -> dict:
 
 def evaluate_vqa(ctx: StageContext) -> dict:
     p = ctx.params
+    limit_cpu_threads()
+    device, precision = stage_device(), launch_precision(ctx)
     run = load_trained_run(ctx.inputs["model"], ctx.inputs)
     vqa = ViltForQuestionAnswering.from_pretrained(str(run.model_dir)).eval()
     if "ViltForQuestionAnswering" not in (vqa.config.architectures or []):
         raise StageError(f"{run.model_dir} is not a VQA model (architectures {vqa.config.architectures}); give a "
                          f"vilt.finetune_vqa output", field="inputs.model")
-    model = ViltVqaTrainingModel(vqa)
+    vqa.to(device)
     answers = [vqa.config.id2label[i] for i in range(vqa.config.num_labels)]
     image_size, max_image_size, max_text_len = run.geometry(p)
     questions = QuestionPairs(vqa_dataset(ctx.inputs["arrows"], [p.split], image_size, max_image_size))
@@ -70,10 +85,10 @@ def evaluate_vqa(ctx: StageContext) -> dict:
     mine = Subset(questions, my_share(range(count)))
     collate = QuestionCollator(run.tokenizer, max_text_len, len(answers))
     loader = DataLoader(mine, batch_size=p.batch_size, collate_fn=collate)
-    ctx.log.info("answering %d %s questions over %d answers on %d rank(s)", count, p.split, len(answers),
-                 world_size)
+    ctx.log.info("answering %d %s questions over %d answers on %d rank(s), %s %s", count, p.split, len(answers),
+                 world_size, device, precision)
     started = time.perf_counter()
-    results = gather_on_main(answer_questions(model, loader))
+    results = gather_on_main(answer_questions(vqa, loader, device, precision))
     if results is None:  # not rank 0: its answers are delivered
         return {}
     results.sort(key=lambda r: r["question_id"])

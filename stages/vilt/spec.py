@@ -84,10 +84,12 @@ class ViltEvaluateRetrievalParams(Params):
                     "smaller splits are evaluated whole ('all')")
     max_images: int | None = Field(None, ge=1, description="evaluate only the first N images of the split")
     text_batch_size: int = Field(256, ge=1)
+    image_batch_size: int = Field(4, ge=1, description="images per forward, each paired with text_batch_size texts")
     image_size: int | None = Field(None, description="defaults to the trained model's")
     max_image_size: int | None = None
     max_text_len: int | None = None
-    num_threads: int = Field(0, ge=0, description="torch threads; 0 keeps torch's default")
+    num_threads: int = Field(0, ge=0, description="torch threads per rank on a CPU; 0: OMP_NUM_THREADS, else the "
+                                                   "cores divided among the machine's ranks")
 
 
 class ViltEvaluateVqaParams(Params):
