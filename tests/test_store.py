@@ -198,8 +198,10 @@ def test_remote_materialize_reuses_complete_copy_and_replaces_stale_one(tmp_path
     write_tree(dest, {"a": b"half", "leftover": b"?"})  # an interrupted earlier download, no .complete marker
 
     assert tree_bytes(store.materialize("k", dest)) == {"a": b"new content"}
-    (dest / "a").write_bytes(b"touched")  # proves the second call does not download again
-    assert store.materialize("k", dest) == dest and (dest / "a").read_bytes() == b"touched"
+    (dest / "a").write_bytes(b"new CONTENT")  # same size: proves the second call does not download again
+    assert store.materialize("k", dest) == dest and (dest / "a").read_bytes() == b"new CONTENT"
+    (dest / "a").write_bytes(b"truncated")  # another size: the cheap check sees it, the copy is downloaded again
+    assert store.materialize("k", dest) == dest and tree_bytes(dest) == {"a": b"new content"}
 
 
 def test_s3_endpoint_from_explicit_storage_options(moto_server, s3_env, monkeypatch, tmp_path):
@@ -324,3 +326,75 @@ def test_local_commit_from_another_filesystem_copies(tmp_path):
         assert tree_bytes(store.materialize("k")) == FILES
         assert {f.path: f.sha256 for f in manifest.files} == {p: hashlib.sha256(d).hexdigest()
                                                               for p, d in FILES.items()}
+
+
+def _edit_attempt_file(store: ArtifactStore, manifest, relpath: str, data: bytes | None) -> None:
+    """Replace (or delete, data=None) one file inside a committed attempt, behind the store's back."""
+    path = f"{store._attempt_dir(manifest)}/{relpath}"
+    if data is None:
+        store.fs.rm_file(path)
+    else:
+        store.fs.pipe_file(path, data)
+    store.fs.invalidate_cache()
+
+
+def test_damage_sees_missing_resized_and_extra_files_and_verify_sees_same_size_edits(store, tmp_path):
+    out = write_tree(tmp_path / "out", FILES)
+    manifest = store.commit("k", out, {})
+    assert store.damage(manifest) == [] and store.verify(manifest) == []
+
+    _edit_attempt_file(store, manifest, "config.json", b'{"hidden": 9}')  # same size: only a re-hash sees it
+    assert store.damage(store.manifest("k")) == []
+    problems = store.verify(store.manifest("k"))
+    assert len(problems) == 1 and problems[0].startswith("config.json has other contents than committed (sha256 ")
+
+    _edit_attempt_file(store, manifest, "config.json", b'{"hidden": 8, "extended": 1}')
+    _edit_attempt_file(store, manifest, "sub/deeper/notes.txt", None)
+    _edit_attempt_file(store, manifest, "planted.txt", b"x")
+    expected = ["config.json has 28 bytes, the manifest says 13", "sub/deeper/notes.txt is missing",
+                "planted.txt is not in the manifest"]
+    assert store.damage(store.manifest("k")) == expected
+    assert store.verify(store.manifest("k")) == expected
+
+
+def _rewrite_summary(path: Path, **changes) -> None:
+    summary = json.loads(path.read_text())
+    summary.update(changes)
+    path.write_text(json.dumps(summary))
+
+
+@pytest.mark.parametrize("attempt", ["../../outside", "/etc", "..", "a/b", "manifest.json", "x.files.json", ""])
+def test_manifest_whose_attempt_is_not_a_plain_name_is_never_read(tmp_path, caplog, attempt):
+    store = ArtifactStore(str(tmp_path / "cache"))
+    store.commit("k", write_tree(tmp_path / "o", {"a": b"abc"}), {})
+    _rewrite_summary(tmp_path / "cache" / "artifacts" / "k" / "manifest.json", attempt=attempt)
+    with caplog.at_level(logging.WARNING, logger="vlflow.store"):
+        assert store.manifest("k") is None
+    assert "corrupt manifest of artifact k" in caplog.text and "attempt" in caplog.text
+    with pytest.raises(StoreError, match="no committed artifact k"):
+        store.materialize("k")
+
+
+@pytest.mark.parametrize("field,value", [("size", -1), ("size", 1.5), ("file_count", True), ("digest", "xyz"),
+                                         ("data_digest", "A" * 64), ("key", "../k"), ("created", "soon")])
+def test_manifest_fields_are_validated(tmp_path, caplog, field, value):
+    store = ArtifactStore(str(tmp_path / "cache"))
+    store.commit("k", write_tree(tmp_path / "o", {"a": b"abc"}), {})
+    _rewrite_summary(tmp_path / "cache" / "artifacts" / "k" / "manifest.json", **{field: value})
+    with caplog.at_level(logging.WARNING, logger="vlflow.store"):
+        assert store.manifest("k") is None
+    assert f"({field}" in caplog.text
+
+
+@pytest.mark.parametrize("entry", [["../escape", 3, "0" * 64], ["/etc/passwd", 3, "0" * 64], ["a/./b", 3, "0" * 64],
+                                   ["a", -3, "0" * 64], ["a", 3, "not-hex"]])
+def test_file_list_entries_are_validated(tmp_path, entry):
+    store = ArtifactStore(str(tmp_path / "cache"))
+    manifest = store.commit("k", write_tree(tmp_path / "o", {"a": b"abc"}), {})
+    files_path = tmp_path / "cache" / "artifacts" / "k" / f"{manifest.attempt}.files.json"
+    listing = json.loads(files_path.read_text())
+    listing["files"] = [entry]
+    files_path.write_text(json.dumps(listing))
+    with pytest.raises(StoreError, match="has a corrupt file list"):
+        store.manifest("k").files
+    assert store.damage(store.manifest("k"))[0].startswith("artifact k in ")  # damaged, so never consumed

@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stages", help="list the registered stage types (built-ins and entry points)")
     p.add_argument("name", nargs="?", help="show one stage type's params")
 
+    p = sub.add_parser("verify", help="re-hash cached artifacts against their recorded file lists "
+                                      "(exit 1 when one is damaged)")
+    p.add_argument("workflow", type=Path, nargs="?", help="workflow YAML file (default: every artifact in the cache)")
+    p.add_argument("stages", nargs="*", metavar="STAGE", help="stages to verify (default: every stage)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--drop", action="store_true", help="remove damaged artifacts, so that the next run rebuilds them")
+    _add_cache_args(p)
+
     p = sub.add_parser("gc", help="remove artifacts not reachable from the given workflows")
     p.add_argument("workflows", type=Path, nargs="+")
     p.add_argument("--dry-run", action="store_true")
@@ -180,7 +188,7 @@ def cmd_plan(args) -> int:
     for col in ("stage", "uses", "action", "key", "why"):
         table.add_column(col, overflow="fold")
     for plan in plans:
-        action = "[green]cached[/]" if plan.action == "cached" else "[yellow]run[/]"
+        action = {"cached": "[green]cached[/]", "damaged": "[red]damaged[/]"}.get(plan.action, "[yellow]run[/]")
         why = plan.reasons + [f"[yellow]warning: {w}[/]" for w in plan.warnings]
         table.add_row(plan.name, plan.decl.uses, action, (plan.key or "?")[:12], "\n".join(why))
     _console().print(table)
@@ -188,6 +196,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from rich.markup import escape
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from vlflow.lock import CacheLock
@@ -217,6 +226,8 @@ def cmd_run(args) -> int:
             progress.console.print(f"         [dim]{text}[/]", highlight=False)
         elif kind == "failed":
             progress.console.print(f"[red]✗ failed[/] {stage}")
+        elif kind == "damaged":
+            progress.console.print(f"[red]✗ damaged[/] {stage}  {escape(text)}")
         elif kind == "warning":
             progress.console.print(f"[yellow]  warning:[/] {text}")
         elif kind == "note":
@@ -314,7 +325,8 @@ def cmd_status(args) -> int:
         table.add_column(col)
     for plan in plans:
         m = plan.manifest
-        state = "[green]cached[/]" if plan.action == "cached" else "[yellow]missing[/]"
+        state = ("[green]cached[/]" if plan.action == "cached" else "[red]damaged[/]" if plan.damaged
+                 else "[yellow]missing[/]")
         table.add_row(plan.name, plan.decl.uses, state, (plan.key or "?")[:12], _size(m.size) if m else "",
                       _when(m.created) if m else "")
     console.print(table)
@@ -376,6 +388,48 @@ def cmd_show(args) -> int:
         for line in tail:
             console.print("  " + line, markup=False)
     return 0
+
+
+def cmd_verify(args) -> int:
+    """Full re-hash of cached artifacts (a workflow's, or the whole cache's); exit 1 when any is damaged."""
+    from rich.markup import escape
+
+    console = _console()
+    if args.workflow is None:
+        if args.stages:
+            raise VlflowError("vlflow verify: name a workflow before its stages (vlflow verify WORKFLOW STAGE ...)")
+        store = _store(_config(args, None))
+        targets = [(f"{m.meta.get('workflow', '?')}/{m.meta.get('stage', '?')}", m) for m in store.list()]
+    else:
+        from vlflow.runner import Runner
+
+        workflow, config = _load(args)
+        store = _store(config)
+        unknown = [s for s in args.stages if s not in workflow.stages]
+        if unknown:
+            raise VlflowError(f"no stage named {unknown[0]!r} in {args.workflow} "
+                              f"(stages: {', '.join(workflow.stages)})")
+        # Without the cheap check, so that damaged artifacts (and what was made from them) are found, then re-hashed.
+        plans = Runner(workflow, store, config.state_dir, check_artifacts=False).plan()
+        targets = [(p.name, p.manifest) for p in plans
+                   if p.manifest is not None and (not args.stages or p.name in args.stages)]
+    damaged = 0
+    for label, manifest in targets:
+        problems = store.verify(manifest)
+        if not problems:
+            console.print(f"[green]ok[/]       {escape(label)}  {manifest.key[:12]}  {manifest.file_count} files, "
+                          f"{_size(manifest.size)}")
+            continue
+        damaged += 1
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        console.print(f"[red]damaged[/]  {escape(label)}  {manifest.key[:12]}: {escape(problems[0])}{more}")
+        for problem in problems[1:]:
+            console.print(f"           {problem}", markup=False)
+        if args.drop:
+            store.remove(manifest.key)
+            console.print(f"         dropped {manifest.key[:12]}: the next run rebuilds it")
+    console.print(f"verified {len(targets)} artifact(s) in {store.url}: {damaged} damaged")
+    return 1 if damaged else 0
 
 
 def cmd_graph(args) -> int:
@@ -478,7 +532,7 @@ def cmd_stages(args) -> int:
 
 
 COMMANDS = {"stages": cmd_stages, "run": cmd_run, "plan": cmd_plan, "validate": cmd_validate, "graph": cmd_graph, "status": cmd_status,
-            "ls": cmd_ls, "show": cmd_show, "gc": cmd_gc, "check": cmd_check}
+            "ls": cmd_ls, "show": cmd_show, "gc": cmd_gc, "verify": cmd_verify, "check": cmd_check}
 
 
 def _interrupt_on_sigterm() -> None:

@@ -77,13 +77,14 @@ class StagePlan:
     name: str
     decl: StageDecl
     spec: StageSpec
-    action: str = "run"  # "run" or "cached"
+    action: str = "run"  # "run", "cached", or "damaged" (plan only: the cheap check found its files changed)
     key: str | None = None  # None while an upstream has still to run
     reasons: list[str] = field(default_factory=list)
     manifest: Manifest | None = None
     components: dict | None = None
     code_files: dict[str, str] | None = None  # display path -> sha256 of each source file the stage runs
     warnings: list[str] = field(default_factory=list)  # e.g. a cached artifact made under other package versions
+    damaged: list[str] = field(default_factory=list)  # what is wrong with the files of `manifest` (it is rebuilt)
     ran: bool = False  # executed by this run (False when cached, also when another stage of this run made its key)
 
 
@@ -159,6 +160,11 @@ class Produced:
     duration: float
 
 
+def damage_message(manifest: Manifest, stage: str, problems: list[str]) -> str:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"artifact {manifest.key[:12]} of stage {stage} is damaged: {problems[0]}{more}"
+
+
 def claim_staging(staging: Path) -> int:
     """Create the staging dir of one stage execution, holding its owner lock; returns the fd to close when done.
 
@@ -199,7 +205,7 @@ def sweep_stale_staging(state_dir: Path) -> list[Path]:
 class Runner:
     def __init__(self, workflow: Workflow, store: ArtifactStore, state_dir: Path, jobs: int = 1,
                  on_event: Callable[[str, str, str], None] | None = None, python: str = sys.executable,
-                 rerun_on_env_change: bool = False):
+                 rerun_on_env_change: bool = False, check_artifacts: bool = True):
         self.workflow = workflow
         self.store = store
         self.state_dir = Path(state_dir)
@@ -208,6 +214,7 @@ class Runner:
         self.on_event = on_event or (lambda stage, kind, text: None)
         self.python = python
         self.rerun_on_env_change = rerun_on_env_change  # else a changed environment is only a warning
+        self.check_artifacts = check_artifacts  # cheap size check of each cached artifact before trusting it
 
     # ---- planning -------------------------------------------------------------------------------------------
     @staticmethod
@@ -238,7 +245,11 @@ class Runner:
     def _data_deps(self, decl: StageDecl) -> set[str]:
         return {ref.stage for ref in decl.inputs.values()} | self._stage_refs(decl)
 
-    def plan_stage(self, name: str, artifacts: dict[str, Manifest], forced: set[str]) -> StagePlan:
+    def plan_stage(self, name: str, artifacts: dict[str, Manifest], forced: set[str],
+                   check: bool | None = None) -> StagePlan:
+        """Run or cached, and why. `check` (default: `check_artifacts`) stats a cached artifact's files first; `run`
+        passes False and checks an artifact only before a stage consumes it, so a no-op run reads manifests only."""
+        check = self.check_artifacts if check is None else check
         decl = self.workflow.stages[name]
         plan = StagePlan(name=name, decl=decl, spec=get_spec(decl.uses))
         missing = sorted(d for d in self._data_deps(decl) if d not in artifacts)
@@ -251,8 +262,14 @@ class Runner:
         plan.manifest = self.store.manifest(plan.key)
         changes = environment_changes((plan.manifest.meta if plan.manifest else {}).get("environment"),
                                       current_environment())
+        if plan.manifest is not None and check and name not in forced:
+            plan.damaged = self.store.damage(plan.manifest)
         if name in forced:
             plan.reasons.append("forced")
+        elif plan.damaged:  # its key still holds for what is downstream
+            plan.action = "damaged"
+            plan.reasons.append(damage_message(plan.manifest, name, plan.damaged)
+                                + "; vlflow run rebuilds it before a stage uses it")
         elif changes and self.rerun_on_env_change:
             plan.reasons.append(f"environment changed: {', '.join(changes)}")
         elif plan.manifest is not None:
@@ -296,7 +313,7 @@ class Runner:
         plans = []
         for name in selected:
             plan = self.plan_stage(name, artifacts, forced)
-            if plan.action == "cached":
+            if plan.action in ("cached", "damaged"):
                 artifacts[name] = plan.manifest
             plans.append(plan)
         if only:  # --only runs just these stages: their inputs must already be in the cache
@@ -307,7 +324,7 @@ class Runner:
         outside = [n for n in nx.lexicographical_topological_sort(self.graph) if n not in selected]
         for name in outside:
             plan = self.plan_stage(name, artifacts, set())
-            if plan.action == "cached":
+            if plan.action in ("cached", "damaged"):
                 artifacts[name] = plan.manifest
         for i, plan in enumerate(plans):
             if plan.key is None:
@@ -316,7 +333,7 @@ class Runner:
                     missing = [d for d in self._data_deps(plan.decl) if d not in artifacts]
                     raise VlflowError(f"--only {plan.name}: input stage(s) {', '.join(sorted(missing))} not in the "
                                       "cache; run them first (e.g. --until " + plan.name + ")")
-            if plans[i].action == "cached":
+            if plans[i].action in ("cached", "damaged"):
                 artifacts[plan.name] = plans[i].manifest
 
     # ---- running --------------------------------------------------------------------------------------------
@@ -334,26 +351,43 @@ class Runner:
         if only:  # upstream stages outside the selection must already be cached
             for name in nx.lexicographical_topological_sort(self.graph):
                 if name not in selected:
-                    plan = self.plan_stage(name, artifacts, set())
+                    plan = self.plan_stage(name, artifacts, set(), check=False)
                     if plan.action == "cached":
                         artifacts[name] = plan.manifest
         done: dict[str, StagePlan] = {}
+        rebuild: dict[str, str] = {}  # cached stages found damaged when a stage was about to consume them -> why
         pending = list(selected)
         running: dict[Future, StagePlan] = {}
         failure: BaseException | None = None
         pool = ThreadPoolExecutor(max_workers=self.jobs)
         try:
             while True:
+                requeued = False
                 for name in list(pending) if failure is None else []:
                     if len(running) >= self.jobs:
                         break
                     if not self._ready(name, selected, done):
                         continue
-                    plan = self.plan_stage(name, artifacts, forced)
+                    plan = self.plan_stage(name, artifacts, forced, check=False)
                     if plan.key is None:
                         missing = sorted(d for d in self._data_deps(plan.decl) if d not in artifacts)
                         raise VlflowError(f"stage {name}: input stage(s) {', '.join(missing)} not in the cache; "
                                           f"run them first (e.g. --until {name})")
+                    if name in rebuild and plan.action == "cached":
+                        plan.action, plan.reasons = "run", [rebuild[name]]
+                    if plan.action == "run" and self.check_artifacts:
+                        damaged = self._damaged_inputs(plan, artifacts, done)
+                        for dep, message in damaged.items():
+                            if dep not in selected:
+                                raise VlflowError(f"{message}; it is outside this run's selection (--only): rerun "
+                                                  f"without --only, or with --only {dep} first, to rebuild it")
+                            self.on_event(dep, "damaged", message)
+                            rebuild[dep] = f"{message}; rebuilding it"
+                            del artifacts[dep], done[dep]
+                        if damaged:  # rebuild them first; this stage waits for them (see _ready)
+                            pending = [n for n in selected if n in pending or n in damaged]
+                            requeued = True
+                            break
                     if plan.action == "run" and any(p.key == plan.key for p in running.values()):
                         continue  # another stage of this run is making this very artifact: use it when committed
                     pending.remove(name)
@@ -366,6 +400,8 @@ class Runner:
                         continue
                     self.on_event(name, "start", "; ".join(plan.reasons))
                     running[pool.submit(self._execute, plan, artifacts)] = plan
+                if requeued:
+                    continue
                 if not running:
                     break
                 finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
@@ -392,6 +428,17 @@ class Runner:
         if failure is not None:
             raise failure
         return [done[n] for n in selected]
+
+    def _damaged_inputs(self, plan: StagePlan, artifacts: dict[str, Manifest], done: dict[str, StagePlan]) -> dict:
+        """{upstream stage: message} for the cached artifacts this stage would consume whose files are damaged."""
+        found = {}
+        for dep in sorted(self._data_deps(plan.decl)):
+            if dep in done and done[dep].ran:
+                continue  # committed by this very run
+            problems = self.store.damage(artifacts[dep])
+            if problems:
+                found[dep] = damage_message(artifacts[dep], dep, problems)
+        return found
 
     def _ready(self, name: str, selected: list[str], done: dict) -> bool:
         return all(d not in selected or d in done for d in self.workflow.stages[name].deps())
@@ -469,6 +516,11 @@ class Runner:
         return Produced(output_dir, log_path, metrics, started, time.time() - started)
 
     def _materialize(self, manifest: Manifest) -> Path:
+        if self.check_artifacts and self.store.is_local:  # a download is size-checked by the store itself
+            problems = self.store.damage(manifest)
+            if problems:  # changed since this run planned with it
+                raise StageError(damage_message(manifest, manifest.meta.get("stage", "?"), problems)
+                                 + "; the next vlflow run rebuilds it")
         return self.store.materialize(manifest.key, self.state_dir / "mirror" / manifest.digest)
 
     def _substitute_refs(self, params, artifacts: dict[str, Manifest]):

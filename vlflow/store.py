@@ -27,10 +27,13 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Annotated, Callable, Iterator, Literal
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from vlflow.secrets import Masker, looks_secret, strip_userinfo
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 try:
     from vlflow.errors import StoreError
@@ -48,13 +51,55 @@ COMPLETE_MARKER = ".complete"
 CHUNK = 4 * 1024 * 1024
 REMOTE_WORKERS = 8  # concurrent uploads to object stores (I/O bound, so threads are fine)
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-_SECRET_OPTION = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
-_SECRET_ASSIGNMENT = re.compile(r"((?:key|secret|token|password)\w*['\"]?\s*[=:]\s*['\"]?)[^\s,'\"}]+", re.IGNORECASE)
-_URL_USERINFO = re.compile(r"(://)[^/@\s]+@")
 # Modules whose exceptions mean "the storage backend failed" (wrapped into StoreError), as opposed to bugs.
 _STORAGE_ERROR_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "adlfs", "urllib3")
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+def _plain_relative_path(path: str) -> str:
+    """A file inside an artifact: relative, '/'-separated, no '.', '..' or empty parts (nothing outside the attempt)."""
+    if "\0" in path or any(part in ("", ".", "..") for part in path.split("/")):
+        raise ValueError(f"{path!r} is not a plain relative path inside the artifact")
+    return path
+
+
+_Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+_Count = Annotated[int, Field(ge=0, strict=True)]
+_Name = Annotated[str, Field(pattern=_SAFE_KEY.pattern, max_length=200)]  # one plain path part: no '/', no '..'
+
+
+class _ManifestSummary(BaseModel):
+    """What `manifest.json` must hold; anything else makes the artifact unusable (the stage runs again)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    format: Literal[2]
+    key: _Name
+    attempt: _Name
+    created: Annotated[float, Field(allow_inf_nan=False)]
+    digest: _Hex64
+    data_digest: _Hex64
+    size: _Count
+    file_count: _Count
+    meta: dict = Field(default_factory=dict)
+
+
+class _FileList(BaseModel):
+    """What `<attempt>.files.json` must hold: [path, size, sha256] per file."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    format: Literal[2]
+    digest: _Hex64
+    files: list[tuple[Annotated[str, AfterValidator(_plain_relative_path)], _Count, _Hex64]]
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"]) or "value"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {error['msg']}{more}"
 
 
 @dataclass
@@ -115,15 +160,17 @@ class Manifest:
     def from_summary(cls, text: str | bytes, load_files: Callable[[str, str, str], list[FileEntry]]) -> "Manifest":
         """Parse `manifest.json`; `load_files(key, attempt, digest)` reads the file list when it is first needed.
 
-        Raises ValueError (or KeyError/TypeError) when the summary is malformed."""
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"unknown manifest format {data.get('format') if isinstance(data, dict) else None!r}")
-        key, attempt, digest = str(data["key"]), str(data["attempt"]), str(data["digest"])
-        return cls(key=key, attempt=attempt, created=float(data["created"]),
-                   files=functools.partial(load_files, key, attempt, digest), digest=digest,
-                   meta=dict(data.get("meta") or {}), size=int(data["size"]), file_count=int(data["file_count"]),
-                   data_digest=str(data["data_digest"]))
+        Raises ValueError when the summary is malformed: every field is validated (the key and attempt are plain
+        names, so a hand-edited attempt can never point a reader outside the artifact's directory)."""
+        try:
+            data = _ManifestSummary.model_validate_json(text)
+        except ValidationError as exc:
+            raise ValueError(_first_error(exc)) from None
+        if data.attempt == MANIFEST_NAME or data.attempt.endswith(FILES_SUFFIX):
+            raise ValueError(f"attempt: {data.attempt!r} is not an attempt directory name")
+        return cls(key=data.key, attempt=data.attempt, created=data.created,
+                   files=functools.partial(load_files, data.key, data.attempt, data.digest), digest=data.digest,
+                   meta=data.meta, size=data.size, file_count=data.file_count, data_digest=data.data_digest)
 
     def files_json(self) -> str:
         return json.dumps({"format": MANIFEST_FORMAT, "digest": self.digest,
@@ -152,7 +199,7 @@ def _secret_values(options: dict) -> set[str]:
         if isinstance(value, dict):
             for k, v in value.items():
                 walk(v, str(k))
-        elif isinstance(value, str) and _SECRET_OPTION.search(name) and len(value) >= 4:
+        elif isinstance(value, str) and looks_secret(name):
             found.add(value)
 
     walk(options)
@@ -177,8 +224,8 @@ class ArtifactStore:
             if endpoint:
                 options["client_kwargs"] = {**options.get("client_kwargs", {}), "endpoint_url": endpoint}
         self._storage_options = options
-        self._secrets = _secret_values(options)
-        self.url = _URL_USERINFO.sub(r"\1", url.rstrip("/")) or url
+        self._masker = Masker(_secret_values(options), env=os.environ)  # vlflow.secrets: the one masker
+        self.url = strip_userinfo(url.rstrip("/")) or url
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **options)
         except Exception as exc:  # unknown protocol, missing backend package, bad options
@@ -214,10 +261,7 @@ class ArtifactStore:
 
     def _scrub(self, exc: BaseException | str) -> str:
         text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        text = _SECRET_ASSIGNMENT.sub(r"\1***", text)
-        return _URL_USERINFO.sub(r"\1***@", text)
+        return self._masker.mask(text, assignments=True)
 
     @contextmanager
     def _errors(self, action: str) -> Iterator[None]:
@@ -259,13 +303,14 @@ class ArtifactStore:
         with self._errors(f"read the file list of artifact {key}"):
             data = self.fs.cat_file(path)
         try:
-            files = [FileEntry(str(p), int(size), str(sha)) for p, size, sha in json.loads(data)["files"]]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StoreError(f"artifact {key} in {self.url} has a corrupt file list ({exc}); remove it with "
-                             f"`vlflow gc` or rerun its stage with --force") from None
+            parsed = _FileList.model_validate_json(data)
+        except ValidationError as exc:
+            raise StoreError(f"artifact {key} in {self.url} has a corrupt file list ({_first_error(exc)}); remove "
+                             f"it with `vlflow verify --drop` or rerun its stage with --force") from None
+        files = [FileEntry(path, size, sha) for path, size, sha in parsed.files]
         if files_digest(files) != digest:
             raise StoreError(f"artifact {key} in {self.url}: its file list does not match the manifest digest; "
-                             f"remove it with `vlflow gc` or rerun its stage with --force")
+                             f"remove it with `vlflow verify --drop` or rerun its stage with --force")
         return files
 
     def has(self, key: str) -> bool:
@@ -279,6 +324,60 @@ class ArtifactStore:
 
     def _attempt_dir(self, manifest: Manifest) -> str:
         return f"{self._key_dir(manifest.key)}/{manifest.attempt}"
+
+    # -- integrity ---------------------------------------------------------------------------------------------------
+
+    def damage(self, manifest: Manifest) -> list[str]:
+        """Cheap check that an artifact's files are there as committed: each recorded file exists with its recorded
+        size and nothing else is in the attempt dir. A local store stats only; an object store lists the attempt once.
+        Returns the problems found ([] when intact); `verify` also re-hashes the contents."""
+        try:
+            files = manifest.files
+        except StoreError as exc:
+            return [str(exc)]
+        found, problems = self._sizes(self._attempt_dir(manifest))
+        for entry in files:
+            size = found.pop(entry.path, None)
+            if size is None:
+                problems.append(f"{entry.path} is missing")
+            elif size != entry.size:
+                problems.append(f"{entry.path} has {size} bytes, the manifest says {entry.size}")
+        problems += [f"{path} is not in the manifest" for path in sorted(found)]
+        return problems
+
+    def _sizes(self, root: str) -> tuple[dict[str, int], list[str]]:
+        """{relative path: size} of the regular files under `root`, and the entries that are not regular files."""
+        if self.is_local:
+            return _local_sizes(root)
+        sizes: dict[str, int] = {}
+        with self._errors(f"list {root}"):
+            self.fs.invalidate_cache(root)
+            try:
+                listing = self.fs.find(root, detail=True)
+            except FileNotFoundError:
+                listing = {}
+        prefix = root.rstrip("/") + "/"
+        for path, info in listing.items():
+            if info.get("type") == "file" and path.startswith(prefix):
+                sizes[path[len(prefix):]] = int(info.get("size") or 0)
+        return sizes, []
+
+    def verify(self, manifest: Manifest, progress: ProgressCallback | None = None) -> list[str]:
+        """Full check: `damage` plus a re-hash of every file against its recorded sha256."""
+        problems = self.damage(manifest)
+        if problems:
+            return problems
+        root = self._attempt_dir(manifest)
+        tracker = _Progress(progress, manifest.size)
+        for entry in manifest.files:
+            with self._errors(f"read {manifest.key}/{entry.path}"), self.fs.open(f"{root}/{entry.path}", "rb") as f:
+                digest, size = _copy_hashing(f, _NullWriter(), tracker)
+            if size != entry.size:
+                problems.append(f"{entry.path} has {size} bytes, the manifest says {entry.size}")
+            elif digest != entry.sha256:
+                problems.append(f"{entry.path} has other contents than committed (sha256 {digest[:12]}…, "
+                                f"the manifest says {entry.sha256[:12]}…)")
+        return problems
 
     def open(self, key: str, relpath: str, mode: str = "rb"):
         """Open one file of a committed artifact for reading."""
@@ -345,7 +444,11 @@ class ArtifactStore:
         dest = Path(dest) if dest is not None else self.local_cache / manifest.digest
         with _lock_for(dest):  # parallel stages of one run often need the same upstream artifact
             if _read_marker(dest) == manifest.digest:
-                return dest
+                if not _copy_damage(manifest, dest):
+                    return dest
+                log.warning("the local copy %s of artifact %s was changed since it was downloaded; downloading it "
+                            "again", dest, key)
+                (dest / COMPLETE_MARKER).unlink(missing_ok=True)
             with self._errors(f"materialize artifact {key} into {dest}"):
                 self._download_into(manifest, dest)
         return dest
@@ -610,6 +713,36 @@ def _list_files(root: Path) -> list[tuple[Path, str, int]]:
     return found
 
 
+def _local_sizes(root: str | Path) -> tuple[dict[str, int], list[str]]:
+    """{posix path relative to root: size} of the regular files under a local dir (one scandir pass, no hashing),
+    and the entries that are not regular files (symlinks, fifos, ...)."""
+    sizes: dict[str, int] = {}
+    odd: list[str] = []
+    stack = [(str(root), "")]
+    while stack:
+        directory, prefix = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            rel = prefix + entry.name
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((entry.path, rel + "/"))
+            elif entry.is_file(follow_symlinks=False):
+                sizes[rel] = entry.stat(follow_symlinks=False).st_size
+            else:
+                odd.append(f"{rel} is not a regular file")
+    return sizes, odd
+
+
+def _copy_damage(manifest: "Manifest", copy: Path) -> bool:
+    """Whether a local copy of an artifact (a materialised download) no longer has the manifest's files and sizes."""
+    sizes, odd = _local_sizes(copy)
+    sizes.pop(COMPLETE_MARKER, None)
+    return bool(odd) or sizes != {entry.path: entry.size for entry in manifest.files}
+
+
 def _copy_hashing(reader, writer, tracker: "_Progress") -> tuple[str, int]:
     h = hashlib.sha256()
     size = 0
@@ -641,6 +774,13 @@ _dest_locks_guard = threading.Lock()
 def _lock_for(dest: Path) -> threading.Lock:
     with _dest_locks_guard:
         return _dest_locks.setdefault(str(dest.resolve()), threading.Lock())
+
+
+class _NullWriter:
+    """A file-like sink: `verify` hashes without keeping the bytes."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
 
 
 class _Progress:
