@@ -140,7 +140,7 @@ def test_file_url_download(tmp_path):
 def test_params_reject_escaping_paths():
     with pytest.raises(ValueError, match="relative path inside the output dir"):
         DownloadParams(files=[{"url": "http://127.0.0.1/x", "path": "../x"}])
-    with pytest.raises(ValueError, match="two files write 'x'"):
+    with pytest.raises(ValueError, match=r"files\[0\] and files\[1\] both write 'x'"):
         DownloadParams(files=[{"url": "http://127.0.0.1/a/x"}, {"url": "http://127.0.0.1/b/x"}])
 
 

@@ -421,3 +421,106 @@ def test_closed_stdout_ends_quietly(tmp_path):
     stderr = ls.stderr.read().decode()
     assert ls.wait(timeout=60) == 141 and first.decode().split() == ["16", "file_000.txt"]
     assert stderr == ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Secrets: one masker (vlflow.secrets) for errors, dumps, lock records and download messages
+
+from vlflow.secrets import Masker  # noqa: E402
+
+
+def test_masker_rules():
+    env = {"DB_PASSWD": "pa55-w0rd-x", "KEYMAP": "us", "PWD": "/work/main", "MYSQL_PWD": "short", "HOME": "/root",
+           "GITHUB_TOKEN": "ghp_abcdefgh1234", "SESSION_KEY": "not secret? yes: 8+ chars"}
+    masker = Masker(env=env)
+    assert masker.mask("status: us-east; cwd /work/main") == "status: us-east; cwd /work/main"
+    assert masker.mask("login pa55-w0rd-x failed; token ghp_abcdefgh1234.") == "login *** failed; token ***."
+    assert masker.mask("xpa55-w0rd-xy") == "xpa55-w0rd-xy"  # whole words only
+    assert masker.mask("short") == "short"  # too short to be worth masking from the environment
+    assert masker.mask("s3://AKIA:SECRET@bucket/x and https://u@h/p") == "s3://***@bucket/x and https://***@h/p"
+    assert (masker.mask("https://h/f?X-Amz-Signature=abc&X-Amz-Credential=AK%2F1&n=2&access_token=t")
+            == "https://h/f?X-Amz-Signature=***&X-Amz-Credential=***&n=2&access_token=***")
+    assert (masker.mask("vlflow run wf.yaml --set params.password=hunter2", assignments=True)
+            == "vlflow run wf.yaml --set params.password=***")
+    assert Masker(["abc"]).mask("abc") == "abc" and Masker(["abc"], min_length=1).mask("x abc y") == "x *** y"
+
+
+def test_interpolated_secrets_are_masked_and_short_innocent_values_are_not(tmp_path):
+    path = _wf(tmp_path, "params:\n  db: \"postgres://app:${env.DB_PASSWD}@db/x\"\n  layout: ${env.KEYMAP}\n"
+                         "stages:\n  w: {uses: testing.write, with: {text: status, files: '${env.DB_PASSWD}'}}\n")
+    env = {"DB_PASSWD": "s3cret-passw0rd", "KEYMAP": "us"}
+    error = _load_error(path, env=env)
+    assert error.message == "input should be a valid integer, unable to parse string as an integer, got '***'"
+    path.write_text(path.read_text().replace("files: '${env.DB_PASSWD}'", "files: 1"))
+    document = load_workflow(path, env=env).to_dict()
+    assert document["params"] == {"db": "postgres://***@db/x", "layout": "us"}  # KEYMAP: not a secret name
+    assert document["stages"]["w"]["with"]["text"] == "status"  # ... but never inside other words
+
+
+def test_lock_messages_and_records_never_carry_credentials(tmp_path):
+    from vlflow.errors import LockError
+    from vlflow.lock import CacheLock
+
+    command = "vlflow run wf.yaml --cache s3://AKIAID:hunter2hunter2@bucket/c --set params.api_token=tok123456"
+    holder = subprocess.Popen(  # another process holds the lock, as another `vlflow run` would
+        [sys.executable, "-c", "import sys; from vlflow.lock import CacheLock; "
+         f"lock = CacheLock(sys.argv[1], name='c', command=sys.argv[2]); lock.acquire(); print('held', flush=True); "
+         "sys.stdin.read()", str(tmp_path / "c.lock"), command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        record = (tmp_path / "c.lock").read_text()
+        seen = []
+        with pytest.raises(LockError) as info:
+            with CacheLock(tmp_path / "c.lock", name="s3://bucket/c", on_wait=seen.append, timeout=0.2):
+                pass
+    finally:
+        holder.communicate("", timeout=30)
+    for text in (*seen, str(info.value), record):
+        assert "hunter2" not in text and "tok123456" not in text and "AKIAID" not in text
+    assert seen[0].startswith("waiting for vlflow run wf.yaml --cache s3://***@bucket/c --set params.api_token=*** "
+                              f"(pid {holder.pid}, started ")
+
+
+def test_store_url_and_download_errors_are_masked(tmp_path):
+    from vlflow.stages.data.download import download_files
+    from vlflow.stages.data.spec import DownloadParams
+    from vlflow.store import ArtifactStore
+
+    from tests.conftest import free_port
+
+    assert repr(ArtifactStore("memory://me:pw-secret-1@/vlflow-hostile")) == "ArtifactStore('memory:///vlflow-hostile')"
+
+    url = f"http://user:hunter2hunter2@127.0.0.1:{free_port()}/data/a.bin?token=tok123456"
+    params = DownloadParams(files=[{"url": url}], retries=0, progress=False, timeout_s=5)
+    assert params.files[0].target == "a.bin"
+    with pytest.raises(DataError) as info:
+        download_files(params, tmp_path / "out")
+    message = str(info.value)
+    assert message.startswith("http://***@127.0.0.1:") and "/data/a.bin?token=***: " in message
+    assert "hunter2" not in message and "tok123456" not in message
+
+
+@pytest.mark.parametrize("files,message", [
+    ([{"url": "http://h/a/p.txt", "path": "./p.txt"}, {"url": "http://h/b/p.txt"}],
+     "files[0] and files[1] both write 'p.txt'"),
+    ([{"url": "http://h/a", "path": "d"}, {"url": "http://h/b", "path": "d/e"}],
+     "files[0] writes 'd' and files[1] writes 'd/e': one would have to be both a file and a directory"),
+    ([{"url": "http://h/a", "path": "."}], "'.' names the output dir itself; give a file name"),
+    ([{"url": "http://h/a", "path": "./"}], "'./' names the output dir itself"),
+    ([{"url": "http://h/a", "path": ".staging/x"}], "'.staging/x': .staging is where partial downloads live"),
+    ([{"url": "http://h/a", "md5": "abc"}], "md5 'abc' is not a 32-digit hex digest"),
+    ([{"url": "http://h/a", "sha256": "ab" * 16}], "is not a 64-digit hex digest"),
+    ([{"url": "gopher://h/a"}], "unknown URL protocol 'gopher'"),
+    ([{"url": "s3://bucket"}], "files[0]: cannot derive a file name from url 's3://bucket'; set `path`"),
+    ([{"url": "https://user:pw-secret-1@host/"}], "cannot derive a file name from url 'https://***@host/'"),
+])
+def test_download_params_refuse_ambiguous_targets_and_bad_checksums(files, message):
+    from pydantic import ValidationError
+
+    from vlflow.stages.data.spec import DownloadParams
+
+    with pytest.raises(ValidationError) as info:
+        DownloadParams(files=files)
+    text = info.value.errors()[0]["msg"]  # what vlflow shows (pydantic's own str also dumps the input)
+    assert message in text and "pw-secret" not in text

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from vlflow.secrets import mask
+
 try:
     from vlflow.errors import LockError
 except ImportError:  # vlflow.errors not there yet
@@ -30,8 +32,9 @@ MAX_POLL_SECONDS = 1.0
 
 
 def _default_command() -> str:
+    """This process's command line, credentials masked (it is written to the lock file and shown to waiters)."""
     argv = [os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
-    return shlex.join(argv)[:200]
+    return mask(shlex.join(argv), assignments=True)[:200]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -63,7 +66,7 @@ class CacheLock:
         self.name = name
         self.on_wait = on_wait
         self.timeout = timeout
-        self.command = command or _default_command()
+        self.command = mask(command, assignments=True) if command else _default_command()
         self._fd: int | None = None
 
     def __repr__(self) -> str:
@@ -85,7 +88,7 @@ class CacheLock:
     def _describe(self, record: dict | None) -> str:
         if record is None:
             return "another vlflow process"
-        command = record.get("command") or "vlflow run"
+        command = mask(str(record.get("command") or "vlflow run"), assignments=True)  # a record of another vlflow
         started = _clock(record["started"]) if isinstance(record.get("started"), (int, float)) else "?"
         where = f"pid {record['pid']}"
         if record.get("host") != socket.gethostname():
@@ -112,7 +115,8 @@ class CacheLock:
         previous = self.holder()
         if previous is not None:
             # The file still names a holder although nobody holds the flock: it died without releasing cleanly.
-            self._notify(f"previous holder pid {previous['pid']} ({previous.get('command', '?')}) is gone; "
+            command = mask(str(previous.get("command", "?")), assignments=True)
+            self._notify(f"previous holder pid {previous['pid']} ({command}) is gone; "
                          f"taking over the stale lock on {self.name}")
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": self.command}
         os.ftruncate(fd, 0)

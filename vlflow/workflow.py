@@ -933,6 +933,10 @@ def _pydantic_message(error: dict, known: list[str], noun: str = "parameter") ->
         key = str(error["loc"][-1]) if error["loc"] else "?"
         return f"unknown {noun} {key!r}{_suggest(key, known)}"
     message = error["msg"]
+    if kind == "value_error" and message.startswith("Value error, "):  # a validator's own sentence
+        message = message[len("Value error, "):]
+    if isinstance(error.get("input"), (dict, list)):  # the whole block: the message says what is wrong in it
+        return f"{message[0].lower()}{message[1:]}"
     return f"{message[0].lower()}{message[1:]}, got {_short_repr(error.get('input'))}"
 
 

@@ -21,6 +21,8 @@ from fsspec.exceptions import FSTimeoutError
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 
+from vlflow.secrets import mask
+
 from .archive import archive_kind, safe_extract
 from .errors import DataError
 
@@ -40,7 +42,7 @@ class _RangeIgnored(Exception):
 
 
 def target_name(spec) -> str:
-    return spec.path or PurePosixPath(spec.url.split("?")[0].rstrip("/")).name
+    return spec.target
 
 
 def _is_http(url: str) -> bool:
@@ -55,6 +57,7 @@ class _Fetcher:
         self.filesystems, self.lock = filesystems, lock
         self.task = progress.add_task(target_name(spec), total=None, start=True)
         self.restarted_from_zero = False
+        self.shown_url = mask(spec.url)  # messages and logs never carry user:password@ or ?token=
 
     def _filesystem(self):
         protocol = self.spec.url.split("://", 1)[0].lower() if "://" in self.spec.url else "file"
@@ -78,22 +81,22 @@ class _Fetcher:
                 self._copy(offset)
                 return
             except _RangeIgnored:
-                raise DataError(f"{self.spec.url}: the server ignores HTTP Range requests (answered 200 instead of "
+                raise DataError(f"{self.shown_url}: the server ignores HTTP Range requests (answered 200 instead of "
                                 f"206) and the download broke again after restarting from zero; giving up") from None
             except FileNotFoundError:
-                raise DataError(f"{self.spec.url}: not found") from None
+                raise DataError(f"{self.shown_url}: not found") from None
             except aiohttp.ClientResponseError as exc:
                 if exc.status < 500:  # client errors (403, 404, 416...) do not heal by retrying
-                    raise DataError(f"{self.spec.url}: HTTP {exc.status} {exc.message}") from None
+                    raise DataError(f"{self.shown_url}: HTTP {exc.status} {exc.message}") from None
                 error: Exception = exc
             except TRANSIENT_ERRORS as exc:
                 error = exc
             failures += 1
             have = self.part.stat().st_size if self.part.exists() else 0
             if failures > self.params.retries:
-                raise DataError(f"{self.spec.url}: download failed after {failures} attempts "
+                raise DataError(f"{self.shown_url}: download failed after {failures} attempts "
                                 f"({have} bytes kept in {self.part.name}): {_describe(error)}")
-            log.warning("%s: %s; retrying from byte %d (%d/%d)", self.spec.url, _describe(error),
+            log.warning("%s: %s; retrying from byte %d (%d/%d)", self.shown_url, _describe(error),
                         have, failures, self.params.retries)
             time.sleep(min(0.2 * 2 ** (failures - 1), 5.0))  # brief backoff
 
@@ -110,7 +113,7 @@ class _Fetcher:
                     raise _RangeIgnored()
                 # The body is the whole file: start over from byte zero with this response.
                 log.warning("%s: server ignored Range (HTTP %d instead of 206); restarting from zero",
-                            self.spec.url, response.status)
+                            self.shown_url, response.status)
                 self.restarted_from_zero = True
                 offset = 0
                 total = _total_size(response.headers, 0)
@@ -130,7 +133,7 @@ class _Fetcher:
 
 
 def _describe(error: Exception) -> str:
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return mask(f"{type(error).__name__}: {error}", assignments=True) if str(error) else type(error).__name__
 
 
 def _total_size(headers, offset: int) -> int | None:
@@ -154,7 +157,8 @@ def _verify(spec, path: Path) -> None:
         actual = hashes[name].hexdigest()
         if actual != expected:
             path.unlink()
-            raise DataError(f"{spec.url}: {name} mismatch: expected {expected}, got {actual}; the file was discarded")
+            raise DataError(f"{mask(spec.url)}: {name} mismatch: expected {expected}, got {actual}; the file was "
+                            "discarded")
 
 
 def download_files(params, out_dir: Path, staging: Path | None = None) -> dict:
@@ -182,7 +186,8 @@ def download_files(params, out_dir: Path, staging: Path | None = None) -> dict:
         result = {"path": name, "bytes": target.stat().st_size}
         if spec.extract:
             if archive_kind(target) is None:
-                raise DataError(f"{spec.url}: extract is set but {name!r} is not a .zip/.tar/.tar.gz/.tgz archive")
+                raise DataError(f"{mask(spec.url)}: extract is set but {name!r} is not a .zip/.tar/.tar.gz/.tgz "
+                                "archive")
             result["extracted"] = len(safe_extract(target, out_dir / spec.extract_to))
             if not spec.keep_archive:
                 target.unlink()
@@ -191,12 +196,14 @@ def download_files(params, out_dir: Path, staging: Path | None = None) -> dict:
     results, errors = [], []
     with Progress(*columns, disable=not params.progress) as progress, \
             ThreadPoolExecutor(params.parallel) as pool:
-        futures = [pool.submit(fetch, spec, progress) for spec in params.files]
+        futures = {pool.submit(fetch, spec, progress): spec for spec in params.files}
         for future in as_completed(futures):
             try:
                 results.append(future.result())
             except DataError as exc:
                 errors.append(exc)
+            except Exception as exc:  # noqa: BLE001 - fsspec backends raise anything; report it per file
+                errors.append(DataError(f"{mask(futures[future].url)}: {_describe(exc)}"))
     if errors:
         if len(errors) == 1:
             raise errors[0]

@@ -92,24 +92,53 @@ class DownloadFile(BaseModel):
     extract_to: str = Field(".", description="relative dir in the output dir to extract into")
     keep_archive: bool = True
 
+    @field_validator("url")
+    @classmethod
+    def _known_protocol(cls, value):
+        import fsspec
+
+        if not value.strip() or any(ord(c) < 32 for c in value):
+            raise ValueError("url is empty or contains control characters")
+        protocol = value.split("://", 1)[0].lower() if "://" in value else "file"
+        if protocol not in fsspec.available_protocols():
+            raise ValueError(f"unknown URL protocol {protocol!r} (http, https, s3, gcs, file and the other fsspec "
+                             "protocols are known)")
+        return value
+
     @field_validator("path", "extract_to")
     @classmethod
-    def _relative_inside(cls, value):
+    def _relative_inside(cls, value, info):
         if value is None:
             return value
+        if "\x00" in value or "\\" in value:
+            raise ValueError(f"{value!r} must be a plain relative path ('/' separators, no NUL)")
         p = PurePosixPath(value)
         if p.is_absolute() or ".." in p.parts:
             raise ValueError(f"{value!r} must be a relative path inside the output dir (no leading '/', no '..')")
+        if info.field_name == "path" and not p.parts:  # "", ".", "./"
+            raise ValueError(f"{value!r} names the output dir itself; give a file name")
+        if p.parts and p.parts[0] == ".staging":
+            raise ValueError(f"{value!r}: .staging is where partial downloads live")
         return value
 
     @field_validator("md5", "sha256")
     @classmethod
-    def _hex(cls, value):
+    def _hex(cls, value, info):
         if value is not None:
             value = value.strip().lower()
-            if not value or any(c not in "0123456789abcdef" for c in value):
-                raise ValueError(f"checksum {value!r} is not a hex digest")
+            length = {"md5": 32, "sha256": 64}[info.field_name]
+            if len(value) != length or any(c not in "0123456789abcdef" for c in value):
+                raise ValueError(f"{info.field_name} {value!r} is not a {length}-digit hex digest")
         return value
+
+    @property
+    def target(self) -> str:
+        """The file's normalised path in the output dir (`./p.txt` and `p.txt` are the same target)."""
+        from urllib.parse import urlsplit
+
+        url_path = urlsplit(self.url).path if "://" in self.url else self.url.split("?")[0]  # never user:pass@host
+        name = self.path or PurePosixPath(url_path.rstrip("/")).name
+        return str(PurePosixPath(name)) if name else ""
 
 
 class DownloadParams(Params):
@@ -127,14 +156,20 @@ class DownloadParams(Params):
 
     @model_validator(mode="after")
     def _unique_paths(self):
-        seen: dict[str, str] = {}
-        for f in self.files:
-            target = f.path or PurePosixPath(f.url.split("?")[0].rstrip("/")).name
-            if not target:
-                raise ValueError(f"cannot derive a file name from url {f.url!r}; set `path`")
+        from vlflow.secrets import mask
+
+        seen: dict[str, int] = {}
+        for index, f in enumerate(self.files):
+            target = f.target
+            if not target or target in (".", "..") or target.startswith(".staging"):
+                raise ValueError(f"files[{index}]: cannot derive a file name from url {mask(f.url)!r}; set `path`")
             if target in seen:
-                raise ValueError(f"two files write {target!r}: {seen[target]} and {f.url}")
-            seen[target] = f.url
+                raise ValueError(f"files[{seen[target]}] and files[{index}] both write {target!r}")
+            for other, other_index in seen.items():  # `a` a file and `a/b` another: one path cannot be both
+                if target.startswith(other + "/") or other.startswith(target + "/"):
+                    raise ValueError(f"files[{other_index}] writes {other!r} and files[{index}] writes {target!r}: "
+                                     "one would have to be both a file and a directory")
+            seen[target] = index
         return self
 
 
