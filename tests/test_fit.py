@@ -114,3 +114,43 @@ def test_warmup_is_a_fraction_below_one_else_steps():
     assert warmup_steps(0.1, 200) == 20
     assert warmup_steps(30, 200) == 30
     assert warmup_steps(1.0, 200) == 1
+
+
+DIFFERENT_INIT_SCRIPT = textwrap.dedent("""
+    import logging, sys
+    from pathlib import Path
+    import colossalai, torch
+    import torch.distributed as dist
+    from vlflow.errors import StageError
+    from vlflow.launch.booster import make_booster
+    from vlflow.stage import LaunchSpec, StageContext
+    from vlflow.stages.common.fit import FitSettings, TrainTask, fit
+
+    colossalai.launch_from_torch(backend="gloo", seed=0)
+    out, rank = Path(sys.argv[1]), dist.get_rank()
+    booster, plugin = make_booster(LaunchSpec(backend="gloo"))
+    ctx = StageContext(stage="t", params=None, inputs={}, output_dir=out / "out", work_dir=out / "work", rank=rank,
+                       world_size=2, booster=booster, plugin=plugin, log=logging.getLogger("t"))
+    torch.manual_seed(rank)  # the defect: initialisation seeded per rank
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    try:
+        fit(ctx, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+            TrainTask(losses=lambda m, b: {"loss": m(b).sum()}), lambda start: iter([torch.ones(1, 4)] * 2),
+            FitSettings(max_steps=1))
+    except StageError as exc:
+        print(f"rank {rank}: {exc}")
+""")
+
+
+@pytest.mark.dist
+def test_ranks_with_different_initial_weights_are_refused(tmp_path):
+    """ZeRO and Gemini never broadcast rank 0's weights: the loop checks every rank starts from the same ones."""
+    script = tmp_path / "init.py"
+    script.write_text(DIFFERENT_INIT_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(script), str(tmp_path)]
+    proc = subprocess.run(command, env=dict(os.environ, **LAUNCH_ENV), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: ranks start from different initial weights (2 tensors differ, e.g. weight)" in proc.stdout

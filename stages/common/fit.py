@@ -194,6 +194,32 @@ def training_booster(ctx: StageContext, grad_clip: float):
     return ctx.booster
 
 
+def _fingerprint(flat: torch.Tensor) -> torch.Tensor:
+    """Sum, sum of squares and a position-weighted sum: equal for equal tensors, almost never for different ones."""
+    positions = torch.arange(1, len(flat) + 1, dtype=flat.dtype, device=flat.device)
+    return torch.stack([flat.sum(), flat.square().sum(), (flat * positions).sum()])
+
+
+def check_same_initial_weights(model: nn.Module, device, world_size: int) -> None:
+    """Raise when ranks build different initial weights. LowLevelZeroPlugin and GeminiPlugin do not broadcast
+    parameters (only torch DDP does), so every rank must initialise from `seed` alone; this compares a per-tensor
+    fingerprint across ranks once, before boosting."""
+    if world_size < 2 or not (dist.is_available() and dist.is_initialized()):
+        return
+    with torch.no_grad():
+        fingerprint = torch.stack([_fingerprint(p.detach().double().flatten()) for p in model.parameters()])
+        fingerprint = fingerprint.to(device)
+    low, high = fingerprint.clone(), fingerprint.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        differs = (low != high).any(dim=1).tolist()
+        names = [name for (name, _), different in zip(model.named_parameters(), differs) if different]
+        raise StageError(f"ranks start from different initial weights ({len(names)} tensors differ, e.g. "
+                         f"{names[0]}): build the model right after seeding with the stage's seed alone, before any "
+                         f"per-rank seed (ZeRO and Gemini do not broadcast rank 0's weights)")
+
+
 def _mean_over_ranks(window: dict[str, list[torch.Tensor]], device) -> dict[str, float]:
     names = sorted(window)
     if not names:
@@ -218,6 +244,7 @@ def fit(ctx: StageContext, model: nn.Module, optimizer: torch.optim.Optimizer, s
     if booster is None:
         raise StageError(f"{ctx.stage} is a distributed stage; run it through the launcher (vlflow run)")
     device = get_accelerator().get_current_device()
+    check_same_initial_weights(model, device, ctx.world_size)
     model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
     resumed = load_checkpoint(ctx, model, optimizer, scheduler)
     step = resumed[0] if resumed else 0
