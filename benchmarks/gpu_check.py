@@ -1,0 +1,500 @@
+"""One prepared check for a lent GPU (issue 11): writes gpu_check.md + gpu_check.json to --out.
+
+    python benchmarks/gpu_check.py --out DIR                 # on the GPU machine (bash benchmarks/gpu_check.sh)
+    python benchmarks/gpu_check.py --out DIR --cpu-dry-run   # the same code paths at toy size on the CPU (~1-2 min)
+    python benchmarks/gpu_check.py --out DIR --parts eval    # one part alone (e2e, vilt_step, unitab_step, eval)
+
+Parts, each guarded (a failure is reported and the rest still runs) and skipped when the time budget is spent:
+  e2e          tiny_vilt.yaml and tiny_unitab.yaml end to end, 1 process, bf16, low_level_zero, their learning
+               thresholds (those of tests/test_vilt_e2e.py and tests/test_unitab_e2e.py)
+  vilt_step    ViLT-B/32 MLM+ITM train step at 384x384: a plain PyTorch bf16-autocast loop vs the stage path
+               (Booster) under torch_ddp (fp16: its Booster has no bf16), low_level_zero and gemini (bf16), at the
+               largest batch the plain loop fits; samples/s, peak memory, MFU
+  unitab_step  UniTAB train step: plain fp32 loop vs bf16 autocast + torch's fused AdamW (SDPA attention is what
+               nn.Transformer already uses; Colossal-AI's FusedAdam/HybridAdam need kernels compiled, so not used)
+  eval         retrieval scoring pairs/s in bf16 (vilt.evaluate_retrieval's batched path) vs the old per-image path
+
+FLOPs per sample are counted by torch.utils.flop_counter.FlopCounterMode over one forward + backward of the step
+(matrix multiplies, convolutions, attention; element-wise ops not counted). MFU = samples/s x FLOPs per sample / peak
+(H200 bf16 dense: 989 TFLOPS).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+H200_BF16_PEAK_FLOPS = 989e12
+GOALS = {"stage_speedup": 1.3, "stage_memory_ratio": 0.65, "mfu": 0.45, "eval_pairs_per_s": 2000.0}
+PARTS = ("e2e", "vilt_step", "unitab_step", "eval")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory() -> int | None:
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
+
+def rate(step, steps: int, samples_per_step: int) -> float:
+    """samples/s over `steps` calls of step() after one warm-up call."""
+    step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return steps * samples_per_step / (time.perf_counter() - start)
+
+
+def flops_per_sample(step, batch_size: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops() / batch_size
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a. the tiny workflows end to end
+
+def part_e2e(args) -> dict:
+    if args.cpu_dry_run:
+        return {"skipped": "CPU dry run: the suite's tests/test_vilt_e2e.py and tests/test_unitab_e2e.py run these "
+                           "workflows on CPU (2 gloo ranks, fp32)"}
+    launch = ["--set", "defaults.launch.nproc_per_node=1", "--set", "defaults.launch.plugin=low_level_zero",
+              "--set", "defaults.launch.precision=bf16", "--set", "defaults.launch.backend=nccl"]
+    out = {}
+    for workflow in ("tiny_vilt", "tiny_unitab"):
+        with tempfile.TemporaryDirectory(prefix=f"gpu_check_{workflow}_") as project:
+            Path(project, "vlflow.toml").write_text('[cache]\nurl = "cache"\n[state]\ndir = "state"\n')
+            started = time.perf_counter()
+            result = subprocess.run([str(Path(sys.executable).with_name("vlflow")), "run",
+                                     str(ROOT / "workflows" / f"{workflow}.yaml"), *launch], cwd=project,
+                                    capture_output=True, text=True, timeout=max(30, args.deadline - time.time()))
+            entry = {"seconds": round(time.perf_counter() - started, 1), "returncode": result.returncode}
+            if result.returncode != 0:
+                entry["error"] = (result.stdout + result.stderr)[-3000:]
+            else:
+                entry.update(e2e_thresholds(workflow, collect_metrics(Path(project) / "cache")))
+            out[workflow] = entry
+    return out
+
+
+def collect_metrics(cache: Path) -> list[dict]:
+    from vlflow.store import ArtifactStore
+
+    store = ArtifactStore(str(cache))
+    return [dict(m.meta.get("metrics") or {}, stage=m.meta.get("stage")) for m in store.list()]
+
+
+def e2e_thresholds(workflow: str, metrics: list[dict]) -> dict:
+    """The learning thresholds of the e2e tests, checked on the GPU run's metrics."""
+    if workflow == "tiny_vilt":
+        retrieval = next(m["all"] for m in metrics if isinstance(m.get("all"), dict) and "chance_r1" in m["all"])
+        vqa = next(m for m in metrics if "vqa_score" in m)
+        checks = {"ir_r1 >= 5x chance": retrieval["ir_r1"] >= 5 * retrieval["chance_r1"],
+                  "tr_r1 >= 5x chance": retrieval["tr_r1"] >= 5 * retrieval["chance_r1"],
+                  "vqa >= 2.5x best constant": vqa["vqa_score"] >= 2.5 * vqa["best_constant_score"]}
+        figures = {"ir_r1": retrieval["ir_r1"], "tr_r1": retrieval["tr_r1"], "vqa_score": vqa["vqa_score"]}
+    else:
+        grounding = next(m for m in metrics if "grounding_recall@1" in m)
+        checks = {"recall@1 >= 0.3": grounding["grounding_recall@1"] >= 0.3,
+                  "recall@1 >= 3x random box": grounding["grounding_recall@1"] >= 3 * grounding["random_box_recall@1"]}
+        figures = {"grounding_recall@1": grounding["grounding_recall@1"]}
+    return {"figures": figures, "checks": checks, "passed": all(checks.values())}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# b. ViLT-B/32 train step: plain loop vs the stage path under each plugin
+
+def vilt_setup(args):
+    from vlflow.stages.vilt.model import ViltPretrainingModel, build_config
+    from vlflow.stages.vilt.spec import ViltPretrainParams
+
+    if args.cpu_dry_run:
+        params = ViltPretrainParams(hidden_size=64, num_layers=2, num_heads=4, patch_size=16, image_size=64,
+                                    max_image_size=64, max_text_len=16, dropout=0.0)
+        vocab = 1000
+    else:
+        params = ViltPretrainParams(dropout=0.0)  # ViLT-B/32 at 384x384, 40 tokens
+        vocab = 30522
+    torch.manual_seed(0)
+    return params, vocab, ViltPretrainingModel(build_config(params, vocab, pad_token_id=0))
+
+
+def vilt_step_fn(model, optimizer, batches, precision: str, booster=None):
+    """One MLM+ITM train step: plain (autocast to `precision`, loss.backward) or through `booster`."""
+    from vlflow.stages.common.device import autocast
+
+    mlm, itm = batches
+    device = mlm["input_ids"].device
+
+    def step():
+        if booster is None:
+            with autocast(precision, device):
+                loss = model(mlm_batch=mlm, itm_batch=itm)["loss"]
+            loss.backward()
+        else:
+            loss = model(mlm_batch=mlm, itm_batch=itm)["loss"]
+            booster.backward(loss, optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def largest_batch(args, params, vocab, template, device, precision) -> int:
+    """The largest per-device batch (from a short list, largest first) at which the plain loop runs one step."""
+    import vilt_step as bench
+    from vlflow.stages.vilt.train import decay_groups
+
+    candidates = [4] if args.cpu_dry_run else [512, 384, 256, 192, 128, 96, 64, 32, 16]
+    for batch in candidates:
+        model = copy.deepcopy(template).to(device)
+        optimizer = torch.optim.AdamW(decay_groups(model, 0.01, 1e-4), lr=1e-4)
+        try:
+            batches = bench.make_batch(params, vocab, batch, device, torch.Generator().manual_seed(0))
+            vilt_step_fn(model, optimizer, batches, precision)()
+            sync()
+            fits = True
+        except RuntimeError as exc:
+            if not is_oom(exc):
+                raise
+            fits = False
+        del model, optimizer
+        reset_memory()
+        if fits:
+            return batch
+    raise RuntimeError(f"the plain loop fits none of the batch sizes {candidates}")
+
+
+def part_vilt_step(args) -> dict:
+    import vilt_step as bench
+    from vlflow.launch.booster import make_booster
+    from vlflow.stage import LaunchSpec
+    from vlflow.stages.common.device import stage_device
+    from vlflow.stages.vilt.train import decay_groups
+
+    device = stage_device()
+    params, vocab, template = vilt_setup(args)
+    plain_precision = "fp32" if args.cpu_dry_run else "bf16"
+    batch = largest_batch(args, params, vocab, template, device, plain_precision)
+    batches = bench.make_batch(params, vocab, batch, device, torch.Generator().manual_seed(0))
+    steps = 2 if args.cpu_dry_run else 5
+    out: dict = {"model": "toy ViLT (hidden 64, 2 layers, 64x64)" if args.cpu_dry_run else "ViLT-B/32, 384x384, 40 tokens",
+                 "batch": batch, "paths": {}}
+
+    # FLOPs of one step (the same model and batch for every path)
+    model = copy.deepcopy(template).to(device)
+    optimizer = torch.optim.AdamW(decay_groups(model, 0.01, 1e-4), lr=1e-4)
+    out["flops_per_sample"] = flops_per_sample(vilt_step_fn(model, optimizer, batches, plain_precision), batch)
+    del model, optimizer
+    reset_memory()
+
+    paths = [("plain", None, plain_precision)]
+    if args.cpu_dry_run:
+        paths.append(("torch_ddp", "torch_ddp", "fp32"))
+        out["note"] = "CPU: only torch_ddp fp32 (low_level_zero and gemini need CUDA); no peak memory or MFU on CPU"
+    else:
+        paths += [("torch_ddp", "torch_ddp", "fp16"), ("low_level_zero", "low_level_zero", "bf16"),
+                  ("gemini", "gemini", "bf16")]
+    for name, plugin, precision in paths:
+        if time.time() > args.deadline:
+            out["paths"][name] = {"skipped": "time budget spent"}
+            continue
+        entry: dict = {"plugin": plugin or "none (plain PyTorch)", "precision": precision}
+        try:
+            reset_memory()
+            model = copy.deepcopy(template).to(device)
+            optimizer = torch.optim.AdamW(decay_groups(model, 0.01, 1e-4), lr=1e-4)
+            booster = None
+            if plugin is not None:
+                booster, _ = make_booster(LaunchSpec(plugin=plugin, precision=precision))
+                model, optimizer, *_ = booster.boost(model, optimizer)
+            model.train()
+            samples_per_s = rate(vilt_step_fn(model, optimizer, batches, precision, booster), steps, batch)
+            entry["samples_per_s"] = samples_per_s
+            entry["peak_memory_bytes"] = peak_memory()
+            if device.type == "cuda":
+                entry["mfu"] = samples_per_s * out["flops_per_sample"] / H200_BF16_PEAK_FLOPS
+            else:
+                entry["achieved_tflops"] = samples_per_s * out["flops_per_sample"] / 1e12
+        except Exception as exc:  # reported, the other paths still run
+            entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+            entry["traceback"] = traceback.format_exc()[-3000:]
+        finally:
+            model = optimizer = booster = None
+            reset_memory()
+        out["paths"][name] = entry
+    plain = out["paths"].get("plain", {})
+    for name, entry in out["paths"].items():
+        if name != "plain" and "samples_per_s" in entry and "samples_per_s" in plain:
+            entry["speedup_vs_plain"] = entry["samples_per_s"] / plain["samples_per_s"]
+            if entry.get("peak_memory_bytes") and plain.get("peak_memory_bytes"):
+                entry["memory_vs_plain"] = entry["peak_memory_bytes"] / plain["peak_memory_bytes"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# c. UniTAB step: plain fp32 vs bf16 autocast + fused AdamW
+
+def part_unitab_step(args) -> dict:
+    from vlflow.stages.common.device import autocast, stage_device
+    from vlflow.stages.unitab.model import UniTAB, UniTABConfig, sequence_loss
+
+    device = stage_device()
+    if args.cpu_dry_run:
+        config = UniTABConfig(text_vocab=500, backbone="resnet10t", d_model=32, enc_layers=1, dec_layers=1, nheads=2,
+                              dim_feedforward=64, num_queries=20, max_decoding_step=40,
+                              text_encoder_config=dict(vocab_size=500, hidden_size=32, num_hidden_layers=1,
+                                                       num_attention_heads=2, intermediate_size=64,
+                                                       max_position_embeddings=64))
+        batch, image, text_len, seq_len, steps = 2, 64, 12, 24, 2
+    else:  # UniTAB's Flickr30k model: ResNet-101 + RoBERTa-base sized encoder (random init: no hub here)
+        config = UniTABConfig(text_vocab=50265, backbone="resnet101",
+                              text_encoder_config=dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12,
+                                                       num_attention_heads=12, intermediate_size=3072,
+                                                       max_position_embeddings=514, pad_token_id=1))
+        batch, image, text_len, seq_len, steps = 16, 512, 32, 96, 5
+    generator = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(batch, 3, image, image, generator=generator),
+              torch.zeros(batch, image, image, dtype=torch.bool),
+              torch.randint(3, config.text_vocab, (batch, text_len), generator=generator),
+              torch.ones(batch, text_len, dtype=torch.long),
+              torch.randint(3, config.layout.size, (batch, seq_len), generator=generator))
+    images, image_mask, text_ids, text_mask, tokens = (t.to(device) for t in inputs)
+    torch.manual_seed(0)
+    template = UniTAB(config)
+    out: dict = {"batch": batch, "paths": {},
+                 "fused": "bf16 autocast + torch.optim.AdamW(fused=True) (CUDA) ; attention: nn.Transformer's SDPA "
+                          "(already the default); Colossal-AI FusedAdam/HybridAdam need compiled kernels: not used"}
+    variants = [("plain", "fp32", False), ("fused", "fp32" if args.cpu_dry_run else "bf16", device.type == "cuda")]
+    for name, precision, fused in variants:
+        if time.time() > args.deadline:
+            out["paths"][name] = {"skipped": "time budget spent"}
+            continue
+        entry: dict = {"precision": precision, "fused_adamw": fused}
+        try:
+            reset_memory()
+            model = copy.deepcopy(template).to(device).train()
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                          **({"fused": True} if fused else {}))
+
+            def step():
+                with autocast(precision, device):
+                    logits = model(images, image_mask, text_ids, text_mask, tokens[:, :-1])
+                    loss = sequence_loss(logits.float(), tokens[:, 1:])
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+                optimizer.step()
+                optimizer.zero_grad()
+
+            entry["samples_per_s"] = rate(step, steps, batch)
+            entry["peak_memory_bytes"] = peak_memory()
+        except Exception as exc:
+            entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+            entry["traceback"] = traceback.format_exc()[-3000:]
+        finally:
+            model = optimizer = None
+            reset_memory()
+        out["paths"][name] = entry
+    plain, fused = out["paths"].get("plain", {}), out["paths"].get("fused", {})
+    if "samples_per_s" in plain and "samples_per_s" in fused:
+        fused["speedup_vs_plain"] = fused["samples_per_s"] / plain["samples_per_s"]
+        if plain.get("peak_memory_bytes") and fused.get("peak_memory_bytes"):
+            fused["memory_vs_plain"] = fused["peak_memory_bytes"] / plain["peak_memory_bytes"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# d. retrieval evaluation throughput
+
+@torch.no_grad()
+def per_image_scores(vilt, score_head, images, texts: dict, text_batch_size: int, device, precision) -> torch.Tensor:
+    """The old path (before the batched one): one image per forward against a text batch, transformers'
+    visual_embed; kept here as the baseline."""
+    from vlflow.stages.common.device import autocast
+    from vlflow.stages.vilt.model import embed_images, encode
+
+    num_texts = len(texts["input_ids"])
+    scores = torch.empty(num_texts, len(images))
+    for i, image in enumerate(images):
+        pixel_values = image[None].to(device)
+        pixel_mask = torch.ones(1, *pixel_values.shape[-2:], dtype=torch.long, device=device)
+        with autocast(precision, device):
+            image_embeds, image_mask = embed_images(vilt, pixel_values, pixel_mask, -1)
+            for start in range(0, num_texts, text_batch_size):
+                ids = texts["input_ids"][start:start + text_batch_size].to(device)
+                mask = texts["attention_mask"][start:start + text_batch_size].to(device)
+                n = len(ids)
+                enc = encode(vilt, ids, mask, image_embeds.expand(n, -1, -1), image_mask.expand(n, -1))
+                scores[start:start + n, i] = score_head(enc.pooled).float().cpu()
+    return scores
+
+
+def part_eval(args) -> dict:
+    from vlflow.stages.common.device import stage_device
+    from vlflow.stages.vilt.evaluate import image_batches, score_all_pairs, text_batches
+
+    device = stage_device()
+    params, vocab, model = vilt_setup(args)
+    model = model.eval().to(device)
+    precision = "fp32" if device.type == "cpu" else "bf16"
+    if args.cpu_dry_run:
+        num_images, num_texts, image_batch, text_batch = 4, 32, 2, 16
+    else:
+        num_images, num_texts, image_batch, text_batch = 32, 1024, 8, 256
+    generator = torch.Generator().manual_seed(0)
+    size = params.image_size
+    images = [torch.randn(3, size, size, generator=generator) for _ in range(num_images)]
+    texts = {"input_ids": torch.randint(5, vocab, (num_texts, params.max_text_len), generator=generator),
+             "attention_mask": torch.ones(num_texts, params.max_text_len, dtype=torch.long)}
+    head = lambda pooled: model.itm_score(pooled)[:, 1]  # noqa: E731
+    out: dict = {"images": num_images, "texts": num_texts, "precision": precision,
+                 "image_batch_size": image_batch, "text_batch_size": text_batch}
+
+    def batched():
+        batches = image_batches(lambda i: images[i], list(range(num_images)), image_batch, params.patch_size)
+        return score_all_pairs(model.vilt, head, batches, text_batches(texts, text_batch, device), num_images,
+                               device, precision)
+
+    def per_image():
+        return per_image_scores(model.vilt, head, images, texts, text_batch, device, precision)
+
+    pairs = num_images * num_texts
+    for name, run in (("batched", batched), ("per_image_baseline", per_image)):
+        try:
+            run()  # warm-up
+            sync()
+            started = time.perf_counter()
+            run()
+            sync()
+            out[f"{name}_pairs_per_s"] = pairs / (time.perf_counter() - started)
+        except Exception as exc:
+            out[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    if "batched_pairs_per_s" in out and "per_image_baseline_pairs_per_s" in out:
+        out["speedup_vs_per_image"] = out["batched_pairs_per_s"] / out["per_image_baseline_pairs_per_s"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report
+
+def goal_line(label: str, value, goal: float, higher: bool = True) -> str:
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        return f"| {label} | n/a | {'>=' if higher else '<='} {goal} | - |"
+    met = value >= goal if higher else value <= goal
+    return f"| {label} | {value:.3f} | {'>=' if higher else '<='} {goal} | {'met' if met else 'NOT met'} |"
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# gpu_check ({'CPU dry run' if report['cpu_dry_run'] else report['device']})", "",
+             f"{report['date']} · commit {report['commit']} · {report['device']} · torch {report['torch']} · "
+             f"{report['seconds']:.0f} s", ""]
+    parts = report["parts"]
+    lines += ["## Goals", "", "| figure | measured | goal | |", "| --- | --- | --- | --- |"]
+    vilt = parts.get("vilt_step", {})
+    for name, entry in (vilt.get("paths") or {}).items():
+        if name == "plain":
+            continue
+        lines.append(goal_line(f"ViLT {name} samples/s vs plain", entry.get("speedup_vs_plain"),
+                               GOALS["stage_speedup"]))
+        lines.append(goal_line(f"ViLT {name} peak memory vs plain", entry.get("memory_vs_plain"),
+                               GOALS["stage_memory_ratio"], higher=False))
+        lines.append(goal_line(f"ViLT {name} MFU", entry.get("mfu"), GOALS["mfu"]))
+    lines.append(goal_line("retrieval pairs/s", parts.get("eval", {}).get("batched_pairs_per_s"),
+                           GOALS["eval_pairs_per_s"]))
+    for name, part in parts.items():
+        lines += ["", f"## {name}", "", "```json", json.dumps(part, indent=1, default=str)[:6000], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out", help="report directory ($OUT)")
+    parser.add_argument("--cpu-dry-run", action="store_true", help="toy sizes on the CPU, the same code paths")
+    parser.add_argument("--budget-s", type=float, default=450.0, help="total time budget; later parts are skipped")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    args = parser.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"--parts: unknown {unknown}; choose from {', '.join(PARTS)}")
+    started = time.time()
+    args.deadline = started + args.budget_s
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not args.cpu_dry_run and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here; use --cpu-dry-run", file=sys.stderr)
+        return 2
+    if args.cpu_dry_run:
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+    import colossalai
+    from colossalai.accelerator import set_accelerator
+
+    from vlflow.launch.command import free_port
+
+    if args.cpu_dry_run:
+        set_accelerator("cpu")
+    colossalai.launch(rank=0, world_size=1, local_rank=0, host="127.0.0.1", port=free_port(),
+                      backend="gloo" if args.cpu_dry_run else "nccl", seed=0)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    report = {"cpu_dry_run": args.cpu_dry_run, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                      time.gmtime()),
+              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+              "torch": torch.__version__, "goals": GOALS, "parts": {}}
+    functions = {"e2e": part_e2e, "vilt_step": part_vilt_step, "unitab_step": part_unitab_step, "eval": part_eval}
+    for name in parts:
+        part_started = time.time()
+        if part_started > args.deadline:
+            report["parts"][name] = {"skipped": "time budget spent"}
+            continue
+        try:
+            report["parts"][name] = functions[name](args)
+        except Exception as exc:  # one part failing does not stop the others
+            report["parts"][name] = {"error": f"{type(exc).__name__}: {exc}"[:2000],
+                                     "traceback": traceback.format_exc()[-3000:]}
+        report["parts"][name]["seconds"] = round(time.time() - part_started, 1)
+        print(f"gpu_check: {name} done in {report['parts'][name]['seconds']} s", flush=True)
+        reset_memory()
+    report["seconds"] = time.time() - started
+    (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    (out_dir / "gpu_check.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The prepared check for a lent GPU (issue 11): tiny workflows end to end on the GPU, ViLT-B/32 step plain vs stage
+# path per plugin (samples/s, peak memory, MFU), UniTAB step plain vs fused, retrieval pairs/s. Needs nothing but
+# scripts/install.sh (run here when .venv is missing). Writes gpu_check.md + gpu_check.json to $OUT (or OUT_DIR).
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR] [--cpu-dry-run] [--parts e2e,vilt_step,unitab_step,eval]
+#
+# Finishes within 8 minutes: the Python side has a 450 s budget (parts not started by then are reported as skipped)
+# and the whole run is cut at 480 s.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  bash scripts/install.sh || { echo "gpu_check: scripts/install.sh failed" >&2; exit 1; }
+fi
+out_dir="${OUT:-gpu_check_out}"
+if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then out_dir="$1"; shift; fi
+mkdir -p "$out_dir"
+timeout 480 .venv/bin/python benchmarks/gpu_check.py --out "$out_dir" --budget-s 450 "$@" 2>&1 | tee "$out_dir/gpu_check.log"
+exit "${PIPESTATUS[0]}"
