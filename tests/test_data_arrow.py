@@ -206,3 +206,81 @@ def test_grounding_bad_images_and_size_mismatch(flickr_root, tmp_path):
     json_path.write_text(json.dumps(data))
     with pytest.raises(DataError, match=r"final_flickr_separateGT_train.json: annotations\[0\].bbox: missing key"):
         convert_grounding(root, tmp_path / "out2", GroundingArrowParams(splits=["train"]))
+
+
+def _rewrite_karpathy(root, change):
+    json_path = root / "karpathy" / "dataset_coco.json"
+    data = json.loads(json_path.read_text())
+    change(data["images"])
+    json_path.write_text(json.dumps(data))
+    return json_path
+
+
+def test_truncated_jpeg_is_a_bad_image(coco_root, tmp_path):
+    root = tmp_path / "coco"
+    shutil.copytree(coco_root, root)
+    entry = next(im for im in json.loads((root / "karpathy" / "dataset_coco.json").read_text())["images"]
+                 if im["split"] == "train")
+    path = root / entry["filepath"] / entry["filename"]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # headers intact: PIL's verify() passes it
+    report = convert_coco_karpathy(root, tmp_path / "out", ArrowParams())
+    assert [(b["path"], b["reason"].split(" (")[0]) for b in report.bad_images] == \
+        [(f"{entry['filepath']}/{entry['filename']}", "corrupt image: image file is truncated")]
+
+
+def test_a_split_whose_every_image_is_bad_is_an_error(coco_root, tmp_path):
+    root = tmp_path / "coco"
+    shutil.copytree(coco_root, root)
+    test_images = [im for im in json.loads((root / "karpathy" / "dataset_coco.json").read_text())["images"]
+                   if im["split"] == "test"]
+    for entry in test_images:
+        (root / entry["filepath"] / entry["filename"]).write_bytes(b"junk")
+    with pytest.raises(DataError) as info:
+        convert_coco_karpathy(root, tmp_path / "out", ArrowParams())
+    first = test_images[0]
+    assert str(info.value) == (
+        f"{root / 'karpathy' / 'dataset_coco.json'}: every image of split 'test' is bad ({len(test_images)} of "
+        f"{len(test_images)}; first: {first['filepath']}/{first['filename']}: corrupt image: not in an image format "
+        "PIL can read); nothing to convert")
+
+
+@pytest.mark.parametrize("change,field,message", [
+    (lambda images: images[2].update(filepath="/etc"), "images[2].filepath",
+     "'/etc' is not a relative path inside the dataset"),
+    (lambda images: images[2].update(filepath="../../elsewhere"), "images[2].filepath", "'../../elsewhere' is not"),
+    (lambda images: images[3].update(filename="../../../etc/hostname"), "images[3].filename",
+     "'../../../etc/hostname' is not a relative"),
+    (lambda images: images.append(dict(images[4])), "images[30]", "images[30] ("),
+])
+def test_karpathy_paths_outside_the_dataset_and_duplicates_are_refused(coco_root, tmp_path, change, field, message):
+    root = tmp_path / "coco"
+    shutil.copytree(coco_root, root)
+    json_path = _rewrite_karpathy(root, change)
+    with pytest.raises(DataError) as info:
+        convert_coco_karpathy(root, tmp_path / "out", ArrowParams())
+    assert (info.value.file, info.value.field) == (str(json_path), field)
+    assert info.value.message.startswith(message)
+    if field == "images[30]":
+        assert info.value.message.endswith("repeats images[4] (duplicate entries would become duplicate rows; "
+                                           "remove one)")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.arrow"))
+
+
+def test_grounding_paths_and_duplicates_are_refused(flickr_root, tmp_path):
+    root = tmp_path / "f30k"
+    shutil.copytree(flickr_root, root)
+    json_path = root / "mdetr_annotations" / "final_flickr_separateGT_train.json"
+    original = json.loads(json_path.read_text())
+    for change, field, message in [
+        (lambda d: d["images"][1].update(file_name="/etc/passwd"), "images[1].file_name", "'/etc/passwd' is not"),
+        (lambda d: d["images"].append(dict(d["images"][0], id=10**9)), f"images[{len(original['images'])}]",
+         f"images[{len(original['images'])}] (same image and caption) repeats images[0]"),
+        (lambda d: d["annotations"].append(dict(d["annotations"][0])), f"annotations[{len(original['annotations'])}]",
+         f"annotations[{len(original['annotations'])}] repeats annotations[0]"),
+    ]:
+        data = json.loads(json.dumps(original))
+        change(data)
+        json_path.write_text(json.dumps(data))
+        with pytest.raises(DataError) as info:
+            convert_grounding(root, tmp_path / "out", GroundingArrowParams(splits=["train"]))
+        assert (info.value.field, info.value.message.startswith(message)) == (field, True), info.value.message

@@ -186,7 +186,9 @@ def test_images_input_supplies_the_image_folders(coco, tmp_path):
     for split in ("train", "val", "trainable_val", "rest_val"):
         assert read(tmp_path / "out" / f"vqav2_{split}.arrow").equals(read(tmp_path / "reference" /
                                                                            f"vqav2_{split}.arrow"))
-    # without it, every image is missing from the questions-only root and reported
-    report = convert_vqav2(questions_only, tmp_path / "missing", VqaArrowParams(min_answer_count=2))
-    assert report.splits["train"]["rows"] == 0
-    assert len({bad["path"] for bad in report.bad_images}) == 40  # each image once (val's are in 3 files)
+    # without it, every image is missing from the questions-only root: an error, not empty arrows
+    with pytest.raises(DataError) as info:
+        convert_vqav2(questions_only, tmp_path / "missing", VqaArrowParams(min_answer_count=2))
+    assert str(info.value).startswith(f"{questions_only / 'v2_mscoco_train2014_annotations.json'}: every image of "
+                                      "split 'train' is bad (")
+    assert ": missing file); nothing to convert" in str(info.value)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
-from PIL import Image
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import DataError
 
@@ -56,17 +56,24 @@ class ConversionReport:
 
 
 def check_image(path: Path, expected_size: tuple[int, int] | None = None) -> ImageCheck:
-    """Read the raw bytes and verify them with PIL (without decoding the pixels)."""
+    """Read the raw bytes and decode them with PIL: a truncated JPEG passes `verify()` (which only parses the
+    headers) and would crash training, so the pixels are decoded (JPEGs at 1/8 scale: the whole entropy-coded
+    stream is still read, the inverse DCT is cheaper)."""
+    if not Path(path).is_file():
+        return ImageCheck(None, "missing file" if not Path(path).exists() else "not a regular file")
     try:
         data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return ImageCheck(None, "missing file")
     except OSError as exc:
         return ImageCheck(None, f"unreadable: {exc.strerror or exc}")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # a process-wide PIL switch some libraries turn on
+        return ImageCheck(None, "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; cannot tell truncated images apart")
     try:
         with Image.open(io.BytesIO(data)) as image:
             size = image.size
-            image.verify()
+            image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+            image.load()
+    except UnidentifiedImageError:
+        return ImageCheck(None, "corrupt image: not in an image format PIL can read")
     except Exception as exc:  # PIL raises many types for corrupt files; all mean "not an image we can use"
         return ImageCheck(None, f"corrupt image: {exc}")
     if expected_size is not None and tuple(size) != tuple(expected_size):
@@ -135,10 +142,35 @@ def convert(root: Path, out_dir: Path, source: Path, rows_by_split: dict[str, li
                               else str(source))
     with ThreadPoolExecutor(params.read_threads) as pool:
         for split, rows in rows_by_split.items():
-            write_split(out_dir / name_of(split), schema, rows, split=split, root=Path(root), report=report,
-                        on_bad_image=params.on_bad_image, batch_rows=params.batch_rows, pool=pool)
+            written = write_split(out_dir / name_of(split), schema, rows, split=split, root=Path(root),
+                                  report=report, on_bad_image=params.on_bad_image, batch_rows=params.batch_rows,
+                                  pool=pool)
+            if rows and not written:  # an empty arrow would "succeed" and fail much later, in training
+                first = next(b for b in report.bad_images if b["split"] == split)
+                raise DataError(f"every image of split {split!r} is bad ({len(rows)} of {len(rows)}; first: "
+                                f"{first['path']}: {first['reason']}); nothing to convert", file=str(source))
     report.write(out_dir)
     return report
+
+
+def member_path(root: Path, relative: str, json_path: Path, field_name: str) -> Path:
+    """`root / relative` for a path written in an annotation file; absolute paths, `..`, NUL bytes and backslashes
+    are errors: they would pull files from outside the dataset (and outside the cache key) into the arrows."""
+    parts = relative.split("/")
+    if (not relative or relative.startswith("/") or "\\" in relative or "\x00" in relative or ".." in parts
+            or (len(relative) > 1 and relative[1] == ":")):
+        raise DataError(f"{relative!r} is not a relative path inside the dataset (no leading '/', no '..')",
+                        file=str(json_path), field=field_name)
+    return Path(root) / relative
+
+
+def check_unique(seen: dict, key, json_path: Path, field_name: str, what: str) -> None:
+    """Record `key` (from entry `field_name`); an entry repeating an earlier one is an error naming both, since it
+    would become a duplicate row (duplicate training pairs, double-counted evaluation)."""
+    if key in seen:
+        raise DataError(f"{what} repeats {seen[key]} (duplicate entries would become duplicate rows; remove one)",
+                        file=str(json_path), field=field_name)
+    seen[key] = field_name
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ F30K_SPLITS = ("train", "val", "test")
 def convert_f30k_karpathy(root: Path, out_dir: Path, params) -> ConversionReport:
     root = Path(root)
     json_path = root / "karpathy" / "dataset_flickr30k.json"
-    rows = karpathy_rows(root, json_path, F30K_SPLITS, lambda entry, filename: root / "flickr30k-images" / filename)
+    rows = karpathy_rows(root, json_path, F30K_SPLITS,
+                         lambda entry, filename, where: root / "flickr30k-images" / filename)
     return convert(root, out_dir, json_path, rows, lambda split: f"f30k_caption_karpathy_{split}.arrow",
                    CAPTION_SCHEMA, params)
 

@@ -5,12 +5,13 @@ normalised to [0,1]; one entry per annotated text span, sorted by position in th
 """
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
 import pyarrow as pa
 
-from .arrow_common import ConversionReport, ImageRow, convert, load_json, require
+from .arrow_common import ConversionReport, ImageRow, check_unique, convert, load_json, member_path, require
 from .errors import DataError
 
 PHRASE_TYPE = pa.struct([
@@ -41,8 +42,14 @@ def grounding_rows(root: Path, json_path: Path, split: str) -> list[ImageRow]:
     images = require(data, "images", json_path, "", list)
     annotations = require(data, "annotations", json_path, "", list)
     by_image: dict[int, list[tuple[int, dict]]] = defaultdict(list)
+    seen_annotations: dict = {}
     for i, ann in enumerate(annotations):
-        by_image[require(ann, "image_id", json_path, f"annotations[{i}]")].append((i, ann))
+        image_id = require(ann, "image_id", json_path, f"annotations[{i}]")
+        content = json.dumps([image_id, ann.get("bbox"), ann.get("tokens_positive")], sort_keys=True)
+        check_unique(seen_annotations, content, json_path, f"annotations[{i}]", f"annotations[{i}]")
+        by_image[image_id].append((i, ann))
+    seen_ids: dict = {}
+    seen_pairs: dict = {}
 
     rows = []
     for i, entry in enumerate(images):
@@ -54,6 +61,9 @@ def grounding_rows(root: Path, json_path: Path, split: str) -> list[ImageRow]:
         image_id = require(entry, "id", json_path, where)
         if width <= 0 or height <= 0:
             raise DataError(f"image size must be positive, got {width}x{height}", file=str(json_path), field=where)
+        image_file = member_path(root / "flickr30k-images", file_name, json_path, f"{where}.file_name")
+        check_unique(seen_ids, json.dumps(image_id), json_path, f"{where}.id", f"{where} (id {image_id!r})")
+        check_unique(seen_pairs, (file_name, caption), json_path, where, f"{where} (same image and caption)")
         phrases: dict = {}
         for j, ann in by_image.get(image_id, []):
             ann_where = f"annotations[{j}]"
@@ -73,7 +83,7 @@ def grounding_rows(root: Path, json_path: Path, split: str) -> list[ImageRow]:
         ordered = sorted(phrases.values(), key=lambda p: (p["start"], p["end"]))
         for phrase in ordered:
             phrase["text"] = caption[phrase["start"]:phrase["end"]]
-        rows.append(ImageRow(root / "flickr30k-images" / file_name,
+        rows.append(ImageRow(image_file,
                              {"image_id": file_name, "caption": caption, "phrases": ordered, "width": width,
                               "height": height, "split": split},
                              expected_size=(width, height)))

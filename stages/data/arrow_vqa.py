@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .arrow_common import ConversionReport, ImageRow, convert, load_json, require
+from .arrow_common import ConversionReport, ImageRow, check_unique, convert, load_json, require
 from .errors import DataError
 
 VQA_SCHEMA = pa.schema([
@@ -86,17 +86,23 @@ def answer_score(count: int) -> float:
 def _questions(root: Path, subtype: str) -> tuple[Path, list[dict]]:
     path = root / f"v2_OpenEnded_mscoco_{subtype}_questions.json"
     items = require(load_json(path), "questions", path, "", list)
+    seen: dict = {}
     for i, q in enumerate(items):
         for key, kind in (("image_id", int), ("question_id", int), ("question", str)):
             require(q, key, path, f"questions[{i}]", kind)
+        check_unique(seen, q["question_id"], path, f"questions[{i}]", f"questions[{i}] (question_id "
+                                                                      f"{q['question_id']})")
     return path, items
 
 
 def _annotations(root: Path, subtype: str) -> tuple[Path, list[dict]]:
     path = root / f"v2_mscoco_{subtype}_annotations.json"
     items = require(load_json(path), "annotations", path, "", list)
+    seen: dict = {}
     for i, a in enumerate(items):
         require(a, "question_id", path, f"annotations[{i}]", int)
+        check_unique(seen, a["question_id"], path, f"annotations[{i}]", f"annotations[{i}] (question_id "
+                                                                         f"{a['question_id']})")
         require(a, "multiple_choice_answer", path, f"annotations[{i}]", str)
         for j, given in enumerate(require(a, "answers", path, f"annotations[{i}]", list)):
             require(given, "answer", path, f"annotations[{i}].answers[{j}]", str)
