@@ -524,3 +524,12 @@ def test_download_params_refuse_ambiguous_targets_and_bad_checksums(files, messa
         DownloadParams(files=files)
     text = info.value.errors()[0]["msg"]  # what vlflow shows (pydantic's own str also dumps the input)
     assert message in text and "pw-secret" not in text
+
+
+def test_plan_reasons_mask_urls_before_shortening():
+    from vlflow.runner import _diff
+
+    old = {"files": [{"url": "https://analyst:hunter2hunter2@example.com/datasets/coco/train2014.zip"}]}
+    new = {"files": [{"url": "https://analyst:hunter2hunter2@example.com/datasets/coco/val2014.zip"}]}
+    (reason,) = _diff(old, new, "with")
+    assert reason.startswith('with.files: [{"url": "https://***@example.com/datasets/') and "hunter2" not in reason

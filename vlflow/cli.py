@@ -356,13 +356,14 @@ def cmd_show(args) -> int:
     from rich.table import Table
 
     from vlflow.runner import flatten_metrics
+    from vlflow.secrets import mask
 
     runner, m = _stage_manifest(args)
     console = _console()
     console.print(f"[bold]{args.stage}[/] ({m.meta.get('uses')})  key {m.key}")
     console.print(f"created {_when(m.created)}, {len(m.files)} files, {_size(m.size)}, "
                   f"ran {m.meta.get('duration', 0):.1f}s on {m.meta.get('host', '?')}")
-    console.print("params: " + json.dumps(m.meta.get("params", {}), sort_keys=True))
+    console.print("params: " + mask(json.dumps(m.meta.get("params", {}), sort_keys=True)), markup=False)
     recorded = m.meta.get("environment")
     if isinstance(recorded, dict):
         from vlflow.environment import current_environment, describe, environment_changes

@@ -131,7 +131,9 @@ def _diff(old, new, prefix: str) -> list[str]:
 
 
 def _short(value) -> str:
-    text = json.dumps(value, default=str)
+    from vlflow.secrets import mask
+
+    text = mask(json.dumps(value, default=str))  # before truncating: a cut URL no longer looks like one
     return text if len(text) <= 60 else text[:57] + "..."
 
 
