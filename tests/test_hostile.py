@@ -533,3 +533,17 @@ def test_plan_reasons_mask_urls_before_shortening():
     new = {"files": [{"url": "https://analyst:hunter2hunter2@example.com/datasets/coco/val2014.zip"}]}
     (reason,) = _diff(old, new, "with")
     assert reason.startswith('with.files: [{"url": "https://***@example.com/datasets/') and "hunter2" not in reason
+
+
+def test_set_paths_and_text_that_used_to_raise(tmp_path):
+    path = _wf(tmp_path, 'params: {greet: "h\\u00e9llo \\u2713"}\n' + STAGES)
+    error = _load_error(path, overrides=["stages.w.with" + ".a" * 3000 + "=1"])
+    assert error.message == "path nests more than 64 keys deep" and error.file.startswith("--set stages.w.with.a.a")
+    assert load_workflow(path).params == {"greet": "h\u00e9llo \u2713"}
+    result = _vlflow("validate", "caf\udcff.yaml", cwd=tmp_path)  # a non-UTF-8 byte in argv
+    assert (result.returncode, result.stderr) == (2, "error: caf\\udcff.yaml: workflow file not found\n")
+    result = _vlflow("validate", path, "--set", "params.greet=\udcff", cwd=tmp_path, env={"PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "invalid YAML: character U+DCFF is not allowed" in result.stderr
+    result = _vlflow("validate", path, cwd=tmp_path, env={"PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0 and 'greet: "h\\xE9llo \\u2713"' in result.stdout

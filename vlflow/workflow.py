@@ -221,9 +221,9 @@ def _reader_error(exc: yaml.reader.ReaderError, text: str, file: str) -> Workflo
     character = exc.character
     code = ord(character) if isinstance(character, str) else character
     line = text.count("\n", 0, exc.position) + 1 if isinstance(exc.position, int) else None
-    return WorkflowError(f"invalid YAML: character U+{code:04X} is not allowed (control characters and NUL bytes "
-                         "cannot appear in YAML; write them as escapes in a double-quoted string)", file=file,
-                         line=line)
+    return WorkflowError(f"invalid YAML: character U+{code:04X} is not allowed (control characters, NUL bytes and "
+                         "unpaired surrogates cannot appear in YAML; write them as escapes in a double-quoted "
+                         "string)", file=file, line=line)
 
 
 def _check_tag(node: yaml.Node, path: KeyPath, file: str) -> None:
@@ -728,6 +728,9 @@ class _Loader:
             if not sep:
                 raise WorkflowError("expected PATH=VALUE (e.g. --set params.seed=3)", file=origin)
             parts = key.split(".")
+            if len(parts) > MAX_YAML_DEPTH:
+                raise WorkflowError(f"path nests more than {MAX_YAML_DEPTH} keys deep",
+                                    file=origin if len(origin) <= 120 else origin[:117] + "...")
             if not key or any(not part for part in parts):
                 raise WorkflowError(f"empty path segment in {key!r} (expected dotted keys such as "
                                     "stages.train.with.steps)", file=origin)
