@@ -547,3 +547,18 @@ def test_set_paths_and_text_that_used_to_raise(tmp_path):
     assert "invalid YAML: character U+DCFF is not allowed" in result.stderr
     result = _vlflow("validate", path, cwd=tmp_path, env={"PYTHONIOENCODING": "ascii"})
     assert result.returncode == 0 and 'greet: "h\\xE9llo \\u2713"' in result.stdout
+
+
+def test_merge_key_bombs_and_alias_floods(tmp_path):
+    chained = ['  a0: &a0 {k0: 1, k1: 1, k2: 1, k3: 1, k4: 1, k5: 1, k6: 1, k7: 1, k8: 1}']
+    chained += [f"  a{i}: &a{i} {{<<: [{', '.join([f'*a{i - 1}'] * 9)}]}}" for i in range(1, 9)]
+    error = _load_error(_wf(tmp_path, "params:\n" + "\n".join(chained) + "\n" + STAGES, "merge.yaml"))
+    assert error.message == "`<<` merges copy more than 100,000 keys (is this a merge bomb?)" and error.line == 7
+    flood = "params:\n  a: &a {k: 1}\n  b: [" + ", ".join(["*a"] * 5000) + "]\n" + STAGES
+    error = _load_error(_wf(tmp_path, flood, "flood.yaml"))
+    assert (error.line, error.message) == (3, "more than 1,000 YAML aliases (*name) in one file")
+    error = _load_error(_wf(tmp_path, "params:\n  a: &a\n    x: 1\n    b: {<<: *a}\n" + STAGES, "self.yaml"))
+    assert error.message in ("recursive YAML alias", "recursive YAML merge (`<<`) of a mapping into itself")
+    merged = load_workflow(_wf(tmp_path, "params:\n  base: &b {x: 1, y: 2}\n  c: {<<: *b, y: 3}\n" + STAGES,
+                               "ok.yaml"))
+    assert merged.params["c"] == {"x": 1, "y": 3}

@@ -42,6 +42,7 @@ MAX_INCLUDE_DEPTH = 32  # include/extends nesting
 MAX_FILES_READ = 256  # include/extends files read in total (a file included twice counts twice)
 MAX_YAML_DEPTH = 64  # nesting of mappings and lists in one document
 MAX_YAML_VALUES = 100_000  # values of one document after alias expansion
+MAX_YAML_ALIASES = 1_000  # `*name` uses in one document
 MAX_REFERENCE_CHAIN = 32  # ${params.a} -> ${params.b} -> ...
 MAX_NAME_LENGTH = 100  # workflow and stage names (they become file names and lock names)
 # Tags a workflow may use explicitly; anything else (`!!python/object`, `!custom`, `!!binary`, `!!set`) is refused.
@@ -162,6 +163,27 @@ class _YamlLoader(yaml.SafeLoader):
         self.file = file
         self.depth = 0
         self.values = 0  # values constructed so far, aliases expanded (bounded: billion laughs)
+        self.aliases = 0
+
+    def flatten_mapping(self, node, active: frozenset = frozenset()):
+        """PyYAML's `<<` merge, refusing a merge that would copy more than MAX_YAML_VALUES keys (each merged
+        mapping's keys are copied into the merging one, so chained merges multiply like aliases do)."""
+        total = len(node.value)
+        for key_node, value_node in node.value:
+            if key_node.tag != "tag:yaml.org,2002:merge":
+                continue
+            for sub in value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]:
+                if not isinstance(sub, yaml.MappingNode):
+                    continue  # PyYAML's own flatten_mapping reports it
+                if id(sub) in active or sub is node:
+                    raise WorkflowError("recursive YAML merge (`<<`) of a mapping into itself", file=self.file,
+                                        line=sub.start_mark.line + 1)
+                self.flatten_mapping(sub, active | {id(node)})
+                total += len(sub.value)
+                if total > MAX_YAML_VALUES:
+                    raise WorkflowError(f"`<<` merges copy more than {MAX_YAML_VALUES:,} keys (is this a merge "
+                                        "bomb?)", file=self.file, line=key_node.start_mark.line + 1)
+        super().flatten_mapping(node)
 
     def compose_node(self, parent, index):
         self.depth += 1
@@ -170,6 +192,11 @@ class _YamlLoader(yaml.SafeLoader):
                 mark = self.peek_event().start_mark
                 raise WorkflowError(f"mappings and lists nest more than {MAX_YAML_DEPTH} levels deep",
                                     file=self.file, line=mark.line + 1)
+            if self.check_event(yaml.AliasEvent):
+                self.aliases += 1
+                if self.aliases > MAX_YAML_ALIASES:  # refused while parsing, before anything is expanded
+                    raise WorkflowError(f"more than {MAX_YAML_ALIASES:,} YAML aliases (*name) in one file",
+                                        file=self.file, line=self.peek_event().start_mark.line + 1)
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
