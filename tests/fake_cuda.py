@@ -8,8 +8,8 @@ one in two ways, so that whole stages run to the end:
 - ops on CPU tensors alone run for real (data loading, tokenising and host-side reads keep their values); only what
   is made on or moved to CUDA becomes fake;
 - data-dependent reads of fake tensors (decoding reads tokens back on the host) get placeholders: every scalar read
-  is 0 / False, `nonzero` selects every position. Those values are meaningless: the check is about devices, dtypes
-  and shapes, never about device results.
+  is 0 / False, `nonzero` selects every position, and a CUDA tensor copied to the CPU (`.cpu()`) arrives as real
+  zeros. Those values are meaningless: the check is about devices, dtypes and shapes, never about device results.
 Autocast on "cuda" is disabled here (torch.cuda.is_available() is False), so dtypes are fp32 inside.
 
     with fake_cuda():                       # vlflow.stages.common.device.stage_device() is cuda:0 inside, Module.to("cuda") gives fake weights
@@ -20,6 +20,7 @@ CPU tensors. `to_fake_cuda(model)` moves a module without going through the stag
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import ExitStack, contextmanager
 from typing import Iterator
 from unittest import mock
@@ -49,6 +50,11 @@ class _PlaceholderFakeMode(FakeTensorMode):
         if func is aten._local_scalar_dense.default:  # .item(), .tolist(), bool(), int()
             dtype = args[0].dtype
             return False if dtype == torch.bool else 0.0 if dtype.is_floating_point else 0
+        if func is aten._to_copy.default and isinstance(args[0], FakeTensor) and args[0].device.type == "cuda" \
+                and torch.device(kwargs.get("device") or args[0].device).type == "cpu":
+            # a device result read back to the host (.cpu()): real placeholder zeros, so host code keeps running
+            with unset_fake_temporarily():
+                return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
         if func is aten._nested_tensor_from_mask_left_aligned.default:  # nn.Transformer's fast-path check: no
             return False
         if func is aten.nonzero.default:  # boolean indexing and masks: every position selected
@@ -125,6 +131,15 @@ def fake_cuda(placeholders: bool = True) -> Iterator[FakeTensorMode]:
         stack.enter_context(mock.patch.object(nn.Module, "to", to_fake_cuda))
         stack.enter_context(mock.patch.object(nn.Module, "cuda", lambda self, device=None: to_fake_cuda(
             self, torch.device("cuda", device or 0))))
+        real_load = torch.load
+
+        def load_real(*args, **kwargs):  # torch.load under a fake mode makes data-less tensors; files hold data
+            with unset_fake_temporarily():
+                return real_load(*args, **kwargs)
+
+        stack.enter_context(mock.patch("torch.load", load_real))
+        stack.enter_context(warnings.catch_warnings())  # torch.autocast("cuda") here: disabled, said once is enough
+        warnings.filterwarnings("ignore", message="CUDA is not available.*Disabling autocast")
         _active.append(mode)
         stack.callback(_active.pop)
         stack.enter_context(mode)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 
 import pyarrow as pa
 import pytest
@@ -14,16 +15,19 @@ from PIL import Image
 from transformers import ViltForImageAndTextRetrieval, ViltForQuestionAnswering
 
 from fake_cuda import FakeTensorDeviceMismatchError, fake_cuda
+from vlflow.stage import LaunchSpec, StageContext
 from vlflow.stages.common.device import cpu_threads_per_rank, stage_device
 from vlflow.stages.text.tokenizer import train_bpe, train_wordpiece
 from vlflow.stages.unitab.data import phrase_token_spans
 from vlflow.stages.unitab.evaluate import caption_images, ground_rows
+from vlflow.stages.unitab.evaluate import evaluate as unitab_evaluate
 from vlflow.stages.unitab.model import UniTAB, UniTABConfig
 from vlflow.stages.vilt.data import QuestionCollator, pad_images, tokenize
-from vlflow.stages.vilt.evaluate import image_batches, load_scorer, score_all_pairs, text_batches
-from vlflow.stages.vilt.evaluate_vqa import answer_questions
+from vlflow.stages.vilt.evaluate import (evaluate_retrieval, image_batches, load_scorer, score_all_pairs,
+                                         text_batches)
+from vlflow.stages.vilt.evaluate_vqa import answer_questions, evaluate_vqa
 from vlflow.stages.vilt.model import ViltPretrainingModel, build_config
-from vlflow.stages.vilt.spec import ViltPretrainParams
+from vlflow.stages.vilt.spec import ViltEvaluateRetrievalParams, ViltEvaluateVqaParams, ViltPretrainParams
 
 torch.set_num_threads(1)
 
@@ -119,18 +123,21 @@ class GroundingRows:
         return f"img{i}"
 
 
+def _unitab_config(tokenizer) -> UniTABConfig:
+    return UniTABConfig(text_vocab=len(tokenizer), backbone="resnet10t", d_model=32, enc_layers=1, dec_layers=1,
+                        nheads=2, dim_feedforward=64, dropout=0.0, num_queries=20, max_decoding_step=40,
+                        text_encoder_config=dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=64,
+                                                 max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id),
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+
+
 def test_unitab_grounding_and_captioning_run_on_the_stage_device():
     tokenizer = train_bpe(iter(CAPTIONS * 5 + ["two green triangles next to a blue square"] * 5), vocab_size=300,
                           lowercase=True, min_frequency=1)
     torch.manual_seed(0)
-    config = UniTABConfig(text_vocab=len(tokenizer), backbone="resnet10t", d_model=32, enc_layers=1, dec_layers=1,
-                          nheads=2, dim_feedforward=64, dropout=0.0, num_queries=20, max_decoding_step=40,
-                          text_encoder_config=dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-                                                   num_attention_heads=2, intermediate_size=64,
-                                                   max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id),
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id)
-    model = UniTAB(config).eval()
+    model = UniTAB(_unitab_config(tokenizer)).eval()
     source = GroundingRows()
     with fake_cuda():
         device = stage_device()
@@ -166,3 +173,95 @@ def test_cpu_threads_are_shared_among_the_ranks_of_a_machine(monkeypatch):
     assert cpu_threads_per_rank(local_world_size=4, cores=2) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert cpu_threads_per_rank(local_world_size=2, cores=16) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole evaluation stages on the fake GPU: loading, host batches, the forward path, gathering and writing.
+
+def _png(colour, size) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_arrow(path, rows: list[dict]) -> None:
+    table = pa.Table.from_pylist(rows)
+    with pa.ipc.new_file(str(path), table.schema) as writer:
+        writer.write_table(table)
+
+
+def _vilt_run(directory, model, tokenizer):
+    """A ViLT training stage's output layout: model/, tokenizer/, params.json."""
+    (model.save if isinstance(model, ViltPretrainingModel) else model.save_pretrained)(directory / "model")
+    tokenizer.save_pretrained(str(directory / "tokenizer"))
+    (directory / "params.json").write_text(json.dumps({"image_size": 64, "max_image_size": 64, "max_text_len": 16}))
+    return directory
+
+
+def _context(tmp_path, params, inputs, precision="bf16"):
+    out = tmp_path / "out"
+    out.mkdir()
+    return StageContext(stage="evaluate", params=params, inputs=inputs, output_dir=out,
+                        launch=LaunchSpec(precision=precision), log=logging.getLogger("test"))
+
+
+COLOURS = [(215, 40, 40), (45, 85, 215), (235, 205, 35)]
+
+
+def test_vilt_evaluate_retrieval_stage_runs_on_the_fake_gpu(tmp_path, wordpiece, vilt_config):
+    arrows = tmp_path / "arrows"
+    arrows.mkdir()
+    _write_arrow(arrows / "coco_caption_karpathy_test.arrow",
+                 [{"image": _png(c, (64 + 16 * i, 64)), "caption": CAPTIONS[i:i + 2], "image_id": f"{i}.jpg",
+                   "split": "test"} for i, c in enumerate(COLOURS)])
+    torch.manual_seed(0)
+    run = _vilt_run(tmp_path / "run", ViltPretrainingModel(vilt_config), wordpiece)
+    params = ViltEvaluateRetrievalParams(split="test", subsets=["all"], text_batch_size=4, image_batch_size=2)
+    ctx = _context(tmp_path, params, {"arrows": arrows, "model": run})
+    with fake_cuda():
+        metrics = evaluate_retrieval(ctx)
+    assert (metrics["device"], metrics["precision"], metrics["num_texts"]) == ("cuda", "bf16", 6)
+    scores = torch.load(ctx.output_dir / "scores.pt", weights_only=True)["scores"]
+    assert scores.shape == (6, 3)
+
+
+def test_vilt_evaluate_vqa_stage_runs_on_the_fake_gpu(tmp_path, wordpiece, vilt_config):
+    arrows = tmp_path / "arrows"
+    arrows.mkdir()
+    _write_arrow(arrows / "vqav2_rest_val.arrow",
+                 [{"image": _png(c, (64, 64 + 16 * i)), "questions": [CAPTIONS[i], CAPTIONS[i + 1]],
+                   "answer_labels": [[0], [1, 2]], "answer_scores": [[1.0], [0.6, 0.3]], "image_id": i,
+                   "question_id": [10 * i, 10 * i + 1]} for i, c in enumerate(COLOURS)])
+    config = vilt_config.__class__.from_dict({**vilt_config.to_dict(), "architectures": ["ViltForQuestionAnswering"],
+                                              "id2label": {0: "yes", 1: "no", 2: "red"}})
+    torch.manual_seed(0)
+    run = _vilt_run(tmp_path / "run", ViltForQuestionAnswering(config), wordpiece)
+    ctx = _context(tmp_path, ViltEvaluateVqaParams(split="rest_val", batch_size=4), {"arrows": arrows, "model": run})
+    with fake_cuda():
+        metrics = evaluate_vqa(ctx)
+    assert (metrics["device"], metrics["precision"], metrics["questions"]) == ("cuda", "bf16", 6)
+    assert len(json.loads((ctx.output_dir / "predictions.json").read_text())) == 6
+
+
+def test_unitab_evaluate_stage_runs_on_the_fake_gpu(tmp_path):
+    from vlflow.stages.unitab.spec import EvaluateParams, PretrainParams
+    from vlflow.stages.unitab.train import save_outputs
+
+    source = GroundingRows()
+    arrows = tmp_path / "arrows"
+    arrows.mkdir()
+    _write_arrow(arrows / "f30k_grounding_test.arrow",
+                 [{"image": _png((200, 40 * i, 40), (64 + 16 * i, 64)), "image_id": f"{i}.jpg",
+                   "caption": source.caption(i), "phrases": source.phrases(i), "width": 64 + 16 * i, "height": 64,
+                   "split": "test"} for i in range(2)])
+    tokenizer = train_bpe(iter(CAPTIONS * 5 + ["two green triangles next to a blue square"] * 5), vocab_size=300,
+                          lowercase=True, min_frequency=1)
+    torch.manual_seed(0)
+    config = _unitab_config(tokenizer)
+    save_outputs(tmp_path / "run", UniTAB(config), None, config, tokenizer,
+                 PretrainParams(image_size=64, max_image_size=96))
+    params = EvaluateParams(split="test", batch_size=2, max_decoding_step=8)
+    ctx = _context(tmp_path, params, {"arrows": arrows, "model": tmp_path / "run"})
+    with fake_cuda():
+        metrics = unitab_evaluate(ctx)
+    assert (metrics["device"], metrics["precision"], metrics["phrases"], metrics["images"]) == ("cuda", "bf16", 3, 2)

@@ -144,7 +144,7 @@ def evaluate(ctx: StageContext) -> dict:
     rows = range(min(len(source), p.max_samples or len(source)))
     _, world_size = rank_and_world()
     result: dict = {"split": p.split, "weights": "ema" if used_ema else "model", "captions": len(rows),
-                    "ranks": world_size, "device": device.type, "precision": precision}
+                    "ranks": world_size, "precision": precision}
     predictions: list[dict] = []
 
     if p.grounding:
@@ -187,7 +187,7 @@ def evaluate(ctx: StageContext) -> dict:
     with open(ctx.output_dir / "predictions.jsonl", "w") as f:
         f.writelines(json.dumps(x) + "\n" for x in predictions)
     print_table(result, ctx.stage)
-    return result
+    return {**result, "device": device.type}  # a run fact: in the manifest, not in the data
 
 
 def print_table(result: dict, title: str) -> None:

@@ -99,9 +99,11 @@ def evaluate_vqa(ctx: StageContext) -> dict:
     metrics = vqa_metrics(annotated, len(answers))
     if metrics:
         metrics["best_constant_answer"] = answers[metrics.pop("best_constant_label")]
-    metrics.update(split=p.split, questions=len(results), annotated=len(annotated), ranks=world_size)
+    metrics.update(split=p.split, questions=len(results), annotated=len(annotated), ranks=world_size,
+                   precision=precision)
     (ctx.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    metrics["seconds"] = round(time.perf_counter() - started, 1)  # run facts stay out of the data (manifest only)
+    # run facts stay out of the data (manifest only)
+    metrics.update(seconds=round(time.perf_counter() - started, 1), device=device.type)
 
     table = Table(title=f"{ctx.stage}: VQA on {p.split}")
     for column in ("questions", "VQA score", "best constant answer", "ceiling"):
