@@ -562,3 +562,33 @@ def test_merge_key_bombs_and_alias_floods(tmp_path):
     merged = load_workflow(_wf(tmp_path, "params:\n  base: &b {x: 1, y: 2}\n  c: {<<: *b, y: 3}\n" + STAGES,
                                "ok.yaml"))
     assert merged.params["c"] == {"x": 1, "y": 3}
+
+
+def test_zip_bomb_that_cannot_fit_is_refused_before_writing(tmp_path):
+    import shutil as _shutil
+
+    free = _shutil.disk_usage(tmp_path).free
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("small.txt", "x")
+        info = zipfile.ZipInfo("huge.bin")
+        zf.writestr(info, b"")
+    # declare (as a bomb does) more than the disk holds: patch the central directory's uncompressed size
+    data = bytearray(archive.read_bytes())
+    central = data.rfind(b"PK\x01\x02")
+    data[central + 24:central + 28] = (0xFFFFFFFF).to_bytes(4, "little")
+    archive.write_bytes(bytes(data))
+    if free > 0xFFFFFFFF:  # the disk holds 4 GiB: make the bomb many entries of 4 GiB each
+        with zipfile.ZipFile(archive, "a") as zf:
+            for i in range(free // 0xFFFFFFFF + 1):
+                zf.writestr(f"more{i}.bin", b"")
+        data = bytearray(archive.read_bytes())
+        start = 0
+        while (central := data.find(b"PK\x01\x02", start)) != -1:
+            data[central + 24:central + 28] = (0xFFFFFFFF).to_bytes(4, "little")
+            start = central + 4
+        archive.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"bomb.zip: extracting needs [\d,]+ bytes but only [\d,]+ are free in .*; "
+                                        r"nothing was extracted$"):
+        safe_extract(archive, tmp_path / "dest")
+    assert list((tmp_path / "dest").iterdir()) == []

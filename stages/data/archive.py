@@ -13,6 +13,7 @@ The rules:
   file's bytes; a link to a directory, to another link, to a missing entry or to anything outside is refused. With
   no links on disk every path is lexical, so what the checks see is what is written;
 - a name used twice, or used both as a file and as a directory (`a` a file and `a/b` a file), is refused;
+- an archive whose files would not fit in the free space of the destination is refused before writing;
 - nothing is overwritten: a file that already exists at an entry's place is an error, and every file is created with
   O_EXCL | O_NOFOLLOW below a directory whose real path is checked to lie inside the destination.
 Modes are normalised (0o644, or 0o755 for executables; directories 0o755); owners are never set.
@@ -53,8 +54,18 @@ class _Entry:
     kind: str  # "dir", "file", "symlink" or "hardlink"
     open: Callable[[], IO[bytes]] | None = None  # the bytes of a file entry
     link: str = ""  # a link's target as written
+    size: int = 0  # bytes of a file entry (exact for tar; zip enforces its declared size while reading)
     executable: bool = False
     mtime: float | None = None
+
+
+def _check_space(archive: Path, dest: Path, entries: list[_Entry], sources: dict[str, _Entry]) -> None:
+    """Refuse an archive that would not fit on the destination's disk (a zip bomb fills it instead of failing)."""
+    needed = sum(sources.get(entry.path, entry).size for entry in entries if entry.kind != "dir")
+    free = shutil.disk_usage(dest).free
+    if needed > free:
+        raise DataError(f"extracting needs {needed:,} bytes but only {free:,} are free in {dest}; nothing was "
+                        "extracted", file=str(archive))
 
 
 def _refuse(archive: Path, entry: str, reason: str, checked: bool = True) -> DataError:
@@ -195,7 +206,8 @@ def _tar_entries(archive: Path, tar: tarfile.TarFile) -> list[_Entry]:
             return stream
 
         entries.append(_Entry(member.name, path, kind, open_member if kind == "file" else None, member.linkname,
-                              bool(member.mode & 0o100), float(member.mtime)))
+                              member.size if kind == "file" else 0, bool(member.mode & 0o100),
+                              float(member.mtime)))
     return entries
 
 
@@ -221,7 +233,7 @@ def _zip_entries(archive: Path, zf: zipfile.ZipFile) -> list[_Entry]:
                 raise _refuse(archive, info.filename, "symlink target longer than 4096 bytes")
             link = zf.read(info).decode("utf-8", "replace")
         entries.append(_Entry(info.filename, path, kind, (lambda info=info: zf.open(info)) if kind == "file" else None,
-                              link, bool(mode & 0o100)))
+                              link, info.file_size if kind == "file" else 0, bool(mode & 0o100)))
     return entries
 
 
@@ -238,11 +250,15 @@ def safe_extract(archive, dest) -> list[str]:
         if kind == "zip":
             with zipfile.ZipFile(archive) as zf:
                 entries = _zip_entries(archive, zf)
-                _write(archive, dest, dest_real, entries, _plan(archive, entries))
+                sources = _plan(archive, entries)
+                _check_space(archive, dest, entries, sources)
+                _write(archive, dest, dest_real, entries, sources)
         else:
             with tarfile.open(archive, "r:*") as tar:
                 entries = _tar_entries(archive, tar)
-                _write(archive, dest, dest_real, entries, _plan(archive, entries))
+                sources = _plan(archive, entries)
+                _check_space(archive, dest, entries, sources)
+                _write(archive, dest, dest_real, entries, sources)
     except DataError:
         raise
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as exc:
