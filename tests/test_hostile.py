@@ -279,7 +279,7 @@ def test_plain_tags_and_escaped_control_characters_still_load(tmp_path):
 
 def test_control_characters_in_set_values(tmp_path):
     error = _load_error(_wf(tmp_path, "params: {x: 1}\n" + STAGES), overrides=["params.x=a\x01b"])
-    assert (error.file, error.field) == ("--set params.x=a\x01b", "params.x")
+    assert (error.file, error.field) == ("--set params.x=a\\x01b", "params.x")  # escaped: one line
     assert "character U+0001 is not allowed" in error.message
 
 

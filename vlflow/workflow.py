@@ -545,6 +545,11 @@ def _type_name(value: Any) -> str:
             float: "a number", type(None): "empty"}.get(type(value), type(value).__name__)
 
 
+def _printable(text: str) -> str:
+    """`text` with control characters escaped, so an error about it stays one line."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode() for c in text)
+
+
 def _short_repr(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -749,7 +754,7 @@ class _Loader:
 
     def apply_overrides(self, document: dict) -> None:
         for override in self.overrides:
-            origin = f"--set {override}"
+            origin = f"--set {_printable(override)}"
             key, sep, text = override.partition("=")
             key = key.strip()
             if not sep:
