@@ -115,3 +115,145 @@ def test_same_process_twice_fails_fast_and_release_is_clean(tmp_path):
     with CacheLock(lock_path, name="cache", on_wait=messages.append):
         pass
     assert messages == []
+
+
+# ---- the cache itself serialises runs: real `vlflow run` processes ------------------------------------------------
+
+SLOW_STAGE = """
+name: {name}
+stages:
+  slow: {{uses: testing.write, with: {{files: 2, text: shared, sleep: 4}}}}
+"""
+
+
+def start_run(tmp_path, workflow: str, cache: str, state_dir: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vlflow.cli", "run", workflow, "--cache", cache, "--state-dir",
+                             state_dir], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COLUMNS": "250", **(env or {})})
+
+
+def wait_until(predicate, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    return " ".join(out.split())
+
+
+def attempts(cache_dir) -> list:
+    """Every attempt dir written under the cache's artifacts (a second commit of a key would leave a second one)."""
+    return [p for p in (cache_dir / "artifacts").glob("*/*") if p.is_dir()]
+
+
+def held_key_locks(cache_dir) -> list:
+    return [p for p in (cache_dir / "locks" / "keys").glob("*.lock") if p.stat().st_size > 0]
+
+
+@pytest.mark.parametrize("second_cache", ["file://{cache}", "{cache}/"])
+def test_runs_with_other_state_dirs_and_cache_spellings_wait_for_each_other(tmp_path, second_cache):
+    (tmp_path / "wf.yaml").write_text(SLOW_STAGE.format(name="wf"))
+    cache = tmp_path / "cache"
+    first = start_run(tmp_path, "wf.yaml", str(cache), "state1")
+    wait_until(lambda: held_key_locks(cache), "the first run to execute its stage")
+    second = start_run(tmp_path, "wf.yaml", second_cache.format(cache=cache), "state2")
+    out1, out2 = finish(first), finish(second)
+
+    assert "✓ done slow" in out1 and "1 ran, 0 cached" in out1
+    assert f"waiting for " in out2 and f"(pid {first.pid}, started" in out2  # it says for whom it waits
+    assert "✓ cached slow" in out2 and "0 ran, 1 cached" in out2
+    assert len(attempts(cache)) == 1  # one execution, one commit
+
+
+def test_two_workflows_sharing_a_stage_key_execute_it_once(tmp_path):
+    for name in ("one", "two"):  # other workflow names: the run lock does not serialise them, the key lock does
+        (tmp_path / f"{name}.yaml").write_text(SLOW_STAGE.format(name=name))
+    cache = tmp_path / "cache"
+    first = start_run(tmp_path, "one.yaml", str(cache), "state1")
+    wait_until(lambda: held_key_locks(cache), "the first run to execute its stage")
+    second = start_run(tmp_path, "two.yaml", f"file://{cache}", "state2")
+    out1, out2 = finish(first), finish(second)
+
+    assert "✓ done slow" in out1
+    assert re.search(r"waiting for .* holding the lock on artifact [0-9a-f]{12} \(stage slow\)", out2), out2
+    assert "✓ cached slow" in out2 and "(committed meanwhile by another run)" in out2 and "0 ran, 1 cached" in out2
+    assert len(attempts(cache)) == 1
+
+
+def test_runs_on_one_object_store_cache_with_other_state_dirs_execute_a_stage_once(tmp_path, s3_cache_url, s3_env):
+    import fsspec
+
+    (tmp_path / "wf.yaml").write_text(SLOW_STAGE.format(name="wf"))
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_env})
+    locks = s3_cache_url.removeprefix("s3://") + "/locks/keys"
+
+    def lease_held():
+        fs.invalidate_cache()
+        return fs.exists(locks) and fs.ls(locks)
+
+    first = start_run(tmp_path, "wf.yaml", s3_cache_url, "state1")
+    wait_until(lease_held, "the first run to take the lease on its stage key")
+    second = start_run(tmp_path, "wf.yaml", s3_cache_url, "state2")
+    out1, out2 = finish(first), finish(second)
+
+    assert "✓ done slow" in out1 and "1 ran, 0 cached" in out1
+    assert re.search(rf"waiting for .*\(pid {first.pid}, started .* holding the lock on artifact", out2), out2
+    assert "(committed meanwhile by another run)" in out2 and "0 ran, 1 cached" in out2
+    fs.invalidate_cache()
+    assert len([p for p in fs.glob(s3_cache_url.removeprefix("s3://") + "/artifacts/*/*")
+                if fs.isdir(p)]) == 1  # one commit
+    assert fs.find(locks) == []  # released
+
+
+# ---- LeaseLock (object stores) --------------------------------------------------------------------------------
+
+@pytest.fixture
+def lease_fs(s3_cache_url, s3_env):
+    import fsspec
+
+    return fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_env}), s3_cache_url.removeprefix("s3://")
+
+
+def test_lease_lock_is_exclusive_and_says_whom_it_waits_for(lease_fs):
+    from vlflow.lock import LeaseLock
+
+    fs, root = lease_fs
+    path = f"{root}/locks/k.json"
+    holder = LeaseLock(fs, path, name="artifact k", command="vlflow run wf.yaml")
+    holder.acquire()
+    messages = []
+    with pytest.raises(LockError, match=r"gave up after 0.3s waiting for vlflow run wf.yaml \(pid \d+"):
+        LeaseLock(fs, path, name="artifact k", on_wait=messages.append, timeout=0.3).acquire()
+    assert messages[0].startswith("waiting for vlflow run wf.yaml (pid ")
+    holder.ensure_held()
+    holder.release()
+    with LeaseLock(fs, path, name="artifact k", timeout=5) as second:
+        second.ensure_held()
+    assert not fs.exists(path)
+
+
+def test_expired_lease_of_a_dead_holder_elsewhere_is_taken_over_and_the_old_holder_may_not_commit(lease_fs):
+    import json as json_module
+
+    from vlflow.lock import LeaseLock
+
+    fs, root = lease_fs
+    path = f"{root}/locks/k.json"
+    stalled = LeaseLock(fs, path, name="artifact k", lease=0.2)
+    stalled.acquire()
+    stalled._stop.set()  # its heartbeat stops, as if the machine froze: the lease runs out
+    record = json_module.loads(fs.cat_file(path))
+    record.update(host="elsewhere", expires=time.time() - 3600)  # and it is another machine's, long expired
+    fs.pipe_file(path, json_module.dumps(record).encode())
+
+    messages = []
+    with LeaseLock(fs, path, name="artifact k", on_wait=messages.append, timeout=5) as taker:
+        assert len(messages) == 1 and "on elsewhere" in messages[0] and "expired; taking it over" in messages[0]
+        with pytest.raises(LockError, match="lost the lock on artifact k"):
+            stalled.ensure_held()  # it checks before committing, and finds the key is someone else's now
+        taker.ensure_held()

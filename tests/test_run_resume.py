@@ -89,7 +89,8 @@ def test_concurrent_runs_serialise_on_the_lock(tmp_path):
     """))
     first = subprocess.Popen([VLFLOW, "run", "wf.yaml"], cwd=project, env=_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
-    _wait_for(lambda: any((project / "state" / "locks").glob("*.lock")), 30, "the first run's lock")
+    _wait_for(lambda: any((project / "cache" / "locks" / "runs").glob("*.lock")), 30,
+              "the first run's lock (a local cache holds its lock files)")
     second = subprocess.run([VLFLOW, "run", "wf.yaml"], cwd=project, env=_env(), capture_output=True, text=True,
                             timeout=120)
     out1, _ = first.communicate(timeout=120)

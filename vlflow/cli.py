@@ -196,6 +196,9 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
+    import hashlib
+    import re
+
     from rich.markup import escape
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -205,7 +208,6 @@ def cmd_run(args) -> int:
     workflow, config = _load(args)
     store = _store(config)
     console = _console()
-    lock_name = f"{workflow.name}-{__import__('hashlib').sha256(store.url.encode()).hexdigest()[:12]}"
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                         transient=True)
     tasks: dict[str, int] = {}
@@ -231,18 +233,27 @@ def cmd_run(args) -> int:
         elif kind == "warning":
             progress.console.print(f"[yellow]  warning:[/] {text}")
         elif kind == "note":
-            progress.console.print(f"[dim]{text}[/]")
-        if kind in ("done", "failed") and stage in tasks:
+            progress.console.print(f"[dim]{escape(text)}[/]")
+        if kind in ("done", "failed", "cached") and stage in tasks:
             progress.remove_task(tasks.pop(stage))
 
     runner = Runner(workflow, store, config.state_dir, jobs=args.jobs or config.jobs, on_event=on_event,
                     rerun_on_env_change=args.rerun_on_env_change)
-    lock_path = config.state_dir / "locks" / f"{lock_name}.lock"
     config.ensure_state_dir()
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    with CacheLock(lock_path, name=str(store.url), on_wait=lambda msg: console.print(f"[dim]{msg}[/]"),
-                   timeout=args.lock_timeout):
+    # One run of a workflow per cache at a time. A local cache holds the lock file itself, so runs with other state
+    # dirs or spellings of its path wait too; for an object store it is per machine (state dir, named by the
+    # normalised URL), and the lease locks the runner takes on each stage key keep runs on other machines apart.
+    safe_name = re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", workflow.name) is not None
+    run_lock = workflow.name if safe_name else hashlib.sha256(workflow.name.encode()).hexdigest()[:16]
+    on_wait = lambda msg: console.print(f"[dim]{escape(msg)}[/]")  # noqa: E731
+    if store.is_local:
+        lock = store.lock(f"runs/{run_lock}", label=str(store.url), on_wait=on_wait, timeout=args.lock_timeout)
+    else:
+        identity = hashlib.sha256(store.identity.encode()).hexdigest()[:12]
+        lock = CacheLock(config.state_dir / "locks" / f"{run_lock}-{identity}.lock", name=str(store.url),
+                         on_wait=on_wait, timeout=args.lock_timeout)
+    with lock:
         with progress:
             plans = runner.run(until=args.until, only=args.only, force=args.force)
     ran = sum(1 for p in plans if p.ran)

@@ -1,21 +1,29 @@
-"""An exclusive, cross-process lock on a cache, held for a whole `vlflow run`.
+"""Exclusive, cross-process locks on a cache: `CacheLock` (a local file) and `LeaseLock` (an object-store object).
 
-It is an `fcntl.flock` on a local lock file, so the OS releases it when the holder exits or is killed. The file also
-records who holds it (pid, host, start time, command) so that a waiter can say what it waits for, and so that a lock
-left behind by a killed holder is reported when taken over. Locks for remote caches live in a local state dir.
+`CacheLock` is an `fcntl.flock` on a local lock file, so the OS releases it when the holder exits or is killed. The
+file also records who holds it (pid, host, start time, command) so that a waiter can say what it waits for, and so
+that a lock left behind by a killed holder is reported when taken over. A local cache keeps its lock files inside
+itself (`<cache>/locks/`), so every run using that cache (any state dir, any spelling of its path) meets them.
 
-    with CacheLock(state_dir / "locks" / "cache.lock", name=store.url, on_wait=print, timeout=600):
+`LeaseLock` is the same for object stores, which have no flock: a lock object created only if absent (a conditional
+PUT, `If-None-Match: *`) holding owner and expiry, renewed while held; an expired lease (its holder died) is taken
+over, and a holder checks it still owns the lease before it commits.
+
+    with CacheLock(cache / "locks" / "runs" / "wf.lock", name=store.url, on_wait=print, timeout=600):
         ...
 """
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shlex
 import socket
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +37,10 @@ except ImportError:  # vlflow.errors not there yet
 
 POLL_SECONDS = 0.1
 MAX_POLL_SECONDS = 1.0
+LEASE_SECONDS = 120.0  # an object-store lock not renewed for this long (+ CLOCK_SKEW_SECONDS) belongs to a dead run
+CLOCK_SKEW_SECONDS = 30.0  # expiries are written with the holder's clock and read with the waiter's
+
+log = logging.getLogger("vlflow.lock")
 
 
 def _default_command() -> str:
@@ -153,9 +165,161 @@ class CacheLock:
         finally:
             os.close(fd)
 
+    def ensure_held(self) -> None:
+        """Raise LockError unless this lock is held (an flock cannot be lost while its holder lives)."""
+        if self._fd is None:
+            raise LockError(f"the lock on {self.name} is not held ({self.path})")
+
     def __enter__(self) -> "CacheLock":
         self.acquire()
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.release()
+
+
+class LeaseLock:
+    """Context manager: exclusive lock object `path` on fsspec filesystem `fs` (an object store).
+
+    Created with an exclusive write (`pipe_file(mode="create")`, a conditional PUT on S3) and read back, so that
+    a backend that ignores the condition still lets only the last writer believe it holds the lock. A heartbeat
+    thread renews the lease every `lease / 3` seconds; `ensure_held()` re-reads it (call it before committing).
+    """
+
+    def __init__(self, fs, path: str, name: str, on_wait: Callable[[str], None] | None = None,
+                 timeout: float | None = None, *, lease: float = LEASE_SECONDS, command: str | None = None) -> None:
+        self.fs = fs
+        self.path = path
+        self.name = name
+        self.on_wait = on_wait
+        self.timeout = timeout
+        self.lease = lease
+        self.command = mask(command, assignments=True) if command else _default_command()
+        self.owner = uuid.uuid4().hex
+        self._held = False
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self.lost: str | None = None  # why the lease was lost while held (set by the heartbeat)
+
+    def __repr__(self) -> str:
+        return f"LeaseLock({self.path!r}, name={self.name!r}, held={self._held})"
+
+    def _record(self) -> bytes:
+        return json.dumps({"owner": self.owner, "pid": os.getpid(), "host": socket.gethostname(),
+                           "started": time.time(), "command": self.command,
+                           "expires": time.time() + self.lease}).encode()
+
+    def holder(self) -> dict | None:
+        self.fs.invalidate_cache(self.path)
+        try:
+            record = json.loads(self.fs.cat_file(self.path))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # torn or foreign content: treat as expired so it is replaced
+            return {"owner": None, "expires": 0}
+        return record if isinstance(record, dict) else {"owner": None, "expires": 0}
+
+    def _create(self) -> bool:
+        try:
+            self.fs.pipe_file(self.path, self._record(), mode="create")
+        except FileExistsError:
+            return False
+        except (TypeError, NotImplementedError):  # a backend without exclusive create: the read-back decides
+            if self.fs.exists(self.path):
+                return False
+            self.fs.pipe_file(self.path, self._record())
+        holder = self.holder()  # read back: the write is ours only if the object names us
+        return holder is not None and holder.get("owner") == self.owner
+
+    def _expired(self, record: dict) -> bool:
+        pid = record.get("pid")
+        if record.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
+            return True  # its holder on this machine is gone: no need to wait for the lease to run out
+        expires = record.get("expires")
+        return not isinstance(expires, (int, float)) or time.time() > expires + CLOCK_SKEW_SECONDS
+
+    def _notify(self, message: str) -> None:
+        if self.on_wait is not None:
+            self.on_wait(message)
+
+    def acquire(self) -> None:
+        if self._held:
+            raise LockError(f"the lock on {self.name} is already held by this LeaseLock ({self.path})")
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        delay, waiting = POLL_SECONDS, False
+        while not self._create():
+            record = self.holder()
+            if record is None:
+                continue  # released between our write and our read: try again at once
+            if self._expired(record):
+                self._notify(f"the lease of {_describe_record(record)} on {self.name} expired; taking it over")
+                self._remove_if_owner(record.get("owner"))
+                continue
+            if not waiting:
+                self._notify(f"waiting for {_describe_record(record)} holding the lock on {self.name}")
+                waiting = True
+            if deadline is not None and time.monotonic() >= deadline:
+                raise LockError(f"gave up after {self.timeout:g}s waiting for {_describe_record(record)} holding "
+                                f"the lock on {self.name} (lock object {self.path})")
+            remaining = float("inf") if deadline is None else max(deadline - time.monotonic(), 0.0)
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 1.5, MAX_POLL_SECONDS)
+        self._held, self.lost = True, None
+        self._stop.clear()
+        self._heartbeat = threading.Thread(target=self._renew, name="vlflow-lease", daemon=True)
+        self._heartbeat.start()
+
+    def _remove_if_owner(self, owner) -> None:
+        """Delete the lock object if it still names `owner` (a small race remains: object stores cannot delete
+        conditionally everywhere; the loser of that race finds its lease gone in `ensure_held` before it commits)."""
+        record = self.holder()
+        if record is not None and record.get("owner") == owner:
+            try:
+                self.fs.rm_file(self.path)
+            except FileNotFoundError:
+                pass
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease / 3):
+            try:
+                record = self.holder()
+                if record is None or record.get("owner") != self.owner:
+                    self.lost = f"{_describe_record(record)} took it over" if record else "it was removed"
+                    return
+                self.fs.pipe_file(self.path, self._record())
+            except Exception as exc:  # a failed renewal is retried; ensure_held decides before a commit
+                log.warning("could not renew the lock on %s: %s", self.name, mask(str(exc), assignments=True))
+
+    def ensure_held(self) -> None:
+        """Raise LockError unless the lock object still names this holder with an unexpired lease."""
+        record = self.holder() if self._held else None
+        if not self._held or record is None or record.get("owner") != self.owner or self._expired(record):
+            why = self.lost or ("it was never acquired" if not self._held else "its lease expired or was taken over")
+            raise LockError(f"lost the lock on {self.name} ({why}); not committing")
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        self._remove_if_owner(self.owner)
+
+    def __enter__(self) -> "LeaseLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+def _describe_record(record: dict | None) -> str:
+    if not record or not isinstance(record.get("pid"), int):
+        return "another vlflow process"
+    command = mask(str(record.get("command") or "vlflow run"), assignments=True)
+    started = _clock(record["started"]) if isinstance(record.get("started"), (int, float)) else "?"
+    where = f"pid {record['pid']}"
+    if record.get("host") != socket.gethostname():
+        where += f" on {record.get('host')}"
+    return f"{command} ({where}, started {started})"

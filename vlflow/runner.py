@@ -84,7 +84,8 @@ class StagePlan:
     components: dict | None = None
     code_files: dict[str, str] | None = None  # display path -> sha256 of each source file the stage runs
     warnings: list[str] = field(default_factory=list)  # e.g. a cached artifact made under other package versions
-    damaged: list[str] = field(default_factory=list)  # what is wrong with the files of `manifest` (it is rebuilt)
+    damaged: list[str] = field(default_factory=list)
+    forced: bool = False  # --force: execute even when the key is committed  # what is wrong with the files of `manifest` (it is rebuilt)
     ran: bool = False  # executed by this run (False when cached, also when another stage of this run made its key)
 
 
@@ -267,6 +268,7 @@ class Runner:
         if plan.manifest is not None and check and name not in forced:
             plan.damaged = self.store.damage(plan.manifest)
         if name in forced:
+            plan.forced = True
             plan.reasons.append("forced")
         elif plan.damaged:  # its key still holds for what is downstream
             plan.action = "damaged"
@@ -415,9 +417,12 @@ class Runner:
                         failure = failure or exc
                         self.on_event(plan.name, "failed", str(exc))
                         continue
-                    plan.action, plan.ran = "cached", True
+                    plan.action = "cached"
                     artifacts[plan.name] = plan.manifest
                     done[plan.name] = plan
+                    if not plan.ran:
+                        self.on_event(plan.name, "cached", f"{plan.key[:12]} (committed meanwhile by another run)")
+                        continue
                     self.on_event(plan.name, "done", f"{plan.manifest.meta.get('duration', 0):.1f}s")
                     summary = summarize_metrics(plan.manifest.meta.get("metrics") or {})
                     if summary:
@@ -446,15 +451,28 @@ class Runner:
         return all(d not in selected or d in done for d in self.workflow.stages[name].deps())
 
     def _execute(self, plan: StagePlan, artifacts: dict[str, Manifest]) -> Manifest:
-        run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        staging = self.state_dir / "staging" / f"{plan.name}-{run_id}"
-        owner = claim_staging(staging)
-        try:
-            return self._execute_in(plan, artifacts, staging, run_id)
-        finally:
-            os.close(owner)  # a failed execution's staging dir is swept by the next run
+        """Execute and commit one stage under the cache's lock on its key, so that no two runs (whatever their state
+        dirs or spelling of the cache URL) execute or commit one key at once. Under the lock the manifest is read
+        again: what another run committed meanwhile is used as is (`plan.ran` stays False)."""
+        label = f"artifact {plan.key[:12]} (stage {plan.name}) in {self.store.url}"
+        with self.store.lock(f"keys/{plan.key}", label=label,
+                             on_wait=lambda message: self.on_event(plan.name, "note", message)) as lock:
+            current = self.store.manifest(plan.key)
+            if current is not None and not plan.forced and (
+                    plan.manifest is None or current.attempt != plan.manifest.attempt):
+                return current
+            run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+            staging = self.state_dir / "staging" / f"{plan.name}-{run_id}"
+            owner = claim_staging(staging)
+            try:
+                manifest = self._execute_in(plan, artifacts, staging, run_id, lock=lock)
+            finally:
+                os.close(owner)  # a failed execution's staging dir is swept by the next run
+            plan.ran = True
+            return manifest
 
-    def _execute_in(self, plan: StagePlan, artifacts: dict[str, Manifest], staging: Path, run_id: str) -> Manifest:
+    def _execute_in(self, plan: StagePlan, artifacts: dict[str, Manifest], staging: Path, run_id: str,
+                    lock=None) -> Manifest:
         decl = plan.decl
         work_dir = None
         if plan.spec.resumable:
@@ -472,6 +490,8 @@ class Runner:
             "components": plan.components, "metrics": metrics or {}, "started": started, "duration": duration,
             "host": os.uname().nodename, "code_files": plan.code_files, "environment": current_environment(),
         }
+        if lock is not None:
+            lock.ensure_held()  # an object-store lease can run out while a stage runs: then another run owns the key
         manifest = self.store.commit(plan.key, output_dir, meta)
         self.store.put_ref(self._ref_name(decl.name), {"key": plan.key, "components": plan.components,
                                                         "code_files": plan.code_files, "committed": time.time()})

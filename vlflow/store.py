@@ -239,6 +239,31 @@ class ArtifactStore:
     def __repr__(self) -> str:
         return f"ArtifactStore({self.url!r})"
 
+    @property
+    def identity(self) -> str:
+        """Where the cache is, normalised (realpath for a local dir, protocol + path otherwise), without
+        credentials: `DIR`, `./DIR/` and `file://DIR` are one cache."""
+        if self.is_local:
+            return "file://" + os.path.realpath(self._root or "/")
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return f"{protocol}://{self._root.lstrip('/')}"
+
+    def lock(self, name: str, *, label: str, on_wait: Callable[[str], None] | None = None,
+             timeout: float | None = None):
+        """An exclusive lock called `name` ('/'-separated plain names, e.g. `keys/<key>`) that every run using this
+        cache meets, whatever its state dir or spelling of the URL: a file lock under `<cache>/locks/` for a local
+        cache, a lease object there for object stores (see vlflow.lock). `label` names it in messages."""
+        from vlflow.lock import CacheLock, LeaseLock
+
+        parts = name.split("/")
+        if any(not _SAFE_KEY.match(part) for part in parts):
+            raise StoreError(f"invalid lock name {name!r}: use letters, digits, '_', '-', '.' and '/' separators")
+        if self.is_local:
+            return CacheLock(Path(self._path("locks", *parts[:-1], parts[-1] + ".lock")), name=label,
+                             on_wait=on_wait, timeout=timeout)
+        return LeaseLock(self.fs, self._path("locks", *parts) + ".json", name=label, on_wait=on_wait,
+                         timeout=timeout)
+
     # -- paths -------------------------------------------------------------------------------------------------------
 
     def _path(self, *parts: str) -> str:
