@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from vlflow.stage import StageContext
 from vlflow.errors import StageError
-from vlflow.stages.common.fit import FitSettings, TrainTask, fit, warmup_linear_schedule, warmup_steps  # noqa: F401
+from vlflow.stages.common.fit import FitSettings, TrainTask, fit, warmup_linear_schedule
 from vlflow.stages.common.training import ResumableSampler, accumulation_steps, configure_determinism
 from vlflow.stages.vilt.data import (CaptionPairs, MlmMasker, PairCollator, QuestionCollator, QuestionPairs,
                                      image_dataset, itm_negatives, load_answers, load_tokenizer, tokenize,
