@@ -67,6 +67,8 @@ def test_cheap_check_rebuilds_deleted_truncated_or_extended_files(project, capsy
     assert f"of stage a is damaged: {problem}; vlflow run rebuilds it before a stage uses it" in out
     rc, out = cli(capsys, "status", "wf.yaml")
     assert "a testing.write damaged" in out
+    rc, out = cli(capsys, "show", "wf.yaml", "a")
+    assert rc == 0 and f"damaged: artifact" in out and f"of stage a is damaged: {problem} (vlflow verify" in out
 
     # c must run (its suffix changed) and consumes a: a is checked first, reported and rebuilt, never consumed
     rc, out = cli(capsys, "run", "wf.yaml", "--set", "stages.c.with.suffix=again")

@@ -364,6 +364,7 @@ def cmd_ls(args) -> int:
 
 
 def cmd_show(args) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from vlflow.runner import flatten_metrics
@@ -374,6 +375,12 @@ def cmd_show(args) -> int:
     console.print(f"[bold]{args.stage}[/] ({m.meta.get('uses')})  key {m.key}")
     console.print(f"created {_when(m.created)}, {len(m.files)} files, {_size(m.size)}, "
                   f"ran {m.meta.get('duration', 0):.1f}s on {m.meta.get('host', '?')}")
+    problems = runner.store.damage(m)
+    if problems:
+        from vlflow.runner import damage_message
+
+        console.print(f"[red]damaged:[/] {escape(damage_message(m, args.stage, problems))} (vlflow verify "
+                      "--drop removes it; the next run that needs it rebuilds it)")
     console.print("params: " + mask(json.dumps(m.meta.get("params", {}), sort_keys=True)), markup=False)
     recorded = m.meta.get("environment")
     if isinstance(recorded, dict):
