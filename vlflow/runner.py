@@ -84,8 +84,8 @@ class StagePlan:
     components: dict | None = None
     code_files: dict[str, str] | None = None  # display path -> sha256 of each source file the stage runs
     warnings: list[str] = field(default_factory=list)  # e.g. a cached artifact made under other package versions
-    damaged: list[str] = field(default_factory=list)
-    forced: bool = False  # --force: execute even when the key is committed  # what is wrong with the files of `manifest` (it is rebuilt)
+    damaged: list[str] = field(default_factory=list)  # what is wrong with the files of `manifest` (it is rebuilt)
+    forced: bool = False  # --force: execute even when the key is committed
     ran: bool = False  # executed by this run (False when cached, also when another stage of this run made its key)
 
 
