@@ -592,3 +592,15 @@ def test_zip_bomb_that_cannot_fit_is_refused_before_writing(tmp_path):
                                         r"nothing was extracted$"):
         safe_extract(archive, tmp_path / "dest")
     assert list((tmp_path / "dest").iterdir()) == []
+
+
+def test_unsupported_zip_version_is_a_data_error(tmp_path):
+    archive = tmp_path / "future.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("a.txt", "x")
+    data = bytearray(archive.read_bytes())
+    central = data.rfind(b"PK\x01\x02")
+    data[central + 6:central + 8] = (115).to_bytes(2, "little")  # "version needed to extract": 11.5
+    archive.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"future.zip: cannot read archive: zip file version 11.5"):
+        safe_extract(archive, tmp_path / "dest")

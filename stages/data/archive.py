@@ -23,7 +23,9 @@ from __future__ import annotations
 import os
 import posixpath
 import shutil
+import lzma
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -36,6 +38,10 @@ from .errors import DataError
 ARCHIVE_SUFFIXES = {".zip": "zip", ".tar": "tar", ".tar.gz": "tar", ".tgz": "tar", ".tar.bz2": "tar",
                     ".tar.xz": "tar"}
 NAME_MAX = 255  # bytes in one path component on Linux/macOS file systems
+# What a damaged or unusual archive makes the standard library raise (unsupported zip versions and compression
+# methods, encrypted members, bad headers, truncated streams) besides a full disk.
+READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, struct.error, OSError,
+               NotImplementedError, RuntimeError, ValueError)
 
 
 def archive_kind(path) -> str | None:
@@ -175,8 +181,7 @@ def _write(archive: Path, dest: Path, dest_real: str, entries: list[_Entry], sou
                 os.utime(target, (source.mtime, source.mtime))
         except DataError:
             raise
-        except (OSError, EOFError, zlib.error, tarfile.TarError, zipfile.BadZipFile, RuntimeError,
-                NotImplementedError) as exc:  # a full disk, a truncated stream, an encrypted zip member...
+        except READ_ERRORS as exc:  # a full disk, a truncated stream, an encrypted zip member...
             raise DataError(f"cannot extract entry {entry.name!r}: {exc}", file=str(archive)) from None
 
 
@@ -261,6 +266,6 @@ def safe_extract(archive, dest) -> list[str]:
                 _write(archive, dest, dest_real, entries, sources)
     except DataError:
         raise
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        raise DataError(f"cannot read archive: {exc}", file=str(archive)) from None
+    except READ_ERRORS as exc:
+        raise DataError(f"cannot read archive: {exc or type(exc).__name__}", file=str(archive)) from None
     return [entry.name for entry in entries]
