@@ -3,6 +3,7 @@ questions of VQA arrows) and saves it with save_pretrained, so that `AutoTokeniz
 it."""
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 from typing import Iterator
@@ -40,6 +41,7 @@ def iter_captions(arrow_files: list[Path], column: str = "caption") -> Iterator[
 # captions gave different vocabularies (not only orders) from run to run; with the marked alphabet they give one.
 CONTINUATION_BASE = 0xF0000  # Supplementary Private Use Area-A: U+F0000 + ord(c) for Basic Multilingual Plane chars
 BMP_END = 0x10000
+TEXTS_PER_CHUNK = 1000
 
 
 def _mark_continuations(word: str) -> str:
@@ -61,10 +63,15 @@ def train_wordpiece(texts: Iterator[str], vocab_size: int, lowercase: bool, min_
     framing = BertWordPieceTokenizer(lowercase=lowercase)  # its normalizer and pre-tokenizer split the captions
     normalizer, pre_tokenizer = framing._tokenizer.normalizer, framing._tokenizer.pre_tokenizer
 
+    texts = iter(texts)  # consumed chunk by chunk
+    mark = functools.lru_cache(maxsize=1 << 16)(_mark_continuations)  # captions repeat a small vocabulary
+
     def marked_words() -> Iterator[str]:
-        for text in texts:
-            words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
-            yield " ".join(_mark_continuations(word) for word, _ in words)
+        # Captions go through the Rust normalizer and pre-tokenizer in chunks: per caption, the Python calls cost
+        # more than the training (newlines separate captions like any whitespace)
+        while chunk := list(itertools.islice(texts, TEXTS_PER_CHUNK)):
+            words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str("\n".join(chunk)))
+            yield " ".join(mark(word) for word, _ in words)
 
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=BERT_SPECIALS,
                                   show_progress=False)
