@@ -48,6 +48,7 @@ def snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.dist
 def test_check_finds_the_planted_nondeterministic_stage_and_leaves_the_cache_alone(project, capsys):
     rc, out = vlflow(capsys, "run", "wf.yaml")
     assert rc == 0, out
@@ -108,3 +109,14 @@ def test_tokenizer_and_arrows_of_a_small_vilt_workflow_reproduce(tmp_path, monke
     rc, out = vlflow(capsys, "check", "wf.yaml", "data", "arrows", "tokenizer", "--build")
     assert rc == 0, out
     assert "all 3 checked stages reproduce" in out
+
+
+@pytest.mark.dist
+def test_a_training_stage_reproduces_under_check(tmp_path, monkeypatch, capsys):
+    """vilt.pretrain (2 gloo ranks, 4 steps) rerun by `vlflow check`: same weights, same data files."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vlflow.toml").write_text('[cache]\nurl = "cache"\n[state]\ndir = "state"\n')
+    shutil.copy(WORKFLOWS / "small_vilt.yaml", tmp_path / "wf.yaml")
+    rc, out = vlflow(capsys, "check", "wf.yaml", "pretrain", "--build", "--set", "stages.pretrain.with.max_steps=4")
+    assert rc == 0, out
+    assert "same       pretrain" in out and "all 1 checked stages reproduce" in out
