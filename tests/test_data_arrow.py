@@ -284,3 +284,31 @@ def test_grounding_paths_and_duplicates_are_refused(flickr_root, tmp_path):
         with pytest.raises(DataError) as info:
             convert_grounding(root, tmp_path / "out", GroundingArrowParams(splits=["train"]))
         assert (info.value.field, info.value.message.startswith(message)) == (field, True), info.value.message
+
+
+@pytest.mark.parametrize("change,field,message", [
+    (lambda d: d["annotations"][0].update(image_id={"a": 1}), "annotations[0].image_id", "expected int or str, got dict"),
+    (lambda d: d["images"][0].update(id=[1]), "images[0].id", "expected int or str, got list"),
+    (lambda d: d["annotations"][0].update(bbox=[1, "a", 2, 3]), "annotations[0]", "expected bbox [x, y, w, h] (finite"),
+    (lambda d: d["annotations"][0].update(tokens_positive=[[0, "5"]]), "annotations[0]", "expected bbox"),
+    (lambda d: d["annotations"][0].update(tokens_positive=[3]), "annotations[0]", "expected bbox"),
+    (lambda d: d["images"][0].update(width=True), "images[0]", "width and height must be positive integers, got True"),
+])
+def test_grounding_values_of_the_wrong_type(flickr_root, tmp_path, change, field, message):
+    root = tmp_path / "f30k"
+    shutil.copytree(flickr_root, root)
+    json_path = root / "mdetr_annotations" / "final_flickr_separateGT_train.json"
+    data = json.loads(json_path.read_text())
+    change(data)
+    json_path.write_text(json.dumps(data))
+    with pytest.raises(DataError) as info:
+        convert_grounding(root, tmp_path / "out", GroundingArrowParams(splits=["train"]))
+    assert (info.value.field, info.value.message.startswith(message)) == (field, True), info.value.message
+
+
+def test_unreadable_image_names_are_bad_images(coco_root, tmp_path):
+    root = tmp_path / "coco"
+    shutil.copytree(coco_root, root)
+    _rewrite_karpathy(root, lambda images: images[0].update(filename="x" * 300 + ".jpg"))
+    report = convert_coco_karpathy(root, tmp_path / "out", ArrowParams())
+    assert [b["reason"] for b in report.bad_images] == ["unreadable: File name too long"]

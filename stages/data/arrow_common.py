@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import stat
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,11 +60,13 @@ def check_image(path: Path, expected_size: tuple[int, int] | None = None) -> Ima
     """Read the raw bytes and decode them with PIL: a truncated JPEG passes `verify()` (which only parses the
     headers) and would crash training, so the pixels are decoded (JPEGs at 1/8 scale: the whole entropy-coded
     stream is still read, the inverse DCT is cheaper)."""
-    if not Path(path).is_file():
-        return ImageCheck(None, "missing file" if not Path(path).exists() else "not a regular file")
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the reader
+            return ImageCheck(None, "not a regular file")
         data = Path(path).read_bytes()
-    except OSError as exc:
+    except (FileNotFoundError, NotADirectoryError):
+        return ImageCheck(None, "missing file")
+    except OSError as exc:  # permissions, a name too long, ...
         return ImageCheck(None, f"unreadable: {exc.strerror or exc}")
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # a process-wide PIL switch some libraries turn on
         return ImageCheck(None, "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; cannot tell truncated images apart")

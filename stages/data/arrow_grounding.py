@@ -6,6 +6,7 @@ normalised to [0,1]; one entry per annotated text span, sorted by position in th
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,6 +38,14 @@ def _normalised_box(bbox: list, width: int, height: int) -> list[float]:
     return [clip(x / width), clip(y / height), clip((x + w) / width), clip((y + h) / height)]
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
 def grounding_rows(root: Path, json_path: Path, split: str) -> list[ImageRow]:
     data = load_json(json_path)
     images = require(data, "images", json_path, "", list)
@@ -44,7 +53,7 @@ def grounding_rows(root: Path, json_path: Path, split: str) -> list[ImageRow]:
     by_image: dict[int, list[tuple[int, dict]]] = defaultdict(list)
     seen_annotations: dict = {}
     for i, ann in enumerate(annotations):
-        image_id = require(ann, "image_id", json_path, f"annotations[{i}]")
+        image_id = require(ann, "image_id", json_path, f"annotations[{i}]", (int, str))
         content = json.dumps([image_id, ann.get("bbox"), ann.get("tokens_positive")], sort_keys=True)
         check_unique(seen_annotations, content, json_path, f"annotations[{i}]", f"annotations[{i}]")
         by_image[image_id].append((i, ann))
@@ -58,9 +67,10 @@ def grounding_rows(root: Path, json_path: Path, split: str) -> list[ImageRow]:
         caption = require(entry, "caption", json_path, where, str)
         width = require(entry, "width", json_path, where, int)
         height = require(entry, "height", json_path, where, int)
-        image_id = require(entry, "id", json_path, where)
-        if width <= 0 or height <= 0:
-            raise DataError(f"image size must be positive, got {width}x{height}", file=str(json_path), field=where)
+        image_id = require(entry, "id", json_path, where, (int, str))
+        if not (_is_int(width) and _is_int(height)) or width <= 0 or height <= 0:
+            raise DataError(f"width and height must be positive integers, got {width!r} x {height!r}",
+                            file=str(json_path), field=where)
         image_file = member_path(root / "flickr30k-images", file_name, json_path, f"{where}.file_name")
         check_unique(seen_ids, json.dumps(image_id), json_path, f"{where}.id", f"{where} (id {image_id!r})")
         check_unique(seen_pairs, (file_name, caption), json_path, where, f"{where} (same image and caption)")
@@ -69,9 +79,10 @@ def grounding_rows(root: Path, json_path: Path, split: str) -> list[ImageRow]:
             ann_where = f"annotations[{j}]"
             bbox = require(ann, "bbox", json_path, ann_where, list)
             spans = require(ann, "tokens_positive", json_path, ann_where, list)
-            if len(bbox) != 4 or not spans or any(len(s) != 2 for s in spans):
-                raise DataError("expected bbox [x, y, w, h] and tokens_positive [[start, end], ...]",
-                                file=str(json_path), field=ann_where)
+            if (len(bbox) != 4 or not all(_is_number(v) for v in bbox) or not spans
+                    or not all(isinstance(s, list) and len(s) == 2 and all(_is_int(v) for v in s) for s in spans)):
+                raise DataError("expected bbox [x, y, w, h] (finite numbers) and tokens_positive [[start, end], ...] "
+                                "(integers)", file=str(json_path), field=ann_where)
             start, end = min(s[0] for s in spans), max(s[1] for s in spans)
             if not 0 <= start < end <= len(caption):
                 raise DataError(f"tokens_positive [{start}, {end}] lies outside the caption ({len(caption)} chars)",
