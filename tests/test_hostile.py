@@ -345,6 +345,8 @@ from vlflow.errors import VlflowError  # noqa: E402
     ("[launch]\ntp_size = 4\n", 2, "tp_size: tp_size=4 needs plugin: hybrid_parallel"),
     ("[run]\njobs = \n", 2, "invalid TOML: Invalid value"),
     ("[workflow]\ninclude_paths = \"x\"\n", 2, "include_paths: input should be a valid list, got 'x'"),
+    ("[state]\ndir = \"a\\u0000b\"\n", 2, "dir: NUL bytes and control characters are not allowed in paths and "
+                                          "URLs, got 'a\\x00b'"),
 ])
 def test_bad_project_config_is_reported_against_vlflow_toml(tmp_path, toml, line, message):
     (tmp_path / "vlflow.toml").write_text(toml)

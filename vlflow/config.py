@@ -13,14 +13,23 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from vlflow.errors import VlflowError
 
 CONFIG_NAME = "vlflow.toml"
+
+
+def _plain_text(value: str) -> str:
+    if any(ord(c) < 32 for c in value):
+        raise ValueError("NUL bytes and control characters are not allowed in paths and URLs")
+    return value
+
+
+PathText = Annotated[StrictStr, AfterValidator(_plain_text)]
 
 
 class _Section(BaseModel):
@@ -28,12 +37,12 @@ class _Section(BaseModel):
 
 
 class CacheSection(_Section):
-    url: StrictStr = Field(".vlflow/cache", min_length=1)
+    url: PathText = Field(".vlflow/cache", min_length=1)
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
 class StateSection(_Section):
-    dir: StrictStr = Field(".vlflow", min_length=1)
+    dir: PathText = Field(".vlflow", min_length=1)
 
 
 class RunSection(_Section):
@@ -41,7 +50,7 @@ class RunSection(_Section):
 
 
 class WorkflowSection(_Section):
-    include_paths: list[StrictStr] = Field(
+    include_paths: list[PathText] = Field(
         default_factory=list, description="directories (besides a workflow's own) that include/extends may read")
 
 
@@ -151,7 +160,8 @@ def _config_error(exc: pydantic.ValidationError, path: Path, text: str, prefix: 
     else:
         got = error.get("input")
         shown = repr(got) if not isinstance(got, (dict, list)) or len(repr(got)) < 60 else type(got).__name__
-        message = f"{'.'.join(loc[1:]) or section}: {error['msg'][0].lower()}{error['msg'][1:]}, got {shown}"
+        problem = error["msg"].removeprefix("Value error, ")
+        message = f"{'.'.join(loc[1:]) or section}: {problem[0].lower()}{problem[1:]}, got {shown}"
         if prefix == ("launch",):
             message += " (the [launch] section holds the defaults of every distributed stage's `launch`)"
     line = _line_of(text, section, key) if key else (_line_of(text, section, None) or _line_of(text, None, section))
