@@ -161,7 +161,9 @@ def _config_error(exc: pydantic.ValidationError, path: Path, text: str, prefix: 
         got = error.get("input")
         shown = repr(got) if not isinstance(got, (dict, list)) or len(repr(got)) < 60 else type(got).__name__
         problem = error["msg"].removeprefix("Value error, ")
-        message = f"{'.'.join(loc[1:]) or section}: {problem[0].lower()}{problem[1:]}, got {shown}"
+        if problem[:1].isupper() and not problem[1:2].isupper():  # "Input should be" -> "input should be"; not "NUL"
+            problem = problem[0].lower() + problem[1:]
+        message = f"{'.'.join(loc[1:]) or section}: {problem}, got {shown}"
         if prefix == ("launch",):
             message += " (the [launch] section holds the defaults of every distributed stage's `launch`)"
     line = _line_of(text, section, key) if key else (_line_of(text, section, None) or _line_of(text, None, section))
