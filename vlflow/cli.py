@@ -405,7 +405,7 @@ def cmd_show(args) -> int:
             tail = f.read().decode(errors="replace").splitlines()[-10:]
         console.print("[dim]log tail:[/]")
         for line in tail:
-            console.print("  " + line, markup=False)
+            console.print("  " + mask(line, assignments=True), markup=False)
     return 0
 
 

@@ -117,8 +117,8 @@ class DownloadFile(BaseModel):
             raise ValueError(f"{value!r} must be a relative path inside the output dir (no leading '/', no '..')")
         if info.field_name == "path" and not p.parts:  # "", ".", "./"
             raise ValueError(f"{value!r} names the output dir itself; give a file name")
-        if p.parts and p.parts[0] == ".staging":
-            raise ValueError(f"{value!r}: .staging is where partial downloads live")
+        if p.parts and p.parts[0] in (".staging", "_vlflow"):  # partial downloads; the runner's logs and metrics
+            raise ValueError(f"{value!r}: {p.parts[0]}/ is reserved (partial downloads, the runner's bookkeeping)")
         return value
 
     @field_validator("md5", "sha256")
@@ -161,7 +161,7 @@ class DownloadParams(Params):
         seen: dict[str, int] = {}
         for index, f in enumerate(self.files):
             target = f.target
-            if not target or target in (".", "..") or target.startswith(".staging"):
+            if not target or target in (".", "..") or target.split("/")[0] in (".staging", "_vlflow"):
                 raise ValueError(f"files[{index}]: cannot derive a file name from url {mask(f.url)!r}; set `path`")
             if target in seen:
                 raise ValueError(f"files[{seen[target]}] and files[{index}] both write {target!r}")
