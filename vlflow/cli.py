@@ -215,7 +215,12 @@ def cmd_run(args) -> int:
     def on_event(stage: str, kind: str, text: str) -> None:
         if kind == "log":
             if stage in tasks and text.strip():
-                progress.update(tasks[stage], description=f"[bold]{stage}[/] {text.strip()[:100]}")
+                from rich.markup import escape
+
+                from vlflow.secrets import mask
+
+                # a log line is text, not markup (`[/x]` in a caption would raise), and may quote a URL
+                progress.update(tasks[stage], description=f"[bold]{stage}[/] {escape(mask(text.strip())[:100])}")
             return
         if kind == "start":
             progress.console.print(f"[yellow]▶ run[/]    {stage}  [dim]{text}[/]")
