@@ -123,6 +123,11 @@ def text_batches(texts: dict, batch_size: int, device: torch.device) -> list[Tex
     return out
 
 
+def pairs_of(per_image: torch.Tensor, n: int) -> torch.Tensor:
+    """[I, ...] -> [I * n, ...]: each image's row n times in a row."""
+    return per_image[:, None].expand(-1, n, *per_image.shape[1:]).reshape(-1, *per_image.shape[1:])
+
+
 @torch.no_grad()
 def score_all_pairs(vilt, score_head, images: Iterable[ImageBatch], texts: list[TextBatch], num_images: int,
                     device: torch.device, precision: str = "fp32", progress=None) -> torch.Tensor:
@@ -138,8 +143,9 @@ def score_all_pairs(vilt, score_head, images: Iterable[ImageBatch], texts: list[
             count, start = len(batch.grids), 0
             for text in texts:
                 n = len(text.input_ids)
+                # pair (image i, text t) at row i * n + t; with one image these are views, not copies
                 enc = encode(vilt, text.input_ids.repeat(count, 1), text.attention_mask.repeat(count, 1),
-                             image_embeds.repeat_interleave(n, dim=0), image_mask.repeat_interleave(n, dim=0))
+                             pairs_of(image_embeds, n), pairs_of(image_mask, n))
                 scores[start:start + n, done:done + count] = score_head(enc.pooled).float().view(count, n).T
                 start += n
         done += count
