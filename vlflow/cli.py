@@ -215,8 +215,6 @@ def cmd_run(args) -> int:
     def on_event(stage: str, kind: str, text: str) -> None:
         if kind == "log":
             if stage in tasks and text.strip():
-                from rich.markup import escape
-
                 from vlflow.secrets import mask
 
                 # a log line is text, not markup (`[/x]` in a caption would raise), and may quote a URL
