@@ -37,3 +37,19 @@ def test_gpu_check_dry_run_reports_every_part_with_measured_figures(tmp_path):
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert "## Goals" in markdown and "retrieval pairs/s" in markdown and "CPU dry run" in markdown
     assert (tmp_path / "gpu_check.log").is_file()
+
+
+def test_e2e_thresholds_are_the_e2e_tests_thresholds():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check import e2e_thresholds
+
+    retrieval = {"all": {"ir_r1": 0.2, "tr_r1": 0.09, "chance_r1": 0.02}, "head": "rank"}
+    vqa = {"vqa_score": 0.4, "best_constant_score": 0.124}
+    result = e2e_thresholds("tiny_vilt", [retrieval, vqa, {"unrelated": 1}])
+    assert result["passed"] is False and result["checks"] == {
+        "ir_r1 >= 5x chance": True, "tr_r1 >= 5x chance": False, "vqa >= 2.5x best constant": True}
+    grounding = {"grounding_recall@1": 0.31, "random_box_recall@1": 0.1}
+    assert e2e_thresholds("tiny_unitab", [grounding])["passed"] is True
+    assert e2e_thresholds("tiny_unitab", [{**grounding, "random_box_recall@1": 0.11}])["passed"] is False

@@ -45,9 +45,11 @@ def launch_precision(ctx) -> str:
 
 
 def cpu_threads_per_rank(local_world_size: int, cores: int | None = None) -> int:
-    """OMP_NUM_THREADS when set, else this machine's cores divided among the ranks on it (at least 1)."""
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    """Torch threads of one rank: OMP_NUM_THREADS when set, else the cores this process may use divided among the
+    ranks on this machine (at least 1). Training (configure_determinism) and evaluation both use it."""
+    requested = os.environ.get("OMP_NUM_THREADS", "")
+    if requested.isdigit() and int(requested) > 0:
+        return int(requested)
     cores = cores or len(os.sched_getaffinity(0))
     return max(1, cores // max(1, local_world_size))
 

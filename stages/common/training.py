@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from vlflow.errors import StageError
 from vlflow.stage import StageContext
+from vlflow.stages.common.device import cpu_threads_per_rank
 from vlflow.store import META_DIR
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,7 @@ def configure_determinism(world_size: int = 1) -> int:
     CUBLAS_WORKSPACE_CONFIG=:4096:8 (set here when absent; it must be set before the first cuBLAS call), and
     atomics-based kernels (index_add/scatter backward, some attention backward) still vary run to run.
     Returns the thread count."""
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or world_size or 1)
-    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // max(1, local_ranks))
+    threads = cpu_threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE") or world_size or 1))
     torch.set_num_threads(threads)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
