@@ -199,3 +199,20 @@ def test_torch_ddp_on_cpu_trains_a_model_with_batchnorm(tmp_path):
                LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "trained" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_configure_determinism_sets_threads_per_rank_and_deterministic_kernels(monkeypatch):
+    from vlflow.stages.common.training import configure_determinism
+
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert configure_determinism(world_size=2) == 3 == torch.get_num_threads()
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        cores = len(os.sched_getaffinity(0))
+        assert configure_determinism(world_size=8) == max(1, cores // 2)  # ranks on this node, not in the job
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
