@@ -287,7 +287,8 @@ def test_grounding_paths_and_duplicates_are_refused(flickr_root, tmp_path):
 
 
 @pytest.mark.parametrize("change,field,message", [
-    (lambda d: d["annotations"][0].update(image_id={"a": 1}), "annotations[0].image_id", "expected int or str, got dict"),
+    (lambda d: d["annotations"][0].update(image_id={"a": 1}), "annotations[0].image_id",
+     "expected int or str, got dict"),
     (lambda d: d["images"][0].update(id=[1]), "images[0].id", "expected int or str, got list"),
     (lambda d: d["annotations"][0].update(bbox=[1, "a", 2, 3]), "annotations[0]", "expected bbox [x, y, w, h] (finite"),
     (lambda d: d["annotations"][0].update(tokens_positive=[[0, "5"]]), "annotations[0]", "expected bbox"),

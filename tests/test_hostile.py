@@ -290,7 +290,8 @@ def test_control_characters_in_set_values(tmp_path):
 @pytest.mark.parametrize("text,overrides,field,message", [
     ("params: {seed: 1}\n" + STAGES, ["params.sede=3"], "params.sede",
      "the workflow defines no params.sede (did you mean 'seed'?); --set only changes params the workflow defines"),
-    ("params: {opts: {a: 1}}\n" + STAGES, ["params.opts.b=3"], "params.opts.b", "the workflow defines no params.opts.b"),
+    ("params: {opts: {a: 1}}\n" + STAGES, ["params.opts.b=3"], "params.opts.b",
+     "the workflow defines no params.opts.b"),
     (STAGES, ["params.x=1"], "params.x", "the workflow defines no params.x"),
 ])
 def test_set_of_an_undefined_param_is_refused(tmp_path, text, overrides, field, message):
@@ -511,7 +512,8 @@ def test_store_url_and_download_errors_are_masked(tmp_path):
     ([{"url": "http://h/a", "path": "."}], "'.' names the output dir itself; give a file name"),
     ([{"url": "http://h/a", "path": "./"}], "'./' names the output dir itself"),
     ([{"url": "http://h/a", "path": ".staging/x"}], "'.staging/x': .staging/ is reserved"),
-    ([{"url": "http://h/a", "extract_to": "_vlflow"}], "'_vlflow': _vlflow/ is reserved (partial downloads, the runner"),
+    ([{"url": "http://h/a", "extract_to": "_vlflow"}],
+     "'_vlflow': _vlflow/ is reserved (partial downloads, the runner"),
     ([{"url": "http://h/a", "md5": "abc"}], "md5 'abc' is not a 32-digit hex digest"),
     ([{"url": "http://h/a", "sha256": "ab" * 16}], "is not a 64-digit hex digest"),
     ([{"url": "gopher://h/a"}], "unknown URL protocol 'gopher'"),

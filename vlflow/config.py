@@ -193,8 +193,8 @@ def load_config(start: Path | None = None, cache: str | None = None, state_dir: 
     # values from the command line or environment are relative to the current directory
     for flag, value in (("--cache", cache), ("--state-dir", state_dir)):
         if value is not None and not value.strip():
-            raise VlflowError(f"{flag} is empty; give a {'cache URL or directory' if flag == '--cache' else 'directory'}"
-                              " (or leave the flag out to use vlflow.toml's)")
+            wanted = "cache URL or directory" if flag == "--cache" else "directory"
+            raise VlflowError(f"{flag} is empty; give a {wanted} (or leave the flag out to use vlflow.toml's)")
     override, origin = (cache, "--cache") if cache is not None else (os.environ.get("VLFLOW_CACHE"), "VLFLOW_CACHE")
     if override:
         _check_cache_url(override, origin)

@@ -145,7 +145,7 @@ class DownloadParams(Params):
     files: list[DownloadFile] = Field(min_length=1)
     parallel: int = Field(4, ge=1, le=64)
     retries: int = Field(3, ge=0, le=100, description="extra attempts per file after a dropped connection")
-    chunk_bytes: int = Field(1 << 20, ge=1024)
+    chunk_bytes: int = Field(1 << 20, ge=1024, le=64 << 20, description="bytes read per request chunk (held in memory)")
     timeout_s: float = Field(60.0, gt=0, description="socket read timeout")
     progress: bool = True
     storage_options: dict[str, dict[str, Any]] = Field(
