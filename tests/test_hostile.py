@@ -609,3 +609,15 @@ def test_unsupported_zip_version_is_a_data_error(tmp_path):
     archive.write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"future.zip: cannot read archive: zip file version 11.5"):
         safe_extract(archive, tmp_path / "dest")
+
+
+def test_download_from_a_fifo_or_device_is_refused_without_reading(tmp_path):
+    from vlflow.stages.data.download import download_files
+    from vlflow.stages.data.spec import DownloadParams
+
+    os.mkfifo(tmp_path / "pipe")
+    for url in (str(tmp_path / "pipe"), "file:///dev/zero"):
+        params = DownloadParams(files=[{"url": url, "path": "x.bin"}], retries=0, progress=False)
+        with pytest.raises(DataError, match=r": not a regular file \(a FIFO, device or directory\)$"):
+            download_files(params, tmp_path / "out")
+        assert not (tmp_path / "out" / "x.bin").exists()

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -18,6 +19,7 @@ from pathlib import Path
 import aiohttp
 import fsspec
 from fsspec.exceptions import FSTimeoutError
+from fsspec.implementations.local import LocalFileSystem
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 
@@ -118,6 +120,10 @@ class _Fetcher:
                 offset = 0
                 total = _total_size(response.headers, 0)
         else:
+            if isinstance(fs, LocalFileSystem):  # a FIFO would block forever, /dev/zero would fill the disk
+                mode = os.stat(fs._strip_protocol(self.spec.url)).st_mode
+                if not stat.S_ISREG(mode):
+                    raise DataError(f"{self.shown_url}: not a regular file (a FIFO, device or directory)")
             source = fs.open(self.spec.url, "rb")
             total = fs.size(self.spec.url)
             if offset:
