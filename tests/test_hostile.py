@@ -621,3 +621,13 @@ def test_download_from_a_fifo_or_device_is_refused_without_reading(tmp_path):
         with pytest.raises(DataError, match=r": not a regular file \(a FIFO, device or directory\)$"):
             download_files(params, tmp_path / "out")
         assert not (tmp_path / "out" / "x.bin").exists()
+
+
+def test_stage_output_paths_are_validated_as_the_stage_will_get_them(tmp_path):
+    path = _wf(tmp_path, "stages:\n  w: {uses: testing.write}\n  dl:\n    uses: download\n    with:\n      files:\n"
+                         "        - {url: 'file:///etc/hostname', path: '${stages.w.output}/stolen.txt'}\n")
+    error = _load_error(path)
+    assert (error.line, error.field) == (7, "stages.dl.with.files.0.path")
+    assert error.message.startswith("'/vlflow/artifacts/w/stolen.txt' must be a relative path inside the output dir")
+    assert error.message.endswith("(${stages.NAME.output} is replaced by the artifact's absolute path when the stage "
+                                  "runs)")

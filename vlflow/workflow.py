@@ -335,6 +335,17 @@ def _deep_merge(base: dict, base_locs: Locations, over: dict, over_locs: Locatio
 # Interpolation
 
 
+def _with_stage_outputs_as_paths(value: Any) -> Any:
+    """`value` with every ${stages.S.output} replaced by an absolute path, as the runner will do."""
+    if isinstance(value, str):
+        return _STAGE_OUTPUT_TEXT.sub(lambda m: f"/vlflow/artifacts/{m.group(1)}", value)
+    if isinstance(value, dict):
+        return {k: _with_stage_outputs_as_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_with_stage_outputs_as_paths(v) for v in value]
+    return value
+
+
 def _collect_stage_outputs(value: Any, found: set[str]) -> None:
     if isinstance(value, str):
         found.update(_STAGE_OUTPUT_TEXT.findall(value))
@@ -863,6 +874,15 @@ class _Loader:
             error = exc.errors()[0]
             message = _pydantic_message(error, list(spec.params.model_fields))
             raise self.fail(message + _more(exc), (*with_path, *error["loc"])) from None
+        as_run = _with_stage_outputs_as_paths(values)
+        if as_run != values:  # validate what the stage will get: ${stages.S.output} becomes an absolute path
+            try:
+                spec.params(**as_run)
+            except pydantic.ValidationError as exc:
+                error = exc.errors()[0]
+                message = _pydantic_message(error, list(spec.params.model_fields))
+                raise self.fail(message + " (${stages.NAME.output} is replaced by the artifact's absolute path when "
+                                "the stage runs)", (*with_path, *error["loc"])) from None
 
         # inputs and needs may name their stages through ${params.X} / ${env.X} (e.g. which model to evaluate)
         inputs_path, needs_path = (*path, "inputs"), (*path, "needs")
