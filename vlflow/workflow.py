@@ -27,7 +27,7 @@ import pydantic
 import yaml
 
 from vlflow.errors import WorkflowError
-from vlflow.secrets import Masker, looks_secret, secret_env_values
+from vlflow.secrets import MASK, Masker, looks_secret, secret_env_values
 from vlflow.stage import LaunchSpec, StageSpec, get_spec, registry
 
 TOP_LEVEL_KEYS = ("name", "include", "extends", "params", "defaults", "stages")
@@ -35,7 +35,6 @@ STAGE_KEYS = ("uses", "with", "inputs", "needs", "launch")
 DEFAULTS_KEYS = ("launch",)
 STAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 WORKFLOW_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-MASK = "***"
 # Bounds on what one workflow may make the loader do: far above any real workflow, far below a resource bomb.
 MAX_FILE_BYTES = 1 << 20  # one workflow or included file
 MAX_INCLUDE_DEPTH = 32  # include/extends nesting
