@@ -234,6 +234,9 @@ def part_vilt_step(args) -> dict:
     model = copy.deepcopy(template).to(device)
     optimizer = torch.optim.AdamW(decay_groups(model, 0.01, 1e-4), lr=1e-4)
     out["flops_per_sample"] = flops_per_sample(vilt_step_fn(model, optimizer, batches, plain_precision), batch)
+    out["flops_counted_by"] = ("torch.utils.flop_counter.FlopCounterMode over one forward + backward of the MLM+ITM "
+                               "step (two backbone passes): matmuls, convolutions, attention; element-wise ops and "
+                               "the optimizer not counted")
     del model, optimizer
     reset_memory()
 
@@ -244,6 +247,9 @@ def part_vilt_step(args) -> dict:
     else:
         paths += [("torch_ddp", "torch_ddp", "fp16"), ("low_level_zero", "low_level_zero", "bf16"),
                   ("gemini", "gemini", "bf16")]
+        out["note"] = ("torch_ddp at fp16 (Colossal-AI 0.5.0's Booster has no bf16 for torch_ddp); every path gets "
+                       "torch.optim.AdamW as the training stages do (gemini accepts only Colossal-AI's FusedAdam/"
+                       "CPUAdam/HybridAdam, whose kernels must be compiled: an error there is that finding)")
     for name, plugin, precision in paths:
         if time.time() > args.deadline:
             out["paths"][name] = {"skipped": "time budget spent"}

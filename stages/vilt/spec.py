@@ -95,6 +95,7 @@ class ViltEvaluateRetrievalParams(Params):
 class ViltEvaluateVqaParams(Params):
     split: str = Field("rest_val", description="vqav2_<split>.arrow; test/test-dev have no answers: predictions only")
     batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes decoding images (on a GPU: 4-8)")
     max_questions: int | None = Field(None, ge=1, description="evaluate only the first N questions")
     image_size: int | None = Field(None, description="defaults to the trained model's")
     max_image_size: int | None = None
