@@ -227,8 +227,8 @@ def part_vilt_step(args) -> dict:
     batch = largest_batch(args, params, vocab, template, device, plain_precision)
     batches = bench.make_batch(params, vocab, batch, device, torch.Generator().manual_seed(0))
     steps = 2 if args.cpu_dry_run else 5
-    out: dict = {"model": "toy ViLT (hidden 64, 2 layers, 64x64)" if args.cpu_dry_run else "ViLT-B/32, 384x384, 40 tokens",
-                 "batch": batch, "paths": {}}
+    out: dict = {"model": "toy ViLT (hidden 64, 2 layers, 64x64)" if args.cpu_dry_run
+                 else "ViLT-B/32, 384x384, 40 tokens", "batch": batch, "paths": {}}
 
     # FLOPs of one step (the same model and batch for every path)
     model = copy.deepcopy(template).to(device)

@@ -12,7 +12,7 @@ one in two ways, so that whole stages run to the end:
   zeros. Those values are meaningless: the check is about devices, dtypes and shapes, never about device results.
 Autocast on "cuda" is disabled here (torch.cuda.is_available() is False), so dtypes are fp32 inside.
 
-    with fake_cuda():                       # vlflow.stages.common.device.stage_device() is cuda:0 inside, Module.to("cuda") gives fake weights
+    with fake_cuda():  # stage_device() (vlflow.stages.common.device) is cuda:0; Module.to(cuda) gives fake weights
         scores = score_pairs(model, batches, device=stage_device(), ...)
 
 Tensors made before entering (real CPU tensors: a loaded model, a tokenised batch) may be passed in; they count as

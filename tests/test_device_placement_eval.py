@@ -18,11 +18,10 @@ from fake_cuda import FakeTensorDeviceMismatchError, fake_cuda
 from vlflow.stage import LaunchSpec, StageContext
 from vlflow.stages.common.device import cpu_threads_per_rank, stage_device
 from vlflow.stages.text.tokenizer import train_bpe, train_wordpiece
-from vlflow.stages.unitab.data import phrase_token_spans
 from vlflow.stages.unitab.evaluate import caption_images, ground_rows
 from vlflow.stages.unitab.evaluate import evaluate as unitab_evaluate
 from vlflow.stages.unitab.model import UniTAB, UniTABConfig
-from vlflow.stages.vilt.data import QuestionCollator, pad_images, tokenize
+from vlflow.stages.vilt.data import QuestionCollator, tokenize
 from vlflow.stages.vilt.evaluate import (evaluate_retrieval, image_batches, load_scorer, score_all_pairs,
                                          text_batches)
 from vlflow.stages.vilt.evaluate_vqa import answer_questions, evaluate_vqa

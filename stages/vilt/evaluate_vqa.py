@@ -33,7 +33,8 @@ def image_batch_of(batch: dict, patch_size: int) -> ImageBatch:
 
 
 @torch.no_grad()
-def answer_questions(vqa: ViltForQuestionAnswering, loader, device: torch.device, precision: str = "fp32") -> list[dict]:
+def answer_questions(vqa: ViltForQuestionAnswering, loader, device: torch.device,
+                     precision: str = "fp32") -> list[dict]:
     """Per question: id, predicted label and its targets as {label: score} (empty on test splits). The model runs on
     `device` in `precision` with every image patch (deterministic); targets stay on the host."""
     results = []
