@@ -313,3 +313,13 @@ def test_unreadable_image_names_are_bad_images(coco_root, tmp_path):
     _rewrite_karpathy(root, lambda images: images[0].update(filename="x" * 300 + ".jpg"))
     report = convert_coco_karpathy(root, tmp_path / "out", ArrowParams())
     assert [b["reason"] for b in report.bad_images] == ["unreadable: File name too long"]
+
+
+def test_header_only_check_lets_a_truncated_jpeg_through(coco_root, tmp_path):
+    root = tmp_path / "coco"
+    shutil.copytree(coco_root, root)
+    entry = json.loads((root / "karpathy" / "dataset_coco.json").read_text())["images"][0]
+    path = root / entry["filepath"] / entry["filename"]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert convert_coco_karpathy(root, tmp_path / "fast", ArrowParams(image_check="headers")).bad_images == []
+    assert len(convert_coco_karpathy(root, tmp_path / "safe", ArrowParams()).bad_images) == 1

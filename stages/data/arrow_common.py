@@ -56,10 +56,10 @@ class ConversionReport:
         (Path(out_dir) / "report.json").write_text(json.dumps(self.to_json(), indent=2))
 
 
-def check_image(path: Path, expected_size: tuple[int, int] | None = None) -> ImageCheck:
+def check_image(path: Path, expected_size: tuple[int, int] | None = None, decode: bool = True) -> ImageCheck:
     """Read the raw bytes and decode them with PIL: a truncated JPEG passes `verify()` (which only parses the
     headers) and would crash training, so the pixels are decoded (JPEGs at 1/8 scale: the whole entropy-coded
-    stream is still read, the inverse DCT is cheaper)."""
+    stream is still read, the inverse DCT is cheaper). `decode=False` only verifies the headers (~20x faster)."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the reader
             return ImageCheck(None, "not a regular file")
@@ -73,8 +73,11 @@ def check_image(path: Path, expected_size: tuple[int, int] | None = None) -> Ima
     try:
         with Image.open(io.BytesIO(data)) as image:
             size = image.size
-            image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
-            image.load()
+            if decode:
+                image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+                image.load()
+            else:
+                image.verify()
     except UnidentifiedImageError:
         return ImageCheck(None, "corrupt image: not in an image format PIL can read")
     except Exception as exc:  # PIL raises many types for corrupt files; all mean "not an image we can use"
@@ -86,14 +89,15 @@ def check_image(path: Path, expected_size: tuple[int, int] | None = None) -> Ima
 
 
 def write_split(out_path: Path, schema: pa.Schema, rows: list[ImageRow], *, split: str, root: Path,
-                report: ConversionReport, on_bad_image: str, batch_rows: int, pool: ThreadPoolExecutor) -> int:
+                report: ConversionReport, on_bad_image: str, batch_rows: int, pool: ThreadPoolExecutor,
+                decode: bool = True) -> int:
     """Write `rows` (in order, bad images dropped or fatal) as one Arrow IPC file; returns the rows written."""
     out_path = Path(out_path)
     tmp_path = out_path.with_name(out_path.name + ".tmp")
     chunks = [rows[i:i + batch_rows] for i in range(0, len(rows), batch_rows)]
 
     def submit(chunk: list[ImageRow]) -> list[Future]:
-        return [pool.submit(check_image, row.image_path, row.expected_size) for row in chunk]
+        return [pool.submit(check_image, row.image_path, row.expected_size, decode) for row in chunk]
 
     written = skipped = 0
     try:
@@ -147,7 +151,7 @@ def convert(root: Path, out_dir: Path, source: Path, rows_by_split: dict[str, li
         for split, rows in rows_by_split.items():
             written = write_split(out_dir / name_of(split), schema, rows, split=split, root=Path(root),
                                   report=report, on_bad_image=params.on_bad_image, batch_rows=params.batch_rows,
-                                  pool=pool)
+                                  pool=pool, decode=params.image_check == "decode")
             if rows and not written:  # an empty arrow would "succeed" and fail much later, in training
                 first = next(b for b in report.bad_images if b["split"] == split)
                 raise DataError(f"every image of split {split!r} is bad ({len(rows)} of {len(rows)}; first: "
