@@ -631,3 +631,15 @@ def test_stage_output_paths_are_validated_as_the_stage_will_get_them(tmp_path):
     assert error.message.startswith("'/vlflow/artifacts/w/stolen.txt' must be a relative path inside the output dir")
     assert error.message.endswith("(${stages.NAME.output} is replaced by the artifact's absolute path when the stage "
                                   "runs)")
+
+
+def test_credential_options_written_in_a_workflow_are_masked_in_its_dump(tmp_path):
+    from vlflow.secrets import is_credential_key
+
+    path = _wf(tmp_path, "stages:\n  dl:\n    uses: download\n    with:\n      files: [{url: 's3://b/x.bin'}]\n"
+                         "      storage_options: {s3: {key: AKIAEXAMPLE, secret: wJalrEXAMPLE, anon: false}}\n")
+    options = load_workflow(path).to_dict()["stages"]["dl"]["with"]["storage_options"]
+    assert options == {"s3": {"key": "***", "secret": "***", "anon": False}}
+    assert [n for n in ("api_key", "aws_secret_access_key", "hf_token", "password", "client_secret", "tokenizer",
+                        "keep_archive", "pad_token", "sort_key", "monkey") if is_credential_key(n)] == \
+        ["api_key", "aws_secret_access_key", "hf_token", "password", "client_secret"]

@@ -371,7 +371,7 @@ def cmd_show(args) -> int:
     from rich.table import Table
 
     from vlflow.runner import flatten_metrics
-    from vlflow.secrets import mask
+    from vlflow.secrets import mask, mask_credentials
 
     runner, m = _stage_manifest(args)
     console = _console()
@@ -384,7 +384,8 @@ def cmd_show(args) -> int:
 
         console.print(f"[red]damaged:[/] {escape(damage_message(m, args.stage, problems))} (vlflow verify "
                       "--drop removes it; the next run that needs it rebuilds it)")
-    console.print("params: " + mask(json.dumps(m.meta.get("params", {}), sort_keys=True)), markup=False)
+    console.print("params: " + mask(json.dumps(mask_credentials(m.meta.get("params", {})), sort_keys=True)),
+                  markup=False)
     recorded = m.meta.get("environment")
     if isinstance(recorded, dict):
         from vlflow.environment import current_environment, describe, environment_changes

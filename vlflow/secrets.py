@@ -82,6 +82,31 @@ class Masker:
         return text
 
 
+# Mapping keys that name a credential (storage options such as s3fs's `key`/`secret`, `api_key`, `password`):
+# whole key names, so `tokenizer` or `keep_archive` are not taken for secrets.
+_CREDENTIAL_KEY = re.compile(r"^(?:key|secret|password|passwd|pwd|token|credentials?|auth)$|"
+                             r"[_-](?:secret|password|passwd|pwd|token|credentials?)$|"
+                             r"(?:^|[_-])(?:api|access|secret|private|session|account)[_-]?(?:key|key[_-]id|token)$",
+                             re.IGNORECASE)
+
+
+_TOKENIZER_TOKEN = re.compile(r"^(?:pad|cls|sep|mask|unk|bos|eos|special|start|end)[_-]token$", re.IGNORECASE)
+
+
+def is_credential_key(name: str) -> bool:
+    return bool(_CREDENTIAL_KEY.search(str(name))) and not _TOKENIZER_TOKEN.match(str(name))
+
+
+def mask_credentials(value):
+    """A copy of a JSON-like value with the string values of credential-named keys replaced by MASK."""
+    if isinstance(value, dict):
+        return {k: MASK if is_credential_key(k) and isinstance(v, str) and v else mask_credentials(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_credentials(v) for v in value]
+    return value
+
+
 def strip_userinfo(url: str) -> str:
     """`url` without its user:password@ part, for display (`s3://bucket/x`)."""
     return _URL_USERINFO.sub(lambda m: m["scheme"], url)

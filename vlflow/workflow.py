@@ -27,7 +27,7 @@ import pydantic
 import yaml
 
 from vlflow.errors import WorkflowError
-from vlflow.secrets import MASK, Masker, looks_secret, secret_env_values
+from vlflow.secrets import MASK, Masker, looks_secret, mask_credentials, secret_env_values
 from vlflow.stage import LaunchSpec, StageSpec, get_spec, registry
 
 TOP_LEVEL_KEYS = ("name", "include", "extends", "params", "defaults", "stages")
@@ -110,7 +110,7 @@ class Workflow:
                 entry["launch"] = decl.launch.model_dump(mode="json")
             stages[name] = entry
         document = {"name": self.name, "params": self.params, "stages": stages}
-        return _escape_for_output(document, self.masker())
+        return _escape_for_output(mask_credentials(document), self.masker())
 
 
 def load_workflow(path, overrides: list[str] = (), launch_defaults: dict | None = None,
