@@ -73,7 +73,7 @@ class PretrainParams(ModelParams):
     checkpoint_every: int = Field(1000, ge=1, description="optimizer steps between resumable checkpoints")
     log_every: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0)
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # torch and numpy take seeds in this range
 
 
 class EvaluateParams(Params):
@@ -84,7 +84,7 @@ class EvaluateParams(Params):
     max_samples: int | None = Field(None, ge=1, description="evaluate only the first N captions")
     grounding: bool = True
     captioning: bool = True
-    seed: int = Field(0, description="seed of the random-box baseline")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the random-box baseline")
 
 
 STAGES = [

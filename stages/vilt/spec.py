@@ -47,7 +47,7 @@ class ViltTrainParams(ViltModelParams):
     grad_clip: float = Field(0.0, ge=0, description="0 disables clipping (ViLT does not clip)")
     checkpoint_every: int = Field(1000, ge=1)
     log_every: int = Field(50, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # torch and numpy take seeds in this range
     num_workers: int = Field(2, ge=0)
 
 
