@@ -645,3 +645,14 @@ def test_credential_options_written_in_a_workflow_are_masked_in_its_dump(tmp_pat
     assert [n for n in ("api_key", "aws_secret_access_key", "hf_token", "password", "client_secret", "tokenizer",
                         "keep_archive", "pad_token", "sort_key", "monkey") if is_credential_key(n)] == \
         ["api_key", "aws_secret_access_key", "hf_token", "password", "client_secret"]
+
+
+def test_unwritable_state_dir(tmp_path, monkeypatch):
+    import vlflow.config
+
+    config = load_config(tmp_path, state_dir=str(tmp_path / "state"))
+    monkeypatch.setattr(vlflow.config.os, "access", lambda path, mode: False)  # as a non-root user sees a 0o555 dir
+    with pytest.raises(VlflowError) as info:
+        config.ensure_state_dir()
+    assert str(info.value) == (f"cannot use state dir {tmp_path / 'state'} (from --state-dir): Permission denied; "
+                               "give a writable directory with --state-dir")
