@@ -120,3 +120,16 @@ def test_a_training_stage_reproduces_under_check(tmp_path, monkeypatch, capsys):
     rc, out = vlflow(capsys, "check", "wf.yaml", "pretrain", "--build", "--set", "stages.pretrain.with.max_steps=4")
     assert rc == 0, out
     assert "same       pretrain" in out and "all 1 checked stages reproduce" in out
+
+
+def test_a_rerun_that_fails_is_reported_and_fails_the_check(project, capsys):
+    (project / "wf.yaml").write_text("name: failing\nstages:\n  source: {uses: testing.write, with: {files: 2}}\n"
+                                     "  picked: {uses: testing.concat, inputs: {a: source/file_001.txt}}\n")
+    assert vlflow(capsys, "run", "wf.yaml")[0] == 0
+    # the cached input file vanishes (a damaged local cache): the rerun of `picked` cannot start
+    next((project / "cache").rglob("file_001.txt")).unlink()
+    rc, out = vlflow(capsys, "check", "wf.yaml", "picked")
+    assert rc == 1, out
+    text = " ".join(out.split())
+    assert "failed picked: the rerun failed" in text and "file_001.txt" in text, out  # what is missing, named
+    assert "do not reproduce: picked" in out

@@ -102,12 +102,14 @@ def check_stages(runner: Runner, stages: Iterable[str] = (),
     hand; the others are removed."""
     stages = list(stages)
     plans = runner.plan(until=stages)  # the named stages and their upstreams, or all
-    artifacts = {p.name: p.manifest for p in plans if p.action == "cached"}
+    # a damaged artifact (files missing) still has its manifest: its file list to compare, its key for downstream
+    committed = ("cached", "damaged")
+    artifacts = {p.name: p.manifest for p in plans if p.action in committed}
     results = []
     for plan in plans:
         if stages and plan.name not in stages:
             continue
-        if plan.action != "cached":
+        if plan.action not in committed:
             detail = "an upstream stage is not cached" if plan.key is None else "; ".join(plan.reasons)
             result = CheckResult(plan.name, Verdict.NOT_CACHED, plan.key, detail=detail or "not in the cache")
         else:
