@@ -59,6 +59,9 @@ class StageSpec:
     version: str = "1"  # bump to invalidate caches on a semantic change the source hash would miss
     distributed: bool = False  # run under the launcher (torchrun + colossalai.launch_from_torch)
     resumable: bool = False  # gets a persistent work dir that survives failures
+    # its model can be split by tensor/pipeline parallelism (hybrid_parallel tp_size/pp_size > 1): it has a
+    # Colossal-AI shardformer policy. Without one, only tp_size = pp_size = 1 (data parallel) is accepted.
+    model_parallel: bool = False
     description: str = ""
 
     def load(self) -> Callable[["StageContext"], dict | None]:

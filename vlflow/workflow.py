@@ -827,7 +827,8 @@ class _Loader:
         self.validate_launch(merged, ("defaults", "launch"), origin_paths=[("defaults", "launch")])
         return merged
 
-    def validate_launch(self, settings: dict, path: KeyPath, origin_paths: list[KeyPath]) -> LaunchSpec:
+    def validate_launch(self, settings: dict, path: KeyPath, origin_paths: list[KeyPath],
+                        spec: StageSpec | None = None) -> LaunchSpec:
         problem = bool_for_number(LaunchSpec, settings)
         if problem is None:
             try:
@@ -835,7 +836,7 @@ class _Loader:
             except pydantic.ValidationError as exc:
                 problem = _pydantic_problem(exc, list(LaunchSpec.model_fields), "launch setting")
             else:
-                problem = launch_conflict(launch)
+                problem = launch_conflict(launch) or (spec and model_parallel_conflict(spec, launch))
                 if problem is None:
                     return launch
         loc, message = problem
@@ -908,7 +909,8 @@ class _Loader:
         if spec.distributed:
             own = self.expect(raw.get("launch"), dict, launch_path, "a mapping of launch settings")
             settings = {**default_launch, **resolver.resolve(own, launch_path, allow_stages=False)}
-            launch = self.validate_launch(settings, launch_path, origin_paths=[launch_path, ("defaults", "launch")])
+            launch = self.validate_launch(settings, launch_path, origin_paths=[launch_path, ("defaults", "launch")],
+                                          spec=spec)
 
         decl = StageDecl(name=name, uses=uses, params=params, inputs=inputs, needs=list(needs), launch=launch,
                          file=self.where(path).file, line=self.where(path).line)
@@ -1026,6 +1028,20 @@ def launch_conflict(launch: LaunchSpec) -> tuple[str, str] | None:
             if getattr(launch, name) != 1:
                 return name, (f"{name}={getattr(launch, name)} needs plugin: hybrid_parallel (plugin "
                               f"{launch.plugin} has no tensor/pipeline parallelism and would ignore it)")
+    return None
+
+
+def model_parallel_conflict(spec: StageSpec, launch: LaunchSpec) -> tuple[str, str] | None:
+    """(field, message) when hybrid_parallel asks to split a model by tensor/pipeline parallelism that the stage
+    type's model cannot be split by (no shardformer policy: StageSpec.model_parallel)."""
+    if launch.plugin != "hybrid_parallel" or spec.model_parallel:
+        return None
+    for name in ("tp_size", "pp_size"):
+        if getattr(launch, name) != 1:
+            return name, (f"{name}={getattr(launch, name)}: stage type {spec.name} cannot split its model by "
+                          f"tensor/pipeline parallelism (it has no Colossal-AI shardformer policy); use tp_size: 1 "
+                          f"and pp_size: 1 (hybrid_parallel then runs data parallel with ZeRO by zero_stage) or "
+                          f"plugin low_level_zero / gemini")
     return None
 
 

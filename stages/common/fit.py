@@ -174,6 +174,29 @@ def clip_gradients(optimizer, plugin, model: nn.Module, max_norm: float) -> None
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
+def adamw_choice(plugin: str | None) -> tuple[type, dict]:
+    """The AdamW implementation a plugin can drive, and its extra arguments. GeminiOptimizer accepts only Colossal-AI's
+    Adams (HybridAdam/CPUAdam/FusedAdam; colossalai 0.5.0 zero/gemini/gemini_optimizer.py `_AVAIL_OPTIM_LIST`):
+    HybridAdam in AdamW mode (decoupled weight decay, as torch's AdamW). Elsewhere torch's AdamW."""
+    if plugin == "gemini":
+        from colossalai.nn.optimizer import HybridAdam
+
+        return HybridAdam, {"adamw_mode": True}
+    return torch.optim.AdamW, {}
+
+
+def make_adamw(ctx: StageContext, param_groups: list[dict], lr: float, betas: tuple[float, float],
+               weight_decay: float, eps: float = 1e-8) -> torch.optim.Optimizer:
+    """AdamW over `param_groups` (their own lr/weight_decay override the defaults), as the launch's plugin needs it."""
+    plugin = ctx.launch.plugin if ctx.launch is not None else None
+    optimizer_class, extra = adamw_choice(plugin)
+    try:
+        return optimizer_class(param_groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **extra)
+    except AssertionError as exc:  # HybridAdam without its CPU/CUDA kernel (colossalai's kernel loader asserts)
+        raise StageError(f"plugin {plugin} needs Colossal-AI's {optimizer_class.__name__}, which cannot load its "
+                         f"kernel here: {exc}", field="launch.plugin") from None
+
+
 def host_batch(task: TrainTask, batch: Any, generator: torch.Generator) -> Any:
     """The micro-batch's random choices, made on the host (CPU) batch with a CPU generator."""
     return task.prepare(batch, generator) if task.prepare is not None else batch

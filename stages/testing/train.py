@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from vlflow.stage import StageContext
+from vlflow.stages.common.export import trained_module
 from vlflow.stages.common.fit import FitSettings, TrainTask, fit
 from vlflow.stages.common.training import ResumableSampler, configure_determinism, seed_everything
 from vlflow.stages.testing.toy import data_files
@@ -75,6 +77,9 @@ def train(ctx: StageContext) -> dict:
     settings = FitSettings(max_steps=params.steps, seed=SEED, log_every=1, checkpoint_every=params.checkpoint_every)
     hooks = [SleepAfterStep(params.sleep)] if params.sleep else []
     result = fit(ctx, model, optimizer, scheduler, task, batches, settings, hooks)
-    ctx.booster.save_model(result.model, str(ctx.output_dir / "model"), shard=True, use_safetensors=True)
+    trained = trained_module(result.model, result.optimizer, ctx.is_main)  # full fp32 weights, on rank 0
+    if ctx.is_main:
+        (ctx.output_dir / "model").mkdir(parents=True, exist_ok=True)
+        save_file(trained.state_dict(), str(ctx.output_dir / "model" / "model.safetensors"))
     return {"final_loss": result.metrics["loss"], "steps": params.steps, "resumed_from_step": result.resumed_from_step,
             "world_size": ctx.world_size}

@@ -17,7 +17,9 @@ from transformers import AutoTokenizer
 
 from vlflow.errors import StageError
 from vlflow.stage import StageContext
-from vlflow.stages.common.fit import Ema, FitSettings, TrainTask, cpu_state_dict, fit, warmup_linear_schedule
+from vlflow.stages.common.export import trained_module
+from vlflow.stages.common.fit import (Ema, FitSettings, TrainTask, cpu_state_dict, fit, make_adamw,
+                                      warmup_linear_schedule)
 from vlflow.stages.common.training import (ResumableSampler, accumulation_steps, configure_determinism,
                                            load_tokenizer, seed_everything)
 
@@ -78,7 +80,7 @@ def pretrain(ctx: StageContext) -> dict:
     config = model_config(p, tokenizer)
     model = UniTAB(config, backbone_weights=p.backbone_weights)
     hooks = [Ema(model, p.ema_decay)] if p.ema else []
-    optimizer = torch.optim.AdamW(parameter_groups(model, p), lr=p.lr, weight_decay=p.weight_decay)
+    optimizer = make_adamw(ctx, parameter_groups(model, p), lr=p.lr, betas=(0.9, 0.999), weight_decay=p.weight_decay)
     seed_everything(p.seed, rank)  # from here on each rank draws its own stream
 
     # data: global batch = per_device x world x accumulation; the order is a function of (seed, batch index)
@@ -102,8 +104,9 @@ def pretrain(ctx: StageContext) -> dict:
                            log_every=p.log_every, checkpoint_every=p.checkpoint_every)
     result = fit(ctx, model, optimizer, scheduler, sequence_task(), batches, settings, hooks)
 
+    trained = trained_module(result.model, result.optimizer, ctx.is_main)  # full fp32 weights, on rank 0
     if ctx.is_main:
-        save_outputs(ctx.output_dir, result.unwrapped(), hooks[0].model if hooks else None, config, tokenizer, p)
+        save_outputs(ctx.output_dir, trained, hooks[0].model if hooks else None, config, tokenizer, p)
     return {"steps": result.step, "final_loss": result.metrics.get("loss", float("nan")),
             "global_batch": p.batch_size, "accumulation": accumulation, "train_captions": len(dataset)}
 

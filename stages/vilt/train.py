@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 
 from vlflow.stage import StageContext
 from vlflow.errors import StageError
-from vlflow.stages.common.fit import FitSettings, TrainTask, fit, warmup_linear_schedule
+from vlflow.stages.common.export import trained_module
+from vlflow.stages.common.fit import FitSettings, TrainTask, fit, make_adamw, warmup_linear_schedule
 from vlflow.stages.common.training import ResumableSampler, accumulation_steps, configure_determinism
 from vlflow.stages.vilt.data import (CaptionPairs, MlmMasker, PairCollator, QuestionCollator, QuestionPairs,
                                      image_dataset, itm_negatives, load_answers, load_tokenizer, tokenize,
@@ -153,8 +154,8 @@ def train(ctx: StageContext, model: torch.nn.Module, tokenizer, task: TrainTask,
     accum = accumulation_steps(p.batch_size, p.per_device_batch_size, ctx.world_size)
     if dataset is None:
         dataset = CaptionPairs(image_dataset(ctx.inputs["arrows"], "train", p.image_size, p.max_image_size))
-    optimizer = torch.optim.AdamW(decay_groups(model, p.weight_decay, p.lr, head_lr_mult), lr=p.lr,
-                                  betas=tuple(p.betas))
+    optimizer = make_adamw(ctx, decay_groups(model, p.weight_decay, p.lr, head_lr_mult), lr=p.lr, betas=p.betas,
+                           weight_decay=p.weight_decay)
     scheduler = warmup_linear_schedule(optimizer, p.warmup_steps, p.max_steps)
     collate = collate or PairCollator(tokenizer, p.max_text_len)
     pin_memory = get_accelerator().name == "cuda"
@@ -169,8 +170,9 @@ def train(ctx: StageContext, model: torch.nn.Module, tokenizer, task: TrainTask,
     settings = FitSettings(max_steps=p.max_steps, accumulation=accum, seed=p.seed, grad_clip=p.grad_clip,
                            log_every=p.log_every, checkpoint_every=p.checkpoint_every)
     result = fit(ctx, model, optimizer, scheduler, task, batches, settings)
+    trained = trained_module(result.model, result.optimizer, ctx.is_main)  # full fp32 weights, on rank 0
     if ctx.is_main:
-        save_model(result.unwrapped(), ctx.output_dir / "model")
+        save_model(trained, ctx.output_dir / "model")
         tokenizer.save_pretrained(str(ctx.output_dir / "tokenizer"))
         params = p.model_dump(mode="json")
         params["tokenizer"] = "tokenizer"  # the copy saved beside the model

@@ -13,6 +13,7 @@ from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin, LowLev
 from colossalai.booster.plugin.plugin_base import Plugin
 from colossalai.booster.plugin.torch_ddp_plugin import TorchDDPModel
 from colossalai.interface import OptimizerWrapper
+from colossalai.shardformer.policies.base_policy import Policy
 from torch import nn
 
 from vlflow.errors import LaunchError
@@ -58,6 +59,29 @@ class CpuTorchDDPPlugin(TorchDDPPlugin):
         return model, optimizer, criterion, dataloader, lr_scheduler
 
 
+class ReplicatedPolicy(Policy):
+    """A shardformer policy that leaves the model whole: hybrid_parallel with tp_size = pp_size = 1 is data
+    parallel (ZeRO by zero_stage) and needs no per-architecture policy."""
+
+    def config_sanity_check(self):
+        pass
+
+    def preprocess(self) -> nn.Module:
+        return self.model
+
+    def module_policy(self) -> dict:
+        return {}
+
+    def postprocess(self) -> nn.Module:
+        return self.model
+
+    def get_held_layers(self) -> list[nn.Module]:
+        return [self.model]
+
+    def get_shared_params(self) -> list:
+        return []
+
+
 def make_plugin(launch: LaunchSpec, max_norm: float = 0.0) -> Plugin:
     """The plugin for `launch`. `max_norm` > 0: gradient clipping by global L2 norm inside the optimizer step, where the
     plugin owns it (ZeRO, Gemini, hybrid parallel clip their sharded fp32 master gradients, which exist only inside
@@ -73,8 +97,12 @@ def make_plugin(launch: LaunchSpec, max_norm: float = 0.0) -> Plugin:
     if launch.plugin == "hybrid_parallel":
         # Pipeline parallelism needs a micro-batch split; one sample per micro-batch is the simplest valid choice.
         microbatch_size = 1 if launch.pp_size > 1 else None
+        # Without tp/pp nothing is sharded by layer: a policy that replaces nothing (any model), instead of the
+        # shardformer auto policy that exists only for the transformers models colossalai lists.
+        policy = ReplicatedPolicy() if launch.tp_size == launch.pp_size == 1 else None
         return HybridParallelPlugin(tp_size=launch.tp_size, pp_size=launch.pp_size, zero_stage=launch.zero_stage,
-                                    precision=launch.precision, microbatch_size=microbatch_size, max_norm=max_norm)
+                                    precision=launch.precision, microbatch_size=microbatch_size, max_norm=max_norm,
+                                    custom_policy=policy)
     raise LaunchError(f"unknown plugin {launch.plugin!r}", field="launch.plugin")
 
 

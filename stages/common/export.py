@@ -1,0 +1,89 @@
+"""The trained model as full fp32 weights, whichever plugin trained it: the one way every training stage exports.
+
+After `fit`, the unwrapped module is not always the trained model: under Gemini its parameters are views into
+chunks that are sharded across ranks (rank 0 holds a slice), and under ZeRO (low_level_zero, hybrid_parallel with
+zero_stage > 0) with bf16/fp16 it holds the rounded low-precision working copy, while the fp32 master weights are
+sharded across ranks inside the optimizer. `gathered_state_dict` collects what the plugin holds:
+
+- Gemini: `GeminiDDP.state_dict(only_rank_0=True)` gathers the chunks (its fp32 copies, since the plugin is built
+  without `enable_gradient_accumulation`, which would keep only fp16 chunks);
+- ZeRO: each parameter's fp32 master shard, all-gathered over its data-parallel group and un-padded;
+- mixed precision without ZeRO (hybrid_parallel zero_stage 0 with bf16/fp16): the optimizer's full fp32 masters;
+- torch_ddp and fp32: the module's own weights (DDP keeps them fp32 and identical on every rank).
+
+`trained_module` loads that into the unwrapped module on rank 0 (replacing its tensors, so no sharded or rounded
+storage survives), ready for the stage's own format (`save_pretrained`, `torch.save`). All ranks must call it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vlflow.errors import StageError
+
+WRAPPER_PREFIX = "module."
+
+
+def _fp32_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach()
+    return (tensor.float() if tensor.is_floating_point() else tensor).cpu()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.unwrap() if hasattr(model, "unwrap") else model
+
+
+def _gather_zero_master(optimizer, param: nn.Parameter, master: torch.Tensor) -> torch.Tensor:
+    """The full fp32 value of `param` from its ZeRO master shards (flat, padded at the end to a multiple of the
+    group size, rank r holding chunk r)."""
+    from colossalai.accelerator import get_accelerator
+
+    group = optimizer.param_to_pg[param]
+    if isinstance(group, tuple):
+        raise StageError("exporting weights sharded over a multi-dimensional process group (MoE/sequence parallel "
+                         "ZeRO) is not supported")
+    shard = master.detach().float().to(get_accelerator().get_current_device())  # NCCL gathers device tensors
+    shards = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shards, shard, group=group)
+    return torch.cat(shards)[:param.numel()].view(param.shape)
+
+
+def gathered_state_dict(model: nn.Module, optimizer, is_main: bool) -> dict[str, torch.Tensor]:
+    """The boosted `model`'s full state dict in fp32 on the CPU on rank 0 (`{}` on other ranks). All ranks call it:
+    Gemini and ZeRO gather across ranks."""
+    from colossalai.amp.naive_amp.mixed_precision_optimizer import MixedPrecisionOptimizer
+    from colossalai.zero import GeminiDDP, LowLevelZeroOptimizer
+
+    module = _unwrap(model)
+    if isinstance(model, GeminiDDP):
+        state = model.state_dict(only_rank_0=True)
+        if not is_main:
+            return {}
+        own_keys = set(module.state_dict().keys())
+        return {(key[len(WRAPPER_PREFIX):] if key not in own_keys and key.startswith(WRAPPER_PREFIX) else key):
+                _fp32_cpu(value) for key, value in state.items()}
+
+    masters: dict[int, torch.Tensor] = {}
+    if isinstance(optimizer, LowLevelZeroOptimizer):  # low_level_zero, hybrid_parallel with zero_stage > 0
+        working_to_master = optimizer.get_working_to_master_map()
+        for param in module.parameters():  # the same order on every rank: the all-gathers pair up
+            if id(param) in working_to_master:
+                masters[id(param)] = _gather_zero_master(optimizer, param, working_to_master[id(param)])
+    elif isinstance(optimizer, MixedPrecisionOptimizer):  # hybrid_parallel zero_stage 0 bf16/fp16: full masters
+        masters = {id(param): master for param, master in optimizer.working_to_master_map.items()}
+    if not is_main:
+        return {}
+    return {name: _fp32_cpu(masters.get(id(tensor), tensor))
+            for name, tensor in module.state_dict(keep_vars=True).items()}
+
+
+def trained_module(model: nn.Module, optimizer, is_main: bool) -> nn.Module | None:
+    """Rank 0: the unwrapped module holding the full fp32 trained weights on the CPU (its tensors replaced, so
+    sharded or rounded storage is gone); other ranks: None. All ranks call it; training is over afterwards."""
+    state = gathered_state_dict(model, optimizer, is_main)
+    if not is_main:
+        return None
+    module = _unwrap(model)
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval()
