@@ -87,3 +87,41 @@ def trained_module(model: nn.Module, optimizer, is_main: bool) -> nn.Module | No
     module = _unwrap(model)
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval()
+
+
+def _separate_masters(optimizer) -> bool:
+    from colossalai.amp.naive_amp.mixed_precision_optimizer import MixedPrecisionOptimizer
+    from colossalai.zero import LowLevelZeroOptimizer
+
+    return isinstance(optimizer, (LowLevelZeroOptimizer, MixedPrecisionOptimizer))
+
+
+def master_weights(model: nn.Module, optimizer, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """The fp32 master weights by parameter name (full, on the CPU, rank 0; `{}` elsewhere) where the optimizer keeps
+    them apart from the module's weights (ZeRO, hybrid_parallel mixed precision); None where it does not (torch_ddp,
+    Gemini, whose model state dict already holds its fp32 copies). A checkpoint needs them: the Booster saves the
+    module's bf16/fp16 working weights, and loading them sets the masters to those rounded values
+    (`update_master_params`), so a resumed run would continue from rounded weights. All ranks call it."""
+    if not _separate_masters(optimizer):
+        return None
+    state = gathered_state_dict(model, optimizer, is_main)
+    return {name: state[name] for name, _ in _unwrap(model).named_parameters()} if is_main else {}
+
+
+@torch.no_grad()
+def restore_master_weights(model: nn.Module, optimizer, masters: dict[str, torch.Tensor]) -> None:
+    """Copy saved full fp32 masters into the optimizer's master copies (each ZeRO rank takes its own shard of the
+    flattened, end-padded parameter, as Colossal-AI's `update_master_params` does)."""
+    from colossalai.zero import LowLevelZeroOptimizer
+
+    working_to_master = optimizer.get_working_to_master_map()
+    for name, param in _unwrap(model).named_parameters():
+        if id(param) not in working_to_master:
+            continue
+        master = working_to_master[id(param)]
+        value = masters[name].to(device=master.device, dtype=master.dtype)
+        if isinstance(optimizer, LowLevelZeroOptimizer):
+            group = optimizer.param_to_pg[param]
+            flat = torch.nn.functional.pad(value.flatten(), [0, optimizer.get_param_padding_size(param)])
+            value = flat.chunk(dist.get_world_size(group))[dist.get_rank(group)]
+        master.copy_(value.view_as(master))

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from vlflow.errors import StageError
 from vlflow.stage import StageContext
 from vlflow.stages.common.device import cpu_threads_per_rank
+from vlflow.stages.common.export import master_weights, restore_master_weights
 from vlflow.store import META_DIR
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 KEEP_CHECKPOINTS = 2
 MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE = "model.pt", "optimizer.pt", "lr_scheduler.pt", "state.json"
+MASTER_FILE = "master_weights.pt"  # fp32 masters where the plugin keeps them apart from the model (ZeRO, AMP)
 
 
 def accumulation_steps(global_batch: int, per_device_batch: int, world_size: int) -> int:
@@ -132,6 +134,9 @@ def save_checkpoint(ctx: StageContext, model, optimizer, lr_scheduler, step: int
     ctx.booster.save_optimizer(optimizer, str(tmp / OPTIMIZER_FILE))
     if lr_scheduler is not None:
         ctx.booster.save_lr_scheduler(lr_scheduler, str(tmp / SCHEDULER_FILE))
+    masters = master_weights(model, optimizer, ctx.is_main)  # the Booster saves only the rounded working weights
+    if masters is not None and ctx.is_main:
+        torch.save(masters, tmp / MASTER_FILE)
     _barrier()
     if ctx.is_main:
         if write_files is not None:
@@ -178,6 +183,9 @@ def load_checkpoint(ctx: StageContext, model, optimizer, lr_scheduler) -> tuple[
         return None
     ctx.booster.load_model(model, str(path / MODEL_FILE))
     ctx.booster.load_optimizer(optimizer, str(path / OPTIMIZER_FILE))
+    if (path / MASTER_FILE).is_file():  # load_model set the masters to the rounded working weights
+        restore_master_weights(model, optimizer, torch.load(path / MASTER_FILE, map_location="cpu",
+                                                            weights_only=True))
     if lr_scheduler is not None:
         ctx.booster.load_lr_scheduler(lr_scheduler, str(path / SCHEDULER_FILE))
     state = json.loads((path / STATE_FILE).read_text())
