@@ -74,8 +74,11 @@ def gathered_state_dict(model: nn.Module, optimizer, is_main: bool) -> dict[str,
         masters = {id(param): master for param, master in optimizer.working_to_master_map.items()}
     if not is_main:
         return {}
-    return {name: _fp32_cpu(masters.get(id(tensor), tensor))
-            for name, tensor in module.state_dict(keep_vars=True).items()}
+    converted: dict[int, torch.Tensor] = {}  # by tensor: a tied weight stays one tensor under both names
+    for tensor in module.state_dict(keep_vars=True).values():
+        if id(tensor) not in converted:
+            converted[id(tensor)] = _fp32_cpu(masters.get(id(tensor), tensor))
+    return {name: converted[id(tensor)] for name, tensor in module.state_dict(keep_vars=True).items()}
 
 
 def trained_module(model: nn.Module, optimizer, is_main: bool) -> nn.Module | None:
@@ -85,6 +88,15 @@ def trained_module(model: nn.Module, optimizer, is_main: bool) -> nn.Module | No
     if not is_main:
         return None
     module = _unwrap(model)
+    # a tied weight (ViLT's MLM decoder = word embeddings) may come back under one of its names only: give every
+    # name of the same tensor that value, so the tie survives and the strict load sees every key
+    names_by_tensor: dict[int, list[str]] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        names_by_tensor.setdefault(id(tensor), []).append(name)
+    for names in names_by_tensor.values():
+        present = next((name for name in names if name in state), None)
+        for name in names if present is not None else ():
+            state.setdefault(name, state[present])
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval()
 
