@@ -15,6 +15,11 @@ S3_TEST_ENV = {
 }
 
 
+def write_project_config(root) -> None:
+    """A vlflow.toml in `root` with the cache and state dirs inside it (`cache/`, `state/`)."""
+    (root / "vlflow.toml").write_text('[cache]\nurl = "cache"\n[state]\ndir = "state"\n')
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

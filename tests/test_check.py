@@ -10,6 +10,7 @@ import pytest
 from vlflow.check import compare
 from vlflow.cli import main as vlflow_main
 from vlflow.store import FileEntry
+from tests.conftest import write_project_config
 
 WORKFLOWS = Path(__file__).parent / "data" / "workflows"
 
@@ -31,7 +32,7 @@ stages:
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "vlflow.toml").write_text('[cache]\nurl = "cache"\n[state]\ndir = "state"\n')
+    write_project_config(tmp_path)
     (tmp_path / "wf.yaml").write_text(PIPELINE)
     return tmp_path
 
@@ -104,7 +105,7 @@ def test_compare_names_differences_in_path_order_and_ignores_the_runner_metadata
 
 def test_tokenizer_and_arrows_of_a_small_vilt_workflow_reproduce(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "vlflow.toml").write_text('[cache]\nurl = "cache"\n[state]\ndir = "state"\n')
+    write_project_config(tmp_path)
     shutil.copy(WORKFLOWS / "small_vilt.yaml", tmp_path / "wf.yaml")
     rc, out = vlflow(capsys, "check", "wf.yaml", "data", "arrows", "tokenizer", "--build")
     assert rc == 0, out
@@ -115,7 +116,7 @@ def test_tokenizer_and_arrows_of_a_small_vilt_workflow_reproduce(tmp_path, monke
 def test_a_training_stage_reproduces_under_check(tmp_path, monkeypatch, capsys):
     """vilt.pretrain (2 gloo ranks, 4 steps) rerun by `vlflow check`: same weights, same data files."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "vlflow.toml").write_text('[cache]\nurl = "cache"\n[state]\ndir = "state"\n')
+    write_project_config(tmp_path)
     shutil.copy(WORKFLOWS / "small_vilt.yaml", tmp_path / "wf.yaml")
     rc, out = vlflow(capsys, "check", "wf.yaml", "pretrain", "--build", "--set", "stages.pretrain.with.max_steps=4")
     assert rc == 0, out

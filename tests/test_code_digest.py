@@ -13,6 +13,7 @@ import vlflow.stage
 from vlflow.cli import main as vlflow_main
 from vlflow.code_digest import clear_cache, code_digest
 from vlflow.stage import get_spec
+from tests.conftest import write_project_config
 
 # A third-party stage package, registered through the real "vlflow.stages" entry-point group (a dist-info dir on
 # sys.path), so the stage also runs in vlflow's child process.
@@ -75,7 +76,7 @@ def toy_project(tmp_path, monkeypatch):
     project = tmp_path / "project"
     project.mkdir()
     monkeypatch.chdir(project)
-    (project / "vlflow.toml").write_text('[cache]\nurl = "cache"\n[state]\ndir = "state"\n')
+    write_project_config(project)
     (project / "wf.yaml").write_text("stages:\n  echo: {uses: toy.echo}\n  other: {uses: toy.other}\n")
     yield site
     clear_cache()

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from vlflow.store import ArtifactStore
+from tests.conftest import write_project_config
 
 VLFLOW = str(Path(sys.executable).with_name("vlflow"))
 
@@ -35,7 +36,7 @@ def _evaluate(project: Path, *args: str) -> Path:
 
 
 def _one_rank_then_two(project: Path, workflow: str, overrides: list[str]) -> tuple[Path, Path]:
-    (project / "vlflow.toml").write_text('[cache]\nurl = "cache"\n[state]\ndir = "state"\n')
+    write_project_config(project)
     shutil.copy(WORKFLOWS / workflow, project / "wf.yaml")
     # the number of ranks is not part of the stage's cache key (it must not change the result): the second
     # evaluation is forced

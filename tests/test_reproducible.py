@@ -10,6 +10,7 @@ import pytest
 
 from vlflow.cli import main as vlflow_main
 from vlflow.store import META_DIR, ArtifactStore
+from tests.conftest import write_project_config
 
 WORKFLOWS = Path(__file__).parent.parent / "workflows"
 
@@ -23,7 +24,7 @@ TINY_UNITAB = ["--set", "params.images=60", "--until", "tokenizer"]
 def run_from_empty_cache(root: Path, workflow: str, args: list[str], capsys) -> dict[str, tuple[str, str]]:
     """`vlflow run` in a fresh project; {stage: (key, data digest)} of what it committed."""
     root.mkdir()
-    (root / "vlflow.toml").write_text('[cache]\nurl = "cache"\n[state]\ndir = "state"\n')
+    write_project_config(root)
     shutil.copy(WORKFLOWS / workflow, root / "wf.yaml")
     rc = vlflow_main(["run", str(root / "wf.yaml"), *args])
     out = capsys.readouterr()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from vlflow.procs import processes_mentioning
+from tests.conftest import write_project_config
 
 VLFLOW = str(Path(sys.executable).with_name("vlflow"))
 
@@ -30,7 +31,7 @@ stages:
 
 
 def _project(tmp_path: Path, workflow: str) -> Path:
-    (tmp_path / "vlflow.toml").write_text('[cache]\nurl = "cache"\n[state]\ndir = "state"\n')
+    write_project_config(tmp_path)
     (tmp_path / "wf.yaml").write_text(workflow)
     return tmp_path
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from vlflow.cli import main as vlflow_main
+from tests.conftest import write_project_config
 
 PIPELINE = """
 name: toy
@@ -35,7 +36,7 @@ stages:
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "vlflow.toml").write_text('[cache]\nurl = "cache"\n[state]\ndir = "state"\n')
+    write_project_config(tmp_path)
     (tmp_path / "wf.yaml").write_text(PIPELINE)
     return tmp_path
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from vlflow.store import ArtifactStore
+from tests.conftest import write_project_config
 
 VLFLOW = str(Path(sys.executable).with_name("vlflow"))
 
@@ -37,7 +38,7 @@ def train_manifest(project: Path):
 @pytest.mark.dist
 def test_forced_rerun_of_a_training_stage_reproduces_its_data_and_leaves_downstream_cached(tmp_path):
     project = tmp_path
-    (project / "vlflow.toml").write_text('[cache]\nurl = "cache"\n[state]\ndir = "state"\n')
+    write_project_config(project)
     (project / "wf.yaml").write_text(WORKFLOW)
     assert "2 ran" in run(project)
     first = train_manifest(project)

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from vlflow.store import ArtifactStore
+from tests.conftest import write_project_config
 
 VLFLOW = str(Path(sys.executable).with_name("vlflow"))
 
@@ -70,7 +71,7 @@ def _run(project: Path, *args: str, kill_when=None, timeout: float = 400) -> sub
 def test_killed_pretraining_resumes_to_the_uninterrupted_weights(tmp_path, workflow):
     project = tmp_path / "project"
     project.mkdir()
-    (project / "vlflow.toml").write_text('[cache]\nurl = "cache"\n[state]\ndir = "state"\n')
+    write_project_config(project)
     shutil.copy(WORKFLOWS / workflow, project / "wf.yaml")
     store = ArtifactStore(str(project / "cache"))
 

@@ -14,6 +14,7 @@ from vlflow.errors import StageError
 from vlflow.runner import Runner
 from vlflow.store import ArtifactStore
 from vlflow.workflow import load_workflow
+from tests.conftest import write_project_config
 
 PIPELINE = """
 name: toy
@@ -28,7 +29,7 @@ EXPECTED_C = ("hello 0\n" * 5 + "hello 1\n" * 5 + "hello 2\n" * 5) + "!"
 def project(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("COLUMNS", "250")
-    (tmp_path / "vlflow.toml").write_text('[cache]\nurl = "cache"\n[state]\ndir = "state"\n')
+    write_project_config(tmp_path)
     (tmp_path / "wf.yaml").write_text(PIPELINE)
     return tmp_path
 
