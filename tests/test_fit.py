@@ -52,6 +52,9 @@ CLIP_SCRIPT = textwrap.dedent("""
         results[str(grad_clip)] = (end - start).norm().item()
     if rank == 0:
         (out / "result.json").write_text(json.dumps(results))
+    # tear gloo down before exit: a rank that exits with its gloo threads alive can abort ("terminate called ...")
+    dist.barrier()
+    dist.destroy_process_group()
 """)
 
 
@@ -85,6 +88,9 @@ PLUGIN_SCRIPT = textwrap.dedent("""
                       "zero2_no_sync": zero2.support_no_sync(),
                       "gemini": gemini.optim_kwargs["max_norm"],
                       "unclipped": unclipped.zero_optim_kwargs["clip_grad_norm"]}))
+    # tear gloo down before exit: a rank that exits with its gloo threads alive can abort ("terminate called ...")
+    dist.barrier()
+    dist.destroy_process_group()
 """)
 
 
@@ -140,6 +146,9 @@ DIFFERENT_INIT_SCRIPT = textwrap.dedent("""
             FitSettings(max_steps=1))
     except StageError as exc:
         print(f"rank {rank}: {exc}")
+    # tear gloo down before exit: a rank that exits with its gloo threads alive can abort ("terminate called ...")
+    dist.barrier()
+    dist.destroy_process_group()
 """)
 
 

@@ -147,6 +147,9 @@ EXPORT_SCRIPT = textwrap.dedent("""
             "working_dtype": str(working.dtype), "dtype": str(exported.dtype),
             "equals_master": torch.equal(exported, master), "master_differs_from_working": not torch.equal(
                 master, working.float())}))
+    # tear gloo down before exit: a rank that exits with its gloo threads alive can abort ("terminate called ...")
+    dist.barrier()
+    dist.destroy_process_group()
 """)
 
 
@@ -242,6 +245,9 @@ RESUME_SCRIPT = textwrap.dedent("""
             "masters_saved": (out / "resumed" / "checkpoints" / "step_3" / "master_weights.pt").is_file(),
             "equal": sorted(resumed) == sorted(uninterrupted) and all(
                 torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)}))
+    # tear gloo down before exit: a rank that exits with its gloo threads alive can abort ("terminate called ...")
+    dist.barrier()
+    dist.destroy_process_group()
 """)
 
 
