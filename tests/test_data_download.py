@@ -20,12 +20,12 @@ PAYLOAD = os.urandom(300_000)
 
 class Handler(RangeFileHandler):
     """/ok/NAME serves with Range support; /drop/NAME drops the first GET mid-file; /norange/NAME drops the first GET
-    and then ignores Range; /flaky/NAME drops every GET and ignores Range."""
+    and then ignores Range; /flaky/NAME drops every GET and ignores Range; /trickle/NAME sends a byte every 0.1 s."""
 
     requests: list = []  # (path, Range header, status) of every GET
 
     def honours_range(self, mode: str) -> bool:
-        return mode in ("ok", "drop")
+        return mode in ("ok", "drop", "trickle")
 
     def send_body(self, mode: str, data: bytes, start: int, range_header: str | None) -> None:
         previous = sum(1 for p, _, _ in self.requests if p == self.path)
@@ -36,6 +36,12 @@ class Handler(RangeFileHandler):
             time.sleep(0.2)  # let the client consume what was sent before the connection breaks
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
+            return
+        if mode == "trickle":  # a byte every 0.1 s: never a read timeout, never done
+            for byte in data[start:start + 40]:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.1)
             return
         self.wfile.write(data[start:])
 
@@ -104,6 +110,19 @@ def test_server_ignoring_range_and_dropping_again_is_refused(server, tmp_path):
 def test_retries_exhausted(server, tmp_path):
     with pytest.raises(DataError, match=r"flaky/b.bin: download failed after 1 attempts"):
         download_files(params({"url": f"{server}/flaky/b.bin"}, retries=0), tmp_path)
+
+
+def test_a_trickling_server_is_cut_off_by_the_low_speed_limit(server, tmp_path):
+    """Each byte arrives well inside the read timeout, so only the low-speed limit ends the attempt (curl's
+    --speed-limit/--speed-time); the retry resumes from the bytes kept, then gives up with one clear error."""
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"trickle/a.bin: download failed after 2 attempts \(\d+ bytes kept in "
+                                        r"a.bin.part\): _TooSlow: \d+ bytes in \d+ s, below "
+                                        r"low_speed_bytes_per_s=1000 over low_speed_s=0.5"):
+        download_files(params({"url": f"{server}/trickle/a.bin"}, retries=1, low_speed_bytes_per_s=1000,
+                              low_speed_s=0.5), tmp_path)
+    assert time.monotonic() - started < 10
+    assert [header for path, header, _ in Handler.requests if path == "/trickle/a.bin"][1].startswith("bytes=")
 
 
 def test_checksum_mismatch_discards_file(server, tmp_path):

@@ -39,6 +39,11 @@ class _Truncated(OSError):
     """The connection ended before all announced bytes arrived."""
 
 
+class _TooSlow(OSError):
+    """Fewer bytes arrived than the low-speed limit allows: a trickling server would otherwise hold the stage for ever
+    (each byte resets the socket read timeout)."""
+
+
 class _RangeIgnored(Exception):
     """The server answered a Range request with the whole file (HTTP 200)."""
 
@@ -129,10 +134,20 @@ class _Fetcher:
             if offset:
                 source.seek(offset)
         self.progress.update(self.task, total=total, completed=offset)
+        limit, window = self.params.low_speed_bytes_per_s, self.params.low_speed_s
+        window_start, window_bytes = time.monotonic(), 0
         with source, open(self.part, "ab" if offset else "wb") as out:
+            # an HTTP read returns what has arrived (up to chunk_bytes), so the check runs at least every timeout_s
             while chunk := source.read(self.params.chunk_bytes):
                 out.write(chunk)
                 self.progress.advance(self.task, len(chunk))
+                window_bytes += len(chunk)
+                elapsed = time.monotonic() - window_start
+                if elapsed >= window:
+                    if window_bytes < limit * elapsed:
+                        raise _TooSlow(f"{window_bytes} bytes in {elapsed:.0f} s, below low_speed_bytes_per_s="
+                                       f"{limit} over low_speed_s={window:g}")
+                    window_start, window_bytes = time.monotonic(), 0
         size = self.part.stat().st_size
         if total is not None and size != total:
             raise _Truncated(f"connection closed after {size} of {total} bytes")

@@ -147,6 +147,11 @@ class DownloadParams(Params):
     retries: int = Field(3, ge=0, le=100, description="extra attempts per file after a dropped connection")
     chunk_bytes: int = Field(1 << 20, ge=1024, le=64 << 20, description="bytes read per request chunk (held in memory)")
     timeout_s: float = Field(60.0, gt=0, description="socket read timeout")
+    low_speed_bytes_per_s: int = Field(
+        1024, ge=0, description="an attempt that receives fewer bytes per second than this, averaged over "
+                                "low_speed_s, is aborted and retried from where it stopped (curl's --speed-limit); "
+                                "0 disables")
+    low_speed_s: float = Field(120.0, gt=0, le=86400, description="window of the low-speed check (curl's --speed-time)")
     progress: bool = True
     storage_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
