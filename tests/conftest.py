@@ -20,6 +20,23 @@ def write_project_config(root) -> None:
     (root / "vlflow.toml").write_text('[cache]\nurl = "cache"\n[state]\ndir = "state"\n')
 
 
+def run_on_two_ranks(script_text: str, workdir, timeout: float = 300):
+    """Run `script_text` (it gets `workdir` as argv[1]) as a real 2-rank torchrun launch on 127.0.0.1, one thread per
+    rank; asserts it exited 0 and returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    script = workdir / "two_ranks.py"
+    script.write_text(script_text)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(script), str(workdir)]
+    proc = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

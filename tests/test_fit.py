@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 
+from tests.conftest import run_on_two_ranks
 from vlflow.launch.command import free_port
 from vlflow.stages.common.fit import first_dim, to_device, warmup_steps
 
@@ -61,12 +62,7 @@ CLIP_SCRIPT = textwrap.dedent("""
 @pytest.mark.dist
 def test_grad_clip_bounds_the_update_under_torch_ddp(tmp_path):
     """SGD with lr 1: the update is the (all-reduced, accumulated) gradient; clipped, its norm is grad_clip."""
-    script = tmp_path / "clip.py"
-    script.write_text(CLIP_SCRIPT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               str(script), str(tmp_path)]
-    proc = subprocess.run(command, env=dict(os.environ, **LAUNCH_ENV), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_on_two_ranks(CLIP_SCRIPT, tmp_path)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["0.0"] > 1.0  # unclipped: a large gradient
     assert result["0.01"] == pytest.approx(0.01, rel=1e-3)
@@ -155,11 +151,6 @@ DIFFERENT_INIT_SCRIPT = textwrap.dedent("""
 @pytest.mark.dist
 def test_ranks_with_different_initial_weights_are_refused(tmp_path):
     """ZeRO and Gemini never broadcast rank 0's weights: the loop checks every rank starts from the same ones."""
-    script = tmp_path / "init.py"
-    script.write_text(DIFFERENT_INIT_SCRIPT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               str(script), str(tmp_path)]
-    proc = subprocess.run(command, env=dict(os.environ, **LAUNCH_ENV), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = run_on_two_ranks(DIFFERENT_INIT_SCRIPT, tmp_path)
     for rank in (0, 1):
         assert f"rank {rank}: ranks start from different initial weights (2 tensors differ, e.g. weight)" in proc.stdout

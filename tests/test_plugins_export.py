@@ -7,21 +7,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
+from tests.conftest import run_on_two_ranks
 from vlflow.errors import StageError, WorkflowError
-from vlflow.launch.command import free_port
 from vlflow.stage import LaunchSpec, StageContext
 from vlflow.stages.common.fit import adamw_choice, make_adamw
 from vlflow.workflow import load_workflow
-
-LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def context(plugin: str, tmp_path) -> StageContext:
@@ -155,12 +150,7 @@ EXPORT_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.dist
 def test_export_is_the_fp32_weights_under_torch_ddp_and_the_masters_under_hybrid_parallel_bf16(tmp_path):
-    script = tmp_path / "export.py"
-    script.write_text(EXPORT_SCRIPT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               str(script), str(tmp_path)]
-    proc = subprocess.run(command, env=dict(os.environ, **LAUNCH_ENV), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_on_two_ranks(EXPORT_SCRIPT, tmp_path)
     report = json.loads((tmp_path / "export.json").read_text())
     assert report == {"keys_equal": True, "equal": True, "dtypes": ["torch.float32", "torch.int64"],
                       "devices": ["cpu"], "trained": True, "tied": True, "running_mean_moved": True}
@@ -256,11 +246,6 @@ def test_resume_under_bf16_masters_is_exact(tmp_path):
     """hybrid_parallel bf16 (gloo): the Booster saves the bf16 working weights and its load sets the fp32 masters to
     them; the checkpoint's master_weights.pt restores the masters, so a resumed run ends bit-identical to an
     uninterrupted one (the same code path restores ZeRO's master shards on GPUs)."""
-    script = tmp_path / "resume.py"
-    script.write_text(RESUME_SCRIPT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               str(script), str(tmp_path)]
-    proc = subprocess.run(command, env=dict(os.environ, **LAUNCH_ENV), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_on_two_ranks(RESUME_SCRIPT, tmp_path)
     assert json.loads((tmp_path / "resume.json").read_text()) == {"resumed_from": 3, "masters_saved": True,
                                                                   "equal": True}
