@@ -107,9 +107,10 @@ def part_e2e(args) -> dict:
             cache = Path(project) / "cache"
             started = time.perf_counter()
             try:
-                result = subprocess.run([str(Path(sys.executable).with_name("vlflow")), "run",
+                result = subprocess.run([sys.executable, "-m", "vlflow", "run",
                                          str(ROOT / "workflows" / f"{workflow}.yaml"), "--cache", str(cache),
                                          "--state-dir", str(Path(project) / "state"), *launch], cwd=ROOT,
+                                        env={**os.environ, "PYTHONSAFEPATH": "1"},  # the installed vlflow, not ./
                                         capture_output=True, text=True, timeout=max(30, e2e_deadline - time.time()))
             except subprocess.TimeoutExpired as exc:
                 out[workflow] = {"error": f"timed out after {exc.timeout:.0f} s (time budget)",
