@@ -53,3 +53,32 @@ def test_e2e_thresholds_are_the_e2e_tests_thresholds():
     grounding = {"grounding_recall@1": 0.31, "random_box_recall@1": 0.1}
     assert e2e_thresholds("tiny_unitab", [grounding])["passed"] is True
     assert e2e_thresholds("tiny_unitab", [{**grounding, "random_box_recall@1": 0.11}])["passed"] is False
+
+
+def test_e2e_runs_each_training_stage_at_its_whole_batch_and_reads_its_figures(tmp_path):
+    """On one GPU the e2e part sets per_device_batch_size to the stage's batch_size (no accumulation, same maths):
+    the table must follow the workflows. Stage seconds and samples/s are read back from real run output."""
+    import sys
+
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check import ONE_DEVICE_BATCHES, e2e_command, stage_seconds, training_rates
+
+    for workflow, batches in ONE_DEVICE_BATCHES.items():
+        stages = yaml.safe_load((ROOT / "workflows" / f"{workflow}.yaml").read_text())["stages"]
+        training = {name for name, stage in stages.items() if "per_device_batch_size" in (stage.get("with") or {})}
+        assert set(batches) == training, workflow
+        for name, batch in batches.items():
+            assert stages[name]["with"]["batch_size"] == batch, (workflow, name)
+        command = e2e_command(workflow, tmp_path)
+        assert command[1:4] == ["-m", "vlflow", "run"] and "defaults.launch.plugin=low_level_zero" in command
+
+    assert stage_seconds("✓ done   data  0.9s\n         images=600\n✓ done   pretrain  53.7s\n") == {
+        "data": 0.9, "pretrain": 53.7}
+    attempt = tmp_path / "cache" / "artifacts" / "ab12" / "att1"
+    (attempt / "_vlflow").mkdir(parents=True)
+    (attempt.parent / "manifest.json").write_text(json.dumps({"meta": {"stage": "finetune"}}))
+    (attempt / "_vlflow" / "metrics.jsonl").write_text(
+        json.dumps({"step": 50, "samples_per_s": 90.0}) + "\n" + json.dumps({"step": 100, "samples_per_s": 99.5}))
+    assert training_rates(tmp_path / "cache") == {"finetune": 99.5}
