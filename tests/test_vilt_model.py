@@ -100,8 +100,10 @@ def test_forward_backward_shapes(params, tokenizer, batch):
     out["loss"].backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert no_grad == []  # DDP needs a gradient for every trainable parameter
-    # the MLM decoder is tied to the word embeddings
-    assert model.mlm.mlm_score.decoder.weight is model.vilt.embeddings.text_embeddings.word_embeddings.weight
+    # the MLM decoder is its own matrix, as ViLT's MLMHead (not the word embeddings), and it learns
+    decoder, words = model.mlm.mlm_score.decoder.weight, model.vilt.embeddings.text_embeddings.word_embeddings.weight
+    assert decoder is not words and not torch.equal(decoder, words)
+    assert decoder.grad is not None and decoder.grad.abs().sum() > 0
 
 
 def test_single_task_freezes_unused_heads(params, tokenizer, batch):
@@ -110,6 +112,11 @@ def test_single_task_freezes_unused_heads(params, tokenizer, batch):
     model(mlm_batch=mlm_batch)["loss"].backward()
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
     assert not model.itm_score.weight.requires_grad
+
+    itm_only = make_model(params, tokenizer, tasks=["itm"])
+    itm_only(itm_batch=swap_images_for_itm(batch, torch.Generator().manual_seed(0)))["loss"].backward()
+    assert [n for n, p in itm_only.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert not itm_only.mlm.mlm_score.decoder.weight.requires_grad  # the untied decoder is MLM's alone
 
 
 def test_mlm_masking_token_level(tokenizer, batch):
@@ -175,12 +182,29 @@ def test_saved_model_loads_as_vilt_for_masked_lm(tmp_path, params, tokenizer, ba
     torch.manual_seed(0)
     assert torch.allclose(loaded.eval()(**inputs).logits, expected, atol=1e-5)
 
+    # the untied decoder survives the round trip through transformers (config.tie_word_embeddings False)
+    assert not loaded.config.tie_word_embeddings
+    assert torch.equal(loaded.mlm_score.decoder.weight, model.mlm.mlm_score.decoder.weight)
+    assert loaded.mlm_score.decoder.weight is not loaded.vilt.embeddings.text_embeddings.word_embeddings.weight
+
     reloaded = ViltPretrainingModel.from_pretrained(tmp_path)
     assert torch.equal(reloaded.itm_score.weight, model.itm_score.weight)
+    assert torch.equal(reloaded.mlm.mlm_score.decoder.weight, model.mlm.mlm_score.decoder.weight)
     retrieval = retrieval_model_from_pretraining(tmp_path)
     assert isinstance(retrieval, ViltForImageAndTextRetrieval)
     assert torch.equal(retrieval.rank_output.weight[0], model.itm_score.weight[1])  # ITM "match" row
     assert torch.equal(retrieval.rank_output.bias, model.itm_score.bias[1:])
+
+
+def test_a_tied_transformers_checkpoint_stays_tied(tmp_path, params, tokenizer):
+    """transformers' own ViLT checkpoints (tie_word_embeddings defaults to True) load as they were saved."""
+    config = build_config(params, len(tokenizer), tokenizer.pad_token_id)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    ViltForMaskedLM(config).save_pretrained(tmp_path)
+    model = ViltPretrainingModel.from_pretrained(tmp_path, tasks=["itm"])
+    assert model.mlm.mlm_score.decoder.weight is model.vilt.embeddings.text_embeddings.word_embeddings.weight
+    assert model.mlm.mlm_score.decoder.weight.requires_grad  # the word embeddings still train under ITM alone
 
 
 def test_retrieval_training_loss_prefers_true_caption(params, tokenizer, batch):

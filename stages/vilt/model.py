@@ -36,7 +36,9 @@ def build_config(p, vocab_size: int, pad_token_id: int) -> ViltConfig:
         max_image_length=p.max_image_len,
         max_position_embeddings=p.max_text_len,
         initializer_range=p.initializer_range,
-        tie_word_embeddings=True,  # MLM decoder shares the word embeddings (BERT style)
+        # ViLT's MLM head has its own decoder matrix (vilt/modules/heads.py MLMHead: a fresh Linear(hidden, vocab)),
+        # not the word embeddings; the config says so, so from_pretrained keeps them apart too
+        tie_word_embeddings=False,
         architectures=["ViltForMaskedLM"],
     )
 
@@ -64,7 +66,8 @@ def encode(vilt, input_ids, attention_mask, image_embeds, image_mask) -> Encoded
 
 
 class ViltPretrainingModel(nn.Module):
-    """ViltForMaskedLM (backbone + BERT-style MLM head tied to the word embeddings) + ITM head (Linear hidden->2)."""
+    """ViltForMaskedLM (backbone + BERT-style MLM head with its own decoder, as ViLT) + ITM head (Linear hidden->2).
+    A checkpoint whose config ties the decoder to the word embeddings (transformers' default) stays tied."""
 
     def __init__(self, config: ViltConfig, tasks=("mlm", "itm")):
         super().__init__()
@@ -76,6 +79,8 @@ class ViltPretrainingModel(nn.Module):
         if "mlm" not in self.tasks:
             self.mlm.mlm_score.transform.requires_grad_(False)
             self.mlm.mlm_score.bias.requires_grad_(False)
+            if not config.tie_word_embeddings:  # a tied decoder is the word embeddings, which the backbone trains
+                self.mlm.mlm_score.decoder.requires_grad_(False)
         if "itm" not in self.tasks:
             self.itm_score.requires_grad_(False)
             self.mlm.vilt.pooler.requires_grad_(False)
