@@ -258,7 +258,8 @@ def test_unitab_evaluate_stage_runs_on_the_fake_gpu(tmp_path):
     torch.manual_seed(0)
     config = _unitab_config(tokenizer)
     save_outputs(tmp_path / "run", UniTAB(config), None, config, tokenizer,
-                 PretrainParams(image_size=64, max_image_size=96))
+                 PretrainParams(image_size=64, max_image_size=96, backbone_norm="batch_norm",
+                                freeze_backbone_stem=False))
     params = EvaluateParams(split="test", batch_size=2, max_decoding_step=8)
     ctx = _context(tmp_path, params, {"arrows": arrows, "model": tmp_path / "run"})
     with fake_cuda():

@@ -62,8 +62,35 @@ class TokenLayout:
 # ---------------------------------------------------------------------------------------------------------------
 # Image side
 
+MDETR_BACKBONE_PREFIX = "backbone.0.body."  # MDETR/UniTAB checkpoints: model.backbone[0] (Backbone).body
+FROZEN_BY_UNITAB = ("conv1.", "bn1.", "layer1.")  # MDETR's BackboneBase trains only layer2..layer4
+
+
+def backbone_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The ResNet trunk tensors of a local checkpoint file: a torchvision / timm ResNet state dict, or an MDETR /
+    UniTAB checkpoint (`{"model": ...}` with `backbone.0.body.` keys, e.g. MDETR's pretrained_resnet101_checkpoint.pth).
+    Raises ValueError naming the file when it cannot be read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:  # pickle/zip errors arrive as RuntimeError
+        raise ValueError(f"backbone_weights {path}: cannot read a torch checkpoint ({exc})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"backbone_weights {path}: expected a state dict, got {type(state).__name__}")
+    if any(key.startswith(MDETR_BACKBONE_PREFIX) for key in state):
+        state = {key[len(MDETR_BACKBONE_PREFIX):]: value for key, value in state.items()
+                 if key.startswith(MDETR_BACKBONE_PREFIX)}
+    return state
+
+
 class Backbone(nn.Module):
-    """timm ResNet trunk returning one feature map; BatchNorm frozen as in DETR/MDETR/UniTAB."""
+    """ResNet trunk (timm's ResNets have torchvision's layout and tensor names) returning one feature map.
+
+    norm: `frozen_bn` as DETR/MDETR/UniTAB (BatchNorm statistics and affine fixed: only meaningful with pretrained
+    weights, which the training stage therefore requires); `batch_norm` trainable BatchNorm and `group_norm` GroupNorm(8),
+    for small backbones trained from scratch. `freeze_stem_and_layer1()` is MDETR's rule (conv1/bn1/layer1 get no
+    gradient)."""
 
     def __init__(self, name: str, feature_level: int = -1, weights: str | None = None, norm: str = "frozen_bn"):
         super().__init__()
@@ -72,13 +99,30 @@ class Backbone(nn.Module):
         self.body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(feature_level,),
                                       zero_init_last=False, **extra)
         if weights:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            missing, _ = self.body.load_state_dict(state, strict=False)
-            if len(missing) == len(self.body.state_dict()):
-                raise ValueError(f"backbone_weights {weights}: no tensor matches timm model {name!r}")
+            self.load_weights(weights)
         if norm == "frozen_bn":
             self.body = freeze_batch_norm_2d(self.body)
         self.num_channels = self.body.feature_info.channels()[-1]
+
+    def load_weights(self, path: str) -> None:
+        """Every trunk tensor must come from the file (an ImageNet classifier's `fc.*` is ignored)."""
+        state = backbone_state_dict(path)
+        expected = self.body.state_dict()
+        missing = [key for key in expected if key not in state and not key.endswith("num_batches_tracked")]
+        if missing:
+            raise ValueError(f"backbone_weights {path}: {len(missing)} of {len(expected)} tensors of the "
+                             f"{type(self.body).__name__} trunk are missing (e.g. {missing[0]}); expected a "
+                             f"torchvision/timm ResNet state dict or an MDETR/UniTAB checkpoint")
+        wrong = [key for key in expected if key in state and state[key].shape != expected[key].shape]
+        if wrong:
+            raise ValueError(f"backbone_weights {path}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, the "
+                             f"model expects {tuple(expected[wrong[0]].shape)} (another ResNet depth?)")
+        self.body.load_state_dict({key: state[key] for key in expected if key in state}, strict=False)
+
+    def freeze_stem_and_layer1(self) -> None:
+        for name, parameter in self.body.named_parameters():
+            if name.startswith(FROZEN_BY_UNITAB):
+                parameter.requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(images)[-1]

@@ -25,12 +25,13 @@ from vlflow.stage import Params, StageSpec
 class ModelParams(Params):
     """Architecture fields shared by training and the saved config (defaults: the UniTAB paper model)."""
 
-    backbone: str = Field("resnet101", description="timm ResNet name (features_only)")
+    backbone: str = Field("resnet101", description="timm ResNet name (features_only; torchvision's tensor names)")
     backbone_weights: str | None = Field(
-        None, description="local file with timm backbone weights (empty: none); never downloaded")
+        None, description="local file: a torchvision/timm ResNet state dict or an MDETR/UniTAB checkpoint (its "
+        "backbone.0.body.* tensors, e.g. MDETR's pretrained_resnet101_checkpoint.pth); never downloaded")
     backbone_feature_level: int = Field(-1, description="which ResNet feature map to use (-1: stride 32, -2: stride 16, -3: stride 8)")
     backbone_norm: Literal["frozen_bn", "batch_norm", "group_norm"] = Field(
-        "frozen_bn", description="frozen_bn: FrozenBatchNorm2d as UniTAB/MDETR (for pretrained weights); group_norm: "
+        "frozen_bn", description="frozen_bn: FrozenBatchNorm2d as UniTAB/MDETR (needs backbone_weights); group_norm: "
         "GroupNorm(8); batch_norm: trainable BatchNorm, for backbones trained from scratch (torch_ddp on GPUs makes it "
         "SyncBatchNorm; on CPU/gloo each rank keeps its own statistics)")
     text_encoder: str = Field("roberta-base", description="hub name or local path of a RoBERTa model/tokenizer")
@@ -53,6 +54,9 @@ class ModelParams(Params):
 
 
 class PretrainParams(ModelParams):
+    freeze_backbone_stem: bool = Field(
+        True, description="conv1/bn1 and layer1 get no gradient, as UniTAB/MDETR (only layer2..4 train); needs "
+        "backbone_weights")
     batch_size: int = Field(64, ge=1, description="global batch; accumulation = batch_size // (per_device * world)")
     per_device_batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-4, gt=0)
@@ -74,6 +78,19 @@ class PretrainParams(ModelParams):
     log_every: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0)
     seed: int = Field(42, ge=0, le=2**32 - 1)  # torch and numpy take seeds in this range
+
+    @model_validator(mode="after")
+    def _frozen_backbone_needs_weights(self):
+        # a frozen random layer never learns: frozen BN without weights is no normalisation at all
+        if not self.backbone_weights:
+            if self.backbone_norm == "frozen_bn":
+                raise ValueError("backbone_norm frozen_bn needs backbone_weights (a local ResNet or MDETR checkpoint "
+                                 "file): frozen BatchNorm of a randomly initialised ResNet normalises nothing. For a "
+                                 "backbone trained from scratch set backbone_norm: batch_norm (or group_norm)")
+            if self.freeze_backbone_stem and self.lr_backbone > 0:
+                raise ValueError("freeze_backbone_stem needs backbone_weights: a frozen random stem never learns; "
+                                 "set freeze_backbone_stem: false to train a backbone from scratch")
+        return self
 
 
 class EvaluateParams(Params):

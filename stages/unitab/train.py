@@ -44,7 +44,10 @@ def model_config(params, tokenizer) -> UniTABConfig:
 
 
 def parameter_groups(model: UniTAB, params) -> list[dict]:
-    """UniTAB/MDETR: backbone and text encoder get their own learning rates; lr 0 freezes them."""
+    """UniTAB/MDETR: backbone and text encoder get their own learning rates; lr 0 freezes them; the backbone's stem
+    and layer1 are frozen (freeze_backbone_stem)."""
+    if params.freeze_backbone_stem:
+        model.backbone.freeze_stem_and_layer1()
     for module, lr in ((model.backbone, params.lr_backbone), (model.text_encoder, params.text_encoder_lr)):
         if lr == 0:
             module.requires_grad_(False)
@@ -78,7 +81,10 @@ def pretrain(ctx: StageContext) -> dict:
 
     tokenizer = load_tokenizer(ctx.inputs, p.text_encoder, field="inputs.tokenizer")
     config = model_config(p, tokenizer)
-    model = UniTAB(config, backbone_weights=p.backbone_weights)
+    try:
+        model = UniTAB(config, backbone_weights=p.backbone_weights)
+    except ValueError as exc:  # unreadable or mismatching backbone_weights
+        raise StageError(str(exc), file=p.backbone_weights, field="with.backbone_weights") from None
     hooks = [Ema(model, p.ema_decay)] if p.ema else []
     optimizer = make_adamw(ctx, parameter_groups(model, p), lr=p.lr, betas=(0.9, 0.999), weight_decay=p.weight_decay)
     seed_everything(p.seed, rank)  # from here on each rank draws its own stream
