@@ -79,7 +79,21 @@ PLUGIN_SCRIPT = textwrap.dedent("""
     zero2 = make_plugin(LaunchSpec(plugin="low_level_zero", zero_stage=2, precision="bf16"), max_norm=0.2)
     gemini = make_plugin(LaunchSpec(plugin="gemini", precision="bf16"), max_norm=0.3)
     unclipped = make_plugin(LaunchSpec(plugin="low_level_zero", precision="bf16"))
-    print(json.dumps({"zero1": zero1.zero_optim_kwargs["clip_grad_norm"],
+    # an EMA under gemini is refused before training: its module parameters are sharded chunk views between steps
+    import logging, torch
+    from pathlib import Path
+    from vlflow.errors import StageError
+    from vlflow.stage import StageContext
+    from vlflow.stages.common.fit import Ema
+    ctx = StageContext(stage="t", params=None, inputs={}, output_dir=Path("."), work_dir=Path("."),
+                       launch=LaunchSpec(plugin="gemini", precision="bf16"), plugin=gemini, log=logging.getLogger("t"))
+    model = torch.nn.Linear(2, 2)
+    try:
+        Ema(model, 0.99).start(model, torch.device("cpu"), None, ctx)
+        ema_gemini = "accepted"
+    except StageError as exc:
+        ema_gemini = exc.field
+    print(json.dumps({"zero1": zero1.zero_optim_kwargs["clip_grad_norm"], "ema_gemini": ema_gemini,
                       "zero2": zero2.zero_optim_kwargs["clip_grad_norm"],
                       "zero2_no_sync": zero2.support_no_sync(),
                       "gemini": gemini.optim_kwargs["max_norm"],
@@ -100,7 +114,8 @@ def test_plugins_that_clip_in_their_step_are_built_with_max_norm(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
     settings = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert settings == {"zero1": 0.1, "zero2": 0.2, "zero2_no_sync": False, "gemini": 0.3, "unclipped": 0.0}
+    assert settings == {"zero1": 0.1, "zero2": 0.2, "zero2_no_sync": False, "gemini": 0.3, "unclipped": 0.0,
+                        "ema_gemini": "launch.plugin"}
 
 
 def test_to_device_moves_every_tensor_of_nested_batches():

@@ -142,6 +142,39 @@ EXPORT_SCRIPT = textwrap.dedent("""
             "working_dtype": str(working.dtype), "dtype": str(exported.dtype),
             "equals_master": torch.equal(exported, master), "master_differs_from_working": not torch.equal(
                 master, working.float())}))
+    # a frozen layer and a constant buffer have no master: the bf16 cast rounds them, the export gives back their
+    # fp32 originals (training left them unchanged); a buffer training changes keeps its trained value
+    class PartlyFrozen(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.frozen, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+            self.frozen.requires_grad_(False)
+            self.register_buffer("scale", torch.full((8,), 1.0 + 2 ** -12))  # not a bf16 value
+            self.register_buffer("steps", torch.zeros(8))
+
+        def forward(self, x):
+            self.steps += 1.0
+            return self.head(self.frozen(x) * self.scale)
+
+    ctx.work_dir, ctx.output_dir = out / "work_frozen", out / "out_frozen"
+    torch.manual_seed(0)
+    model = PartlyFrozen()
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    result = fit(ctx, model, optimizer, scheduler, task, lambda start: iter([features] * 8),
+                 FitSettings(max_steps=3, checkpoint_every=100))
+    working_frozen = result.unwrapped().frozen.weight.detach().clone()
+    trained = trained_module(result.model, result.optimizer, ctx.is_main)
+    if rank == 0:
+        state = trained.state_dict()
+        (out / "frozen.json").write_text(json.dumps({
+            "working_dtype": str(working_frozen.dtype),
+            "rounded_in_training": not torch.equal(working_frozen.float(), original["frozen.weight"]),
+            "frozen_exact": all(torch.equal(state[k], original[k]) for k in ("frozen.weight", "frozen.bias")),
+            "constant_buffer_exact": torch.equal(state["scale"], original["scale"]),
+            "changed_buffer": state["steps"].tolist()[0], "head_trained": not torch.equal(
+                state["head.weight"], original["head.weight"])}))
     # tear gloo down before exit: a rank that exits with its gloo threads alive can abort ("terminate called ...")
     dist.barrier()
     dist.destroy_process_group()
@@ -158,6 +191,9 @@ def test_export_is_the_fp32_weights_under_torch_ddp_and_the_masters_under_hybrid
     assert json.loads((tmp_path / "hybrid.json").read_text()) == {
         "working_dtype": "torch.bfloat16", "dtype": "torch.float32", "equals_master": True,
         "master_differs_from_working": True}
+    assert json.loads((tmp_path / "frozen.json").read_text()) == {
+        "working_dtype": "torch.bfloat16", "rounded_in_training": True, "frozen_exact": True,
+        "constant_buffer_exact": True, "changed_buffer": 3.0, "head_trained": True}
 
 
 @pytest.mark.parametrize("launch,field", [

@@ -139,7 +139,7 @@ def _load(args, config=None):
 
     config = config or _config(args, args.workflow)
     return load_workflow(args.workflow, overrides=args.overrides, launch_defaults=config.launch,
-                         include_paths=config.include_paths), config
+                         include_paths=config.include_paths, executor_defaults=config.executor), config
 
 
 def _store(config):
@@ -504,7 +504,8 @@ def cmd_gc(args) -> int:
     for path in args.workflows:
         from vlflow.workflow import load_workflow
 
-        workflow = load_workflow(path, launch_defaults=config.launch, include_paths=config.include_paths)
+        workflow = load_workflow(path, launch_defaults=config.launch, include_paths=config.include_paths,
+                                 executor_defaults=config.executor)
         keep |= {p.key for p in Runner(workflow, store, config.state_dir).plan() if p.action == "cached"}
     doomed = [m for m in store.list() if m.key not in keep]
     garbage = store.garbage(min_age=args.min_age)

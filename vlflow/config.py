@@ -58,6 +58,7 @@ class ConfigFile(_Section):
     cache: CacheSection = Field(default_factory=CacheSection)
     state: StateSection = Field(default_factory=StateSection)
     launch: dict[str, Any] = Field(default_factory=dict)  # checked against LaunchSpec in load_config
+    executor: dict[str, Any] = Field(default_factory=dict)  # checked against ExecutorSpec in _read_file
     run: RunSection = Field(default_factory=RunSection)
     workflow: WorkflowSection = Field(default_factory=WorkflowSection)
 
@@ -67,6 +68,7 @@ class ProjectConfig:
     cache_url: str = ".vlflow/cache"
     state_dir: Path = Path(".vlflow")
     launch: dict = field(default_factory=dict)  # defaults for every distributed stage's `launch`
+    executor: dict = field(default_factory=dict)  # defaults for every stage's `executor` (shared_dirs absolute)
     jobs: int = 1  # stages run concurrently when independent
     storage_options: dict = field(default_factory=dict)
     include_paths: list[Path] = field(default_factory=list)  # absolute; include/extends may read below them
@@ -142,6 +144,18 @@ def _read_file(path: Path) -> ConfigFile:
             if problem is not None:
                 key, message = problem
                 raise VlflowError(f"{key}: {message}", file=str(path), line=_line_of(text, "launch", key))
+        if config.executor:
+            from vlflow.executors.spec import ExecutorSpec
+            from vlflow.workflow import bool_for_number
+
+            problem = bool_for_number(ExecutorSpec, config.executor)
+            if problem is not None:
+                raise VlflowError(f"{problem[0]}: {problem[1]}", file=str(path),
+                                  line=_line_of(text, "executor", problem[0]))
+            try:
+                ExecutorSpec(**config.executor)
+            except pydantic.ValidationError as exc:
+                raise _config_error(exc, path, text, prefix=("executor",)) from None
         return config
     except pydantic.ValidationError as exc:
         raise _config_error(exc, path, text) from None
@@ -157,6 +171,13 @@ def _config_error(exc: pydantic.ValidationError, path: Path, text: str, prefix: 
         message = f"unknown section [{section}] (known: {known})"
     elif error["type"] == "extra_forbidden":
         message = f"unknown key {key!r} in [{section}]"
+        if prefix == ("executor",):
+            import difflib
+
+            from vlflow.executors.spec import ExecutorSpec
+
+            close = difflib.get_close_matches(key, list(ExecutorSpec.model_fields), n=1)
+            message += f" (did you mean {close[0]!r}?)" if close else ""
     else:
         got = error.get("input")
         shown = repr(got) if not isinstance(got, (dict, list)) or len(repr(got)) < 60 else type(got).__name__
@@ -166,6 +187,8 @@ def _config_error(exc: pydantic.ValidationError, path: Path, text: str, prefix: 
         message = f"{'.'.join(loc[1:]) or section}: {problem}, got {shown}"
         if prefix == ("launch",):
             message += " (the [launch] section holds the defaults of every distributed stage's `launch`)"
+        if prefix == ("executor",):
+            message += " (the [executor] section holds the defaults of every stage's `executor`)"
     line = _line_of(text, section, key) if key else (_line_of(text, section, None) or _line_of(text, None, section))
     return VlflowError(message, file=str(path), line=line)
 
@@ -184,6 +207,9 @@ def load_config(start: Path | None = None, cache: str | None = None, state_dir: 
         config.state_dir = Path(data.state.dir)
         config.state_dir_origin = f"[state] dir in {path}"
         config.launch = dict(data.launch)
+        config.executor = dict(data.executor)
+        if "shared_dirs" in config.executor:  # relative to vlflow.toml, like the cache and state dirs
+            config.executor["shared_dirs"] = [str((base / d).resolve()) for d in config.executor["shared_dirs"]]
         config.jobs = data.run.jobs
         config.include_paths = [(base / p).resolve() for p in data.workflow.include_paths]
         config.path = path

@@ -27,12 +27,13 @@ import pydantic
 import yaml
 
 from vlflow.errors import WorkflowError
+from vlflow.executors.spec import ExecutorSpec
 from vlflow.secrets import MASK, Masker, looks_secret, mask_credentials, secret_env_values
 from vlflow.stage import LaunchSpec, StageSpec, get_spec, registry
 
 TOP_LEVEL_KEYS = ("name", "include", "extends", "params", "defaults", "stages")
-STAGE_KEYS = ("uses", "with", "inputs", "needs", "launch")
-DEFAULTS_KEYS = ("launch",)
+STAGE_KEYS = ("uses", "with", "inputs", "needs", "launch", "executor")
+DEFAULTS_KEYS = ("launch", "executor")
 STAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 WORKFLOW_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # Bounds on what one workflow may make the loader do: far above any real workflow, far below a resource bomb.
@@ -76,6 +77,7 @@ class StageDecl:
     launch: LaunchSpec | None  # only for distributed stage types
     file: str
     line: int
+    executor: ExecutorSpec = field(default_factory=ExecutorSpec)  # where it runs; not part of its cache key
 
     def deps(self) -> set[str]:
         """Stages this one depends on: its inputs, `needs`, and `${stages.X.output}` references in its params."""
@@ -108,13 +110,16 @@ class Workflow:
                 entry["needs"] = list(decl.needs)
             if decl.launch is not None:
                 entry["launch"] = decl.launch.model_dump(mode="json")
+            if decl.executor != ExecutorSpec():
+                entry["executor"] = decl.executor.model_dump(mode="json", exclude_defaults=True)
             stages[name] = entry
         document = {"name": self.name, "params": self.params, "stages": stages}
         return _escape_for_output(mask_credentials(document), self.masker())
 
 
 def load_workflow(path, overrides: list[str] = (), launch_defaults: dict | None = None,
-                  env: Mapping[str, str] | None = None, include_paths: list | tuple = ()) -> Workflow:
+                  env: Mapping[str, str] | None = None, include_paths: list | tuple = (),
+                  executor_defaults: dict | None = None) -> Workflow:
     """Load, merge, override, interpolate and validate a workflow file. Raises WorkflowError for any user error.
 
     `include:`/`extends:` may name files inside the workflow file's own directory tree, or inside one of
@@ -122,6 +127,7 @@ def load_workflow(path, overrides: list[str] = (), launch_defaults: dict | None 
     env = os.environ if env is None else env
     loader = _Loader(Path(path), list(overrides), dict(launch_defaults or {}), env,
                      [Path(p) for p in include_paths])
+    loader.executor_defaults = dict(executor_defaults or {})  # vlflow.toml's [executor]
     try:
         return loader.load()
     except WorkflowError as exc:
@@ -577,6 +583,8 @@ class _Loader:
         self.include_roots = [path.resolve().parent, *(Path(p).resolve() for p in include_paths)]
         self.files_read = 0
         self.used_secrets: set[str] = set()  # values interpolated from secret-looking variables
+        self.executor_defaults: dict = {}
+        self.default_executor: dict = {}  # project [executor] <- workflow defaults.executor
 
     # -- errors ------------------------------------------------------------------------------------------------
 
@@ -642,6 +650,7 @@ class _Loader:
         resolver.used_secrets = self.used_secrets
         params = {key: resolver.resolve_param(("params", key), value) for key, value in raw_params.items()}
         default_launch = self.launch_settings(resolver, defaults, raw_stages)
+        self.default_executor = self.executor_settings(resolver, defaults)
         stages = {name: self.stage(name, raw, resolver, default_launch, list(raw_stages))
                   for name, raw in raw_stages.items()}
         self.check_graph(stages)
@@ -827,6 +836,28 @@ class _Loader:
         self.validate_launch(merged, ("defaults", "launch"), origin_paths=[("defaults", "launch")])
         return merged
 
+    def executor_settings(self, resolver: _Resolver, defaults: dict) -> dict:
+        """Project [executor] (vlflow.toml) <- workflow `defaults.executor`, validated on their own."""
+        raw = self.expect(defaults.get("executor"), dict, ("defaults", "executor"), "a mapping of executor settings")
+        merged = {**self.executor_defaults, **resolver.resolve(raw, ("defaults", "executor"), allow_stages=False)}
+        self.validate_executor(merged, ("defaults", "executor"), origin_paths=[("defaults", "executor")])
+        return merged
+
+    def validate_executor(self, settings: dict, path: KeyPath, origin_paths: list[KeyPath]) -> ExecutorSpec:
+        problem = bool_for_number(ExecutorSpec, settings)
+        if problem is None:
+            try:
+                return ExecutorSpec(**settings)
+            except pydantic.ValidationError as exc:
+                problem = _pydantic_problem(exc, list(ExecutorSpec.model_fields), "executor setting")
+        loc, message = problem
+        loc = loc if isinstance(loc, tuple) else (loc,) if loc is not None else ()
+        key = loc[0] if loc else None
+        at = next((p for p in [(*o, key) for o in origin_paths] if p in self.locations), None)
+        if at is None and key in self.executor_defaults:
+            message += " (from [executor] in vlflow.toml)"
+        raise self.fail(message, (*path, *loc), at=at or path)
+
     def validate_launch(self, settings: dict, path: KeyPath, origin_paths: list[KeyPath],
                         spec: StageSpec | None = None) -> LaunchSpec:
         problem = bool_for_number(LaunchSpec, settings)
@@ -901,6 +932,12 @@ class _Loader:
             self.expect(needed, str, item, "a stage name")
             self.check_stage_ref(needed, name, item, stage_names)
 
+        executor_path = (*path, "executor")
+        own_executor = self.expect(raw.get("executor"), dict, executor_path, "a mapping of executor settings")
+        executor = self.validate_executor(
+            {**self.default_executor, **resolver.resolve(own_executor, executor_path, allow_stages=False)},
+            executor_path, origin_paths=[executor_path, ("defaults", "executor")])
+
         launch = None
         launch_path = (*path, "launch")
         if "launch" in raw and not spec.distributed:
@@ -909,11 +946,14 @@ class _Loader:
         if spec.distributed:
             own = self.expect(raw.get("launch"), dict, launch_path, "a mapping of launch settings")
             settings = {**default_launch, **resolver.resolve(own, launch_path, allow_stages=False)}
+            if executor.is_slurm:  # the allocation's shape, unless the launch says otherwise
+                settings.setdefault("nnodes", executor.nodes)
+                settings.setdefault("nproc_per_node", max(1, executor.gpus_per_node))
             launch = self.validate_launch(settings, launch_path, origin_paths=[launch_path, ("defaults", "launch")],
                                           spec=spec)
 
         decl = StageDecl(name=name, uses=uses, params=params, inputs=inputs, needs=list(needs), launch=launch,
-                         file=self.where(path).file, line=self.where(path).line)
+                         file=self.where(path).file, line=self.where(path).line, executor=executor)
         for ref in sorted(decl.deps() - {r.stage for r in inputs.values()} - set(needs)):
             self.check_stage_ref(ref, name, with_path, stage_names)  # e.g. from an escaped `$${stages...}`
         return decl

@@ -11,10 +11,17 @@ sharded across ranks inside the optimizer. `gathered_state_dict` collects what t
 - mixed precision without ZeRO (hybrid_parallel zero_stage 0 with bf16/fp16): the optimizer's full fp32 masters;
 - torch_ddp and fp32: the module's own weights (DDP keeps them fp32 and identical on every rank).
 
+Frozen parameters and buffers have no fp32 master: ZeRO and hybrid mixed precision cast them to bf16/fp16 with the
+module. `remember_untrained` (called by `fit` before boosting) keeps their fp32 values; the export gives those back
+wherever training left the tensor equal to its rounded original (frozen weights, FrozenBatchNorm statistics), and the
+working value where training changed it (e.g. BatchNorm running statistics, updated in the working dtype).
+
 `trained_module` loads that into the unwrapped module on rank 0 (replacing its tensors, so no sharded or rounded
 storage survives), ready for the stage's own format (`save_pretrained`, `torch.save`). All ranks must call it.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -32,6 +39,26 @@ def _fp32_cpu(tensor: torch.Tensor) -> torch.Tensor:
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.unwrap() if hasattr(model, "unwrap") else model
+
+
+# unwrapped module -> fp32 CPU copies of its frozen parameters and floating buffers, taken before boosting
+_UNTRAINED: "weakref.WeakKeyDictionary[nn.Module, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def remember_untrained(module: nn.Module) -> None:
+    """Keep fp32 copies of the floating tensors no optimizer updates (frozen parameters, buffers), before a plugin
+    casts the module to its working precision."""
+    _UNTRAINED[module] = {name: _fp32_cpu(tensor) for name, tensor in module.state_dict(keep_vars=True).items()
+                          if tensor.is_floating_point() and not (isinstance(tensor, nn.Parameter)
+                                                                 and tensor.requires_grad)}
+
+
+def _original_if_unchanged(tensor: torch.Tensor, original: torch.Tensor | None) -> torch.Tensor:
+    """`original` (fp32) where `tensor` is its rounded copy (a cast left it so and training did not change it)."""
+    if (original is None or not tensor.is_floating_point() or tensor.dtype == original.dtype
+            or tensor.shape != original.shape):
+        return tensor
+    return original if torch.equal(original.to(tensor.dtype), tensor.detach().cpu()) else tensor
 
 
 def _gather_zero_master(optimizer, param: nn.Parameter, master: torch.Tensor) -> torch.Tensor:
@@ -74,10 +101,14 @@ def gathered_state_dict(model: nn.Module, optimizer, is_main: bool) -> dict[str,
         masters = {id(param): master for param, master in optimizer.working_to_master_map.items()}
     if not is_main:
         return {}
+    untrained = _UNTRAINED.get(module, {})
     converted: dict[int, torch.Tensor] = {}  # by tensor: a tied weight stays one tensor under both names
-    for tensor in module.state_dict(keep_vars=True).values():
+    for name, tensor in module.state_dict(keep_vars=True).items():
         if id(tensor) not in converted:
-            converted[id(tensor)] = _fp32_cpu(masters.get(id(tensor), tensor))
+            value = masters.get(id(tensor))
+            if value is None:
+                value = _original_if_unchanged(tensor, untrained.get(name))
+            converted[id(tensor)] = _fp32_cpu(value)
     return {name: converted[id(tensor)] for name, tensor in module.state_dict(keep_vars=True).items()}
 
 

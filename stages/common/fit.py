@@ -43,6 +43,7 @@ from torch import nn
 
 from vlflow.errors import StageError
 from vlflow.stage import StageContext
+from vlflow.stages.common.export import remember_untrained
 from vlflow.stages.common.training import (MetricsLogger, latest_checkpoint, load_checkpoint, save_checkpoint,
                                            step_seed)
 
@@ -110,6 +111,12 @@ class Ema:
         self.decay = decay
 
     def start(self, model: nn.Module, device: torch.device, checkpoint: Path | None, ctx: StageContext) -> None:
+        from colossalai.booster.plugin import GeminiPlugin
+
+        if isinstance(ctx.plugin, GeminiPlugin):  # its module parameters are chunk views, sharded across ranks
+            raise StageError("an EMA of the weights is not supported under the gemini plugin (its parameters are "
+                             "sharded chunks between steps): use low_level_zero or torch_ddp, or turn the EMA off",
+                             field="launch.plugin")
         self.model.to(device)
         if checkpoint is None:
             return
@@ -273,6 +280,7 @@ def fit(ctx: StageContext, model: nn.Module, optimizer: torch.optim.Optimizer, s
         raise StageError(f"{ctx.stage} is a distributed stage; run it through the launcher (vlflow run)")
     device = get_accelerator().get_current_device()
     check_same_initial_weights(model, device, ctx.world_size)
+    remember_untrained(model)  # frozen weights keep their fp32 values in the export when a plugin casts the module
     model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
     resumed = load_checkpoint(ctx, model, optimizer, scheduler)
     step = resumed[0] if resumed else 0
@@ -330,6 +338,18 @@ def fit(ctx: StageContext, model: nn.Module, optimizer: torch.optim.Optimizer, s
                 save_checkpoint(ctx, model, optimizer, scheduler, step,
                                 write_files=(lambda directory: [hook.save(directory) for hook in hooks]))
     return FitResult(model, optimizer, step, resumed[0] if resumed else 0, last)
+
+
+def training_steps(max_steps: int | None, max_epochs: int | None, batches_per_epoch: int, accumulation: int) -> int:
+    """Optimizer steps of a run given as steps or epochs (max_steps wins when both are given, as UniTAB's and
+    ViLT's configs mean it). An epoch is `batches_per_epoch` micro-batches per rank (ResumableSampler: the tail that
+    does not fill a global batch is dropped), so `max_epochs` passes are max_epochs x batches_per_epoch //
+    accumulation steps, at least 1 (PyTorch Lightning's count for ViLT's schedule)."""
+    if max_steps is not None:
+        return max_steps
+    if max_epochs is None:
+        raise StageError("neither max_steps nor max_epochs is set", field="with.max_steps")
+    return max(1, max_epochs * batches_per_epoch // accumulation)
 
 
 def warmup_linear_schedule(optimizer: torch.optim.Optimizer, warmup: int | float, max_steps: int):
