@@ -118,24 +118,84 @@ class PairCollator:
 
 
 class MlmMasker:
-    """BERT masking (15%: 80% [MASK], 10% random, 10% kept) via transformers' collator; with whole-word masking all
-    tokens of a word are masked together (transformers then replaces all of them with [MASK])."""
+    """BERT masking of a collated batch (labels -100 where nothing is predicted), as ViLT's collators did.
 
-    def __init__(self, tokenizer, mlm_prob: float, whole_word: bool):
+    Token level (`whole_word=False`): transformers' DataCollatorForLanguageModeling, each token chosen with
+    probability `mlm_prob`, then 80% [MASK], 10% a random token, 10% kept.
+
+    Whole words (`whole_word=True`): transformers 4.2's DataCollatorForWholeWordMask, which ViLT used (4.57 only
+    masks whole words with [MASK]). Per row: the candidates are the words (a token and the `##` pieces after it;
+    [CLS]/[SEP] excluded, every [PAD] of the row padded to `padded_length` a candidate of its own, as ViLT pads to
+    max_text_len), shuffled; words are taken in that order while they fit a budget of max(1, round(padded_length x
+    mlm_prob)) tokens (a word that would overflow it is skipped); chosen special tokens and pads predict nothing.
+    Then, per chosen token (not per word): 80% [MASK], 10% a random token of the vocabulary, 10% kept.
+    """
+
+    def __init__(self, tokenizer, mlm_prob: float, whole_word: bool, padded_length: int | None = None):
         if tokenizer.mask_token is None:
             raise StageError(f"tokenizer {tokenizer.name_or_path!r} has no mask token, needed for MLM",
                              field="with.tokenizer")
-        extra = {"mask_replace_prob": 1.0, "random_replace_prob": 0.0} if whole_word else {}
-        self.collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_prob,
-                                                        whole_word_mask=whole_word, **extra)
+        self.tokenizer = tokenizer
+        self.mlm_prob = mlm_prob
+        self.whole_word = whole_word
+        self.padded_length = padded_length
+        self.collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_prob)
+        self.not_candidates = {tokenizer.cls_token_id, tokenizer.sep_token_id} - {None}
 
     def __call__(self, batch: dict, generator: torch.Generator) -> dict:
-        self.collator.generator = generator
-        input_ids, labels = self.collator.torch_mask_tokens(
-            batch["input_ids"].clone(), special_tokens_mask=batch["special_tokens_mask"],
-            offset_mapping=batch.get("offset_mapping"))
+        if self.whole_word:
+            input_ids, labels = self.mask_whole_words(batch["input_ids"], batch["special_tokens_mask"],
+                                                      batch["attention_mask"], generator)
+        else:
+            self.collator.generator = generator
+            input_ids, labels = self.collator.torch_mask_tokens(
+                batch["input_ids"].clone(), special_tokens_mask=batch["special_tokens_mask"])
         labels[batch["attention_mask"] == 0] = -100
         return {**batch, "input_ids": input_ids, "labels": labels}
+
+    def chosen_words(self, tokens: list[str], ids: list[int], padded_length: int,
+                     generator: torch.Generator) -> list[int]:
+        """Positions chosen for prediction in one row (transformers 4.2 `_whole_word_mask`); positions at or past
+        len(tokens) are the virtual pads up to `padded_length`."""
+        words: list[list[int]] = []
+        for position, (token, token_id) in enumerate(zip(tokens, ids)):
+            if token_id in self.not_candidates:
+                continue
+            if words and token.startswith("##"):
+                words[-1].append(position)
+            else:
+                words.append([position])
+        words += [[position] for position in range(len(tokens), padded_length)]
+        budget = max(1, int(round(padded_length * self.mlm_prob)))
+        chosen: list[int] = []
+        for index in torch.randperm(len(words), generator=generator).tolist():
+            if len(chosen) >= budget:
+                break
+            if len(chosen) + len(words[index]) <= budget:
+                chosen += words[index]
+        return chosen
+
+    def mask_whole_words(self, input_ids: torch.Tensor, special_tokens_mask: torch.Tensor,
+                         attention_mask: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, length = input_ids.shape
+        padded_length = max(length, self.padded_length or length)
+        chosen = torch.zeros(rows, length, dtype=torch.bool)
+        for row in range(rows):
+            ids = input_ids[row].tolist()
+            for position in self.chosen_words(self.tokenizer.convert_ids_to_tokens(ids), ids, padded_length,
+                                              generator):
+                if position < length:
+                    chosen[row, position] = True
+        chosen &= ~special_tokens_mask.bool() & attention_mask.bool()
+        labels = input_ids.clone()
+        labels[~chosen] = -100
+        inputs = input_ids.clone()
+        replaced = torch.bernoulli(torch.full((rows, length), 0.8), generator=generator).bool() & chosen
+        inputs[replaced] = self.tokenizer.mask_token_id
+        randomised = torch.bernoulli(torch.full((rows, length), 0.5), generator=generator).bool() & chosen & ~replaced
+        random_words = torch.randint(len(self.tokenizer), (rows, length), generator=generator)
+        inputs[randomised] = random_words[randomised]
+        return inputs, labels
 
 
 def itm_negatives(batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,13 +44,16 @@ def pretrain(ctx: StageContext) -> dict:
         model = ViltPretrainingModel(build_config(p, len(tokenizer), tokenizer.pad_token_id), p.tasks)
         if p.vit_init:
             load_vit_weights(model.vilt, p.vit_init)
-    task = pretrain_task(tokenizer, p.tasks, p.mlm_prob, p.whole_word_masking, p.wpa_weight if p.itm_wpa else 0.0)
+    task = pretrain_task(tokenizer, p.tasks, p.mlm_prob, p.whole_word_masking, p.wpa_weight if p.itm_wpa else 0.0,
+                         max_text_len=p.max_text_len)
     return train(ctx, model, tokenizer, task, save_model=lambda m, out: m.save(out))
 
 
-def pretrain_task(tokenizer, tasks, mlm_prob: float, whole_word: bool, wpa_weight: float) -> TrainTask:
-    """MLM (masks drawn on the host) and ITM (negatives drawn on the host, images gathered on the device)."""
-    masker = MlmMasker(tokenizer, mlm_prob, whole_word) if "mlm" in tasks else None
+def pretrain_task(tokenizer, tasks, mlm_prob: float, whole_word: bool, wpa_weight: float,
+                  max_text_len: int | None = None) -> TrainTask:
+    """MLM (masks drawn on the host) and ITM (negatives drawn on the host, images gathered on the device).
+    `max_text_len`: the length ViLT pads every caption to, which sets its whole-word masking budget."""
+    masker = MlmMasker(tokenizer, mlm_prob, whole_word, padded_length=max_text_len) if "mlm" in tasks else None
     itm = "itm" in tasks
 
     def prepare(batch: dict, generator: torch.Generator) -> dict:
