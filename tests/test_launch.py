@@ -137,6 +137,18 @@ def uninterrupted_run(tmp_path_factory) -> tuple[Path, dict]:
     return run_dir, {"metrics": metrics, "lines": lines}
 
 
+def test_hybrid_parallel_as_plain_data_parallel_trains_on_cpu_ranks(tmp_path):
+    """hybrid_parallel with tp = pp = 1, zero_stage 0 and bf16 passes the launch check on CPU and trains through the
+    launcher on 2 gloo ranks (bf16 working weights, fp32 masters), exporting fp32 weights."""
+    launch = LaunchSpec(nproc_per_node=2, backend="gloo", plugin="hybrid_parallel", zero_stage=0, precision="bf16")
+    payload = make_payload(tmp_path, launch, {"steps": 6, "checkpoint_every": 100})
+    metrics = run_distributed(get_spec("testing.train"), payload, launch, tmp_path / "log.txt", env=LAUNCH_ENV)
+    assert metrics["world_size"] == 2 and metrics["steps"] == 6
+    logged = [json.loads(line) for line in (tmp_path / "out" / "_vlflow" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["loss"] < logged[0]["loss"]
+    assert {tensor.dtype for tensor in final_weights(tmp_path / "out").values()} == {torch.float32}
+
+
 def test_two_process_training_returns_rank0_metrics(uninterrupted_run):
     run_dir, result = uninterrupted_run
     metrics = result["metrics"]

@@ -150,6 +150,8 @@ def test_a_pointer_to_a_missing_checkpoint_is_a_clear_error(boosted):
 @pytest.mark.parametrize("launch, device, world_size, message", [
     (LaunchSpec(plugin="low_level_zero"), "cpu", 2, "plugin low_level_zero needs CUDA GPUs"),
     (LaunchSpec(plugin="gemini", precision="fp16"), "cpu", 2, "plugin gemini needs CUDA GPUs"),
+    (LaunchSpec(plugin="hybrid_parallel", precision="bf16"), "cpu", 2, "runs as plain data parallel only"),
+    (LaunchSpec(plugin="hybrid_parallel", precision="fp16", zero_stage=0), "cpu", 2, "needs CUDA GPUs"),
     (LaunchSpec(precision="fp16"), "cpu", 2, "fp16 with torch_ddp uses CUDA"),
     (LaunchSpec(precision="bf16"), "cuda", 2, "bf16 is not available with plugin torch_ddp"),
     (LaunchSpec(plugin="gemini"), "cuda", 2, "gemini trains in fp16 or bf16 only"),
@@ -169,6 +171,7 @@ def test_supported_launch_combinations_pass_the_check():
     check_launch(LaunchSpec(), "cpu", 2)
     check_launch(LaunchSpec(precision="fp16"), "cuda", 8)
     check_launch(LaunchSpec(plugin="hybrid_parallel", tp_size=2, pp_size=2, precision="bf16"), "cuda", 8)
+    check_launch(LaunchSpec(plugin="hybrid_parallel", zero_stage=0, precision="bf16"), "cpu", 2)
 
 
 def test_torch_ddp_on_cpu_trains_a_model_with_batchnorm(tmp_path):

@@ -22,11 +22,20 @@ from vlflow.stage import LaunchSpec
 GPU_ONLY_PLUGINS = ("low_level_zero", "gemini", "hybrid_parallel")
 
 
+def runs_off_cuda(launch: LaunchSpec) -> bool:
+    """hybrid_parallel without tensor/pipeline parallelism or ZeRO is data parallel with fp32 master weights in its
+    mixed-precision optimizer: that runs on gloo CPU ranks (tests/test_plugins_export.py trains and exports it)."""
+    return (launch.plugin == "hybrid_parallel" and launch.tp_size == 1 and launch.pp_size == 1
+            and launch.zero_stage == 0 and launch.precision in ("fp32", "bf16"))
+
+
 def check_launch(launch: LaunchSpec, device: str, world_size: int) -> None:
     """Raise LaunchError when `launch` cannot run on `device` ("cuda", "cpu", ...) with `world_size` ranks."""
-    if device != "cuda" and launch.plugin in GPU_ONLY_PLUGINS:
+    if device != "cuda" and launch.plugin in GPU_ONLY_PLUGINS and not runs_off_cuda(launch):
+        hint = (" (on a CPU it runs as plain data parallel only: tp_size 1, pp_size 1, zero_stage 0, fp32 or bf16)"
+                if launch.plugin == "hybrid_parallel" else "")
         raise LaunchError(f"plugin {launch.plugin} needs CUDA GPUs (its ZeRO/Gemini/tensor-parallel kernels do not "
-                          f"run on {device}); use plugin: torch_ddp here", field="launch.plugin")
+                          f"run on {device}){hint}; use plugin: torch_ddp here", field="launch.plugin")
     if launch.plugin == "torch_ddp":
         if launch.precision == "fp16" and device != "cuda":
             raise LaunchError(f"precision fp16 with torch_ddp uses CUDA automatic mixed precision and does not run "
