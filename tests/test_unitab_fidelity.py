@@ -68,3 +68,42 @@ def test_backbone_weights_of_another_model_are_refused(tmp_path):
     torch.save(state, path)
     with pytest.raises(ValueError, match=r"conv1.weight has shape \(64, 3, 3, 3\)"):
         Backbone("resnet18", weights=str(path))
+
+
+# -- 2. positions inside every attention layer (DETR/UniTAB) -----------------------------------------------------
+
+def test_positions_are_added_to_queries_and_keys_in_every_layer():
+    from vlflow.stages.unitab.model import UniTAB, UniTABConfig
+
+    torch.manual_seed(0)
+    config = UniTABConfig(text_vocab=50, backbone="resnet10t", backbone_norm="batch_norm", d_model=32, enc_layers=2,
+                          dec_layers=2, nheads=2, dim_feedforward=64, dropout=0.0, num_queries=8,
+                          max_decoding_step=16, text_encoder_config=dict(vocab_size=50, hidden_size=32,
+                          num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_position_embeddings=40))
+    model = UniTAB(config).eval()
+    seen: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for name, module in model.transformer.named_modules():
+        if isinstance(module, torch.nn.MultiheadAttention):
+            module.register_forward_pre_hook(lambda m, args, name=name: seen.append((name, *args[:3])))
+    images, mask = torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool)
+    text, text_mask = torch.randint(3, 50, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    memory = model.encode(images, mask, text, text_mask)
+    tokens = torch.randint(3, config.layout.size, (2, 6))
+    model.decode(memory, tokens)
+    query_pos = model.decoder_pos(torch.arange(6))[None]
+    image_cells = memory.pos.shape[1] - 5
+    assert memory.pos[:, :image_cells].abs().sum() > 0 and memory.pos[:, image_cells:].abs().sum() == 0  # text: 0
+    names = [name for name, *_ in seen]
+    assert names == ["encoder_layers.0.self_attn", "encoder_layers.1.self_attn",
+                     "decoder_layers.0.self_attn", "decoder_layers.0.cross_attn",
+                     "decoder_layers.1.self_attn", "decoder_layers.1.cross_attn"]
+    for name, query, key, value in seen:
+        if name.startswith("encoder"):  # q = k = x + pos, v = x
+            torch.testing.assert_close(query, value + memory.pos)
+            torch.testing.assert_close(key, value + memory.pos)
+        elif name.endswith("self_attn"):
+            torch.testing.assert_close(query, value + query_pos)
+            torch.testing.assert_close(key, value + query_pos)
+        else:  # cross-attention: k = memory + pos, v = memory
+            torch.testing.assert_close(value, memory.memory)
+            torch.testing.assert_close(key, memory.memory + memory.pos)

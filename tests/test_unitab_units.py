@@ -172,12 +172,12 @@ def test_greedy_decoding_stops_at_max_steps(tokenizer):
     torch.manual_seed(0)
     # eos unreachable: generation must stop at the step cap
     model = UniTAB(tiny_config(tokenizer, eos_token_id=10 ** 6)).eval()
-    memory, padding = model.encode(torch.randn(3, 3, 64, 64), torch.zeros(3, 64, 64, dtype=torch.bool),
+    memory = model.encode(torch.randn(3, 3, 64, 64), torch.zeros(3, 64, 64, dtype=torch.bool),
                                    torch.tensor([[0, 2]] * 3), torch.ones(3, 2, dtype=torch.long))
-    tokens = model.generate(memory, padding, max_steps=9)
+    tokens = model.generate(memory, max_steps=9)
     assert tokens.shape == (3, 9) and (tokens[:, 0] == tokenizer.bos_token_id).all()
     # and the model's own cap bounds any request
-    assert model.generate(memory, padding, max_steps=10 ** 4).shape == (3, 40)
+    assert model.generate(memory, max_steps=10 ** 4).shape == (3, 40)
 
 
 def test_frozen_batchnorm_is_frozen(tokenizer):
@@ -266,9 +266,9 @@ def test_grounding_decodes_one_box_per_phrase_from_bins(tokenizer):
                 ("two green triangles", [{"text": "two green triangles", "start": 0, "end": 19,
                                           "boxes": [[.1, .1, .3, .3]]}])]
     parsed = [phrase_token_spans(tokenizer, c, p) for c, p in captions]
-    memory, padding = model.encode(torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool),
+    memory = model.encode(torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool),
                                    torch.tensor([[0, 2], [0, 2]]), torch.ones(2, 2, dtype=torch.long))
-    boxes = ground_phrases(model, memory, padding, [ids for ids, _ in parsed], [s for _, s in parsed])
+    boxes = ground_phrases(model, memory, [ids for ids, _ in parsed], [s for _, s in parsed])
     assert [len(b) for b in boxes] == [2, 1]
     grid = {i / 19 for i in range(20)}  # decoded values are bin lower edges
     assert all(min(abs(v - g) for g in grid) < 1e-9 for row in boxes for box in row for v in box)

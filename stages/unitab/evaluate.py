@@ -26,18 +26,18 @@ from vlflow.stages.common.evaluation import gather_on_main, my_share, rank_and_w
 
 from . import metrics
 from .data import image_tensor, open_split, pad_ids, pad_images, phrase_token_spans
-from .model import UniTAB
+from .model import Memory, UniTAB
 from .train import load_trained
 
 CENTER_BOX = (0.25, 0.25, 0.75, 0.75)  # the centred box covering half of each side
 
 
 @torch.no_grad()
-def ground_phrases(model: UniTAB, memory, memory_padding, token_ids: list[list[int]], spans: list[list]) -> list[list]:
+def ground_phrases(model: UniTAB, memory: Memory, token_ids: list[list[int]], spans: list[list]) -> list[list]:
     """For each caption (its tokens without specials + phrase spans) the predicted box of every span, in order.
     Prefixes are built on the host and moved to the memory's device once per decoding step."""
     cfg, layout = model.config, model.layout
-    device = memory.device
+    device = memory.memory.device
     prefixes = [[cfg.bos_token_id] for _ in token_ids]
     consumed = [0] * len(token_ids)
     boxes: list[list] = [[] for _ in token_ids]
@@ -56,7 +56,7 @@ def ground_phrases(model: UniTAB, memory, memory_padding, token_ids: list[list[i
             prev = pad_ids([prefixes[i] for i in active], cfg.pad_token_id)
             lengths = torch.tensor([len(prefixes[i]) for i in active])
             padding = torch.arange(prev.shape[1])[None] >= lengths[:, None]
-            logits = model.decode(memory[rows], memory_padding[rows], prev.to(device), padding.to(device))
+            logits = model.decode(memory.select(rows), prev.to(device), padding.to(device))
             last = logits[torch.arange(len(active), device=device), (lengths - 1).to(device),
                           layout.first_bin:layout.size]
             for i, token in zip(active, (last.argmax(-1) + layout.first_bin).tolist()):
@@ -78,7 +78,8 @@ def caption_text(tokens: list[int], tokenizer, text_vocab: int) -> str:
     return tokenizer.decode(text, skip_special_tokens=True).strip()
 
 
-def encode_batch(model: UniTAB, images, text_ids: list[list[int]], pad_token_id: int, device: torch.device):
+def encode_batch(model: UniTAB, images, text_ids: list[list[int]], pad_token_id: int,
+                 device: torch.device) -> Memory:
     """Encoder memory of a batch padded on the host and moved to `device` once."""
     batch, mask = pad_images(images)
     ids = pad_ids(text_ids, pad_token_id)
@@ -105,8 +106,8 @@ def ground_rows(model: UniTAB, tokenizer, source, rows, batch_size: int, image_s
         text = [[tokenizer.bos_token_id, *ids[:config.max_decoding_step - 2], tokenizer.eos_token_id]
                 for ids, _ in parsed]
         with autocast(precision, device):
-            memory, padding = encode_batch(model, images, text, tokenizer.pad_token_id, device)
-            boxes = ground_phrases(model, memory, padding, [ids for ids, _ in parsed], [s for _, s in parsed])
+            memory = encode_batch(model, images, text, tokenizer.pad_token_id, device)
+            boxes = ground_phrases(model, memory, [ids for ids, _ in parsed], [s for _, s in parsed])
         for i, (ids, spans), row_boxes in zip(chunk, parsed, boxes):
             phrases = source.phrases(i)
             for n, span in enumerate(spans):
@@ -125,8 +126,8 @@ def caption_images(model: UniTAB, tokenizer, source, first_rows: list[tuple[int,
         images = [image_tensor(source.image(i), image_size, max_image_size) for _, i in chunk]
         empty = [[tokenizer.bos_token_id, tokenizer.eos_token_id]] * len(chunk)
         with autocast(precision, device):
-            memory, padding = encode_batch(model, images, empty, tokenizer.pad_token_id, device)
-            tokens = model.generate(memory, padding, max_steps=max_steps).cpu()
+            memory = encode_batch(model, images, empty, tokenizer.pad_token_id, device)
+            tokens = model.generate(memory, max_steps=max_steps).cpu()
         out += [(position, caption_text(t, tokenizer, model.config.text_vocab))
                 for (position, _), t in zip(chunk, tokens.tolist())]
     return out

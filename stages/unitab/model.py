@@ -1,10 +1,14 @@
 """UniTAB: image + text encoder memory, causal decoder over one vocabulary of text tokens, <obj>, </obj> and box bins.
 
-    image -> timm ResNet (frozen BN) -> 1x1 conv to d_model (+ 2-D sine positions) --\
-                                                                                     concat -> nn.Transformer encoder
-    text  -> RobertaModel -> Linear+LayerNorm to d_model ----------------------------/                 |
-    previous tokens -> embedding (+ learned positions) -> causal nn.Transformer decoder <-- memory ----/
-                                                          -> Linear tied to the token embedding -> logits
+    image -> ResNet (frozen BN) -> 1x1 conv to d_model --------------+   positions: 2-D sine for the image, 0 for text
+                                                                    concat -> DETR encoder (positions added to q/k
+    text  -> RobertaModel -> Linear+LayerNorm to d_model -----------+         in every layer)
+    previous tokens -> LayerNorm(embedding + learned positions) -> causal DETR decoder (positions added to the
+                       self-attention q/k and cross-attention q, memory positions to its k, in every layer)
+                    -> final LayerNorm -> Linear tied to the token embedding -> logits
+
+The transformer follows microsoft/UniTAB models/transformer_unitab.py (post-norm DETR layers, xavier init, one
+cross-attention to the joint image+text memory, decoder positions as `query_pos`).
 """
 from __future__ import annotations
 
@@ -191,6 +195,85 @@ def build_text_encoder(config: UniTABConfig) -> RobertaModel:
     return RobertaModel.from_pretrained(config.text_encoder, add_pooling_layer=False)
 
 
+@dataclass
+class Memory:
+    """The encoder's output for a batch: memory (B, S, d), key padding (B, S; True = ignore) and positions (B, S, d)
+    that the decoder's cross-attention adds to its keys."""
+
+    memory: torch.Tensor
+    padding: torch.Tensor
+    pos: torch.Tensor
+
+    def select(self, rows: torch.Tensor) -> "Memory":
+        return Memory(self.memory[rows], self.padding[rows], self.pos[rows])
+
+    def __len__(self) -> int:
+        return self.memory.shape[0]
+
+
+class EncoderLayer(nn.Module):
+    """DETR's post-norm encoder layer: positions are added to queries and keys (not values) in every layer."""
+
+    def __init__(self, d: int, nheads: int, dim_feedforward: int, dropout: float):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d, nheads, dropout=dropout, batch_first=True)
+        self.linear1, self.linear2 = nn.Linear(d, dim_feedforward), nn.Linear(dim_feedforward, d)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.dropout, self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, src, pos, padding):
+        q = k = src + pos
+        src = self.norm1(src + self.dropout1(self.self_attn(q, k, src, key_padding_mask=padding,
+                                                             need_weights=False)[0]))
+        return self.norm2(src + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(src))))))
+
+
+class DecoderLayer(nn.Module):
+    """UniTAB's post-norm decoder layer: causal self-attention (q/k + query_pos), cross-attention to the joint memory
+    (q + query_pos, k + memory pos), FFN."""
+
+    def __init__(self, d: int, nheads: int, dim_feedforward: int, dropout: float):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d, nheads, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d, nheads, dropout=dropout, batch_first=True)
+        self.linear1, self.linear2 = nn.Linear(d, dim_feedforward), nn.Linear(dim_feedforward, d)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1, self.dropout2, self.dropout3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, tgt, query_pos, causal, tgt_padding, memory, memory_pos, memory_padding):
+        q = k = tgt + query_pos
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt, attn_mask=causal, key_padding_mask=tgt_padding,
+                                                            need_weights=False)[0]))
+        tgt = self.norm2(tgt + self.dropout2(self.cross_attn(tgt + query_pos, memory + memory_pos, memory,
+                                                             key_padding_mask=memory_padding,
+                                                             need_weights=False)[0]))
+        return self.norm3(tgt + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
+
+
+class Transformer(nn.Module):
+    def __init__(self, d: int, nheads: int, enc_layers: int, dec_layers: int, dim_feedforward: int, dropout: float):
+        super().__init__()
+        self.encoder_layers = nn.ModuleList(EncoderLayer(d, nheads, dim_feedforward, dropout)
+                                            for _ in range(enc_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(d, nheads, dim_feedforward, dropout)
+                                            for _ in range(dec_layers))
+        self.decoder_norm = nn.LayerNorm(d)
+        for parameter in self.parameters():  # DETR/UniTAB `_reset_parameters`
+            if parameter.dim() > 1:
+                nn.init.xavier_uniform_(parameter)
+
+    def encode(self, src, pos, padding):
+        for layer in self.encoder_layers:
+            src = layer(src, pos, padding)
+        return src
+
+    def decode(self, tgt, query_pos, causal, tgt_padding, memory, memory_pos, memory_padding):
+        for layer in self.decoder_layers:
+            tgt = layer(tgt, query_pos, causal, tgt_padding, memory, memory_pos, memory_padding)
+        return self.decoder_norm(tgt)
+
+
 class UniTAB(nn.Module):
     def __init__(self, config: UniTABConfig, backbone_weights: str | None = None, text_encoder: nn.Module | None = None):
         super().__init__()
@@ -204,13 +287,12 @@ class UniTAB(nn.Module):
         # MDETR's FeatureResizer: Linear + LayerNorm + dropout
         self.text_proj = nn.Sequential(nn.Linear(self.text_encoder.config.hidden_size, d), nn.LayerNorm(d),
                                        nn.Dropout(config.dropout))
-        # marks which memory entries are image vs text (the text has no 2-D position)
-        self.text_type_embed = nn.Parameter(torch.zeros(d))
-        self.transformer = nn.Transformer(d_model=d, nhead=config.nheads, num_encoder_layers=config.enc_layers,
-                                          num_decoder_layers=config.dec_layers, dim_feedforward=config.dim_feedforward,
-                                          dropout=config.dropout, batch_first=True)
+        self.transformer = Transformer(d, config.nheads, config.enc_layers, config.dec_layers,
+                                       config.dim_feedforward, config.dropout)
         self.token_embed = nn.Embedding(self.layout.size, d)
         self.decoder_pos = nn.Embedding(config.max_decoding_step, d)
+        # UniTAB's DecoderEmbeddings: LayerNorm + dropout over token + position embeddings
+        self.embed_norm, self.embed_dropout = nn.LayerNorm(d), nn.Dropout(config.dropout)
         self.output = nn.Linear(d, self.layout.size, bias=False)
         self.output.weight = self.token_embed.weight  # tied, as in UniTAB
         nn.init.normal_(self.token_embed.weight, std=d ** -0.5)
@@ -220,53 +302,52 @@ class UniTAB(nn.Module):
 
     # -- encoder -------------------------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, image_mask: torch.Tensor, text_ids: torch.Tensor,
-               text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               text_mask: torch.Tensor) -> "Memory":
         """images (B,3,H,W), image_mask (B,H,W) True on padding, text_ids/text_mask (B,L) with mask 1 on real tokens.
-        Returns encoder memory (B, HW+L, d) and its key padding mask (True = ignore)."""
+        Returns encoder memory (B, HW+L, d), its key padding mask (True = ignore) and its positions (B, HW+L, d):
+        the image's 2-D sine code, zeros for the text (UniTAB), added to queries/keys inside every layer."""
         features = self.backbone(images)
         feat_mask = F.interpolate(image_mask[:, None].float(), size=features.shape[-2:])[:, 0].bool()
-        pos = sine_position_encoding(feat_mask, self.config.d_model)
-        img = (self.input_proj(features).flatten(2).transpose(1, 2) + pos.flatten(1, 2))
-        text = self.text_encoder(input_ids=text_ids, attention_mask=text_mask).last_hidden_state
-        text = self.text_proj(text) + self.text_type_embed
+        img = self.input_proj(features).flatten(2).transpose(1, 2)
+        img_pos = sine_position_encoding(feat_mask, self.config.d_model).flatten(1, 2).to(img.dtype)
+        text = self.text_proj(self.text_encoder(input_ids=text_ids, attention_mask=text_mask).last_hidden_state)
         src = torch.cat([img, text], dim=1)
+        pos = torch.cat([img_pos, torch.zeros_like(text)], dim=1)
         padding = torch.cat([feat_mask.flatten(1), text_mask == 0], dim=1)
-        memory = self.transformer.encoder(src, src_key_padding_mask=padding)
-        return memory, padding
+        return Memory(self.transformer.encode(src, pos, padding), padding, pos)
 
     # -- decoder -------------------------------------------------------------------------------------------------
-    def decode(self, memory: torch.Tensor, memory_padding: torch.Tensor, prev_tokens: torch.Tensor,
+    def decode(self, memory: Memory, prev_tokens: torch.Tensor,
                token_padding: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced causal decoding: logits (B, T, vocab) for next tokens after each of `prev_tokens` (B, T)."""
         length = prev_tokens.shape[1]
         if length > self.config.max_decoding_step:
             raise ValueError(f"decoder input of {length} tokens exceeds max_decoding_step "
                              f"{self.config.max_decoding_step}")
-        positions = torch.arange(length, device=prev_tokens.device)
-        x = self.token_embed(prev_tokens) + self.decoder_pos(positions)
-        # boolean like the padding masks (True = may not attend), so attention can take the fused SDPA path
+        query_pos = self.decoder_pos(torch.arange(length, device=prev_tokens.device))[None]
+        x = self.embed_dropout(self.embed_norm(self.token_embed(prev_tokens) + query_pos))
+        # boolean like the padding masks (True = may not attend)
         causal = torch.ones(length, length, dtype=torch.bool, device=prev_tokens.device).triu(1)
-        hidden = self.transformer.decoder(x, memory, tgt_mask=causal, tgt_is_causal=True,
-                                          tgt_key_padding_mask=token_padding, memory_key_padding_mask=memory_padding)
+        hidden = self.transformer.decode(x, query_pos.to(x.dtype), causal, token_padding, memory.memory,
+                                         memory.pos, memory.padding)
         return self.output(hidden)
 
     def forward(self, images, image_mask, text_ids, text_mask, prev_tokens, token_padding=None) -> torch.Tensor:
-        memory, padding = self.encode(images, image_mask, text_ids, text_mask)
-        return self.decode(memory, padding, prev_tokens, token_padding)
+        return self.decode(self.encode(images, image_mask, text_ids, text_mask), prev_tokens, token_padding)
 
     @torch.no_grad()
-    def generate(self, memory: torch.Tensor, memory_padding: torch.Tensor, max_steps: int | None = None,
+    def generate(self, memory: Memory, max_steps: int | None = None,
                  prefix: torch.Tensor | None = None) -> torch.Tensor:
         """Greedy decoding from <s> (or `prefix`, (B, P)) until every row emitted </s> or `max_steps` tokens total.
         Returns (B, T) token ids including the start; rows that finished early are padded with pad_token_id."""
         cfg = self.config
         max_steps = min(max_steps or cfg.max_decoding_step, cfg.max_decoding_step)
-        batch = memory.shape[0]
+        batch, device = len(memory), memory.memory.device
         tokens = prefix if prefix is not None else torch.full((batch, 1), cfg.bos_token_id, dtype=torch.long,
-                                                               device=memory.device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=memory.device)
+                                                               device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
         while tokens.shape[1] < max_steps and not finished.all():
-            next_token = self.decode(memory, memory_padding, tokens)[:, -1].argmax(-1)
+            next_token = self.decode(memory, tokens)[:, -1].argmax(-1)
             next_token = torch.where(finished, torch.full_like(next_token, cfg.pad_token_id), next_token)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             finished |= next_token == cfg.eos_token_id
