@@ -289,7 +289,7 @@ CASES = [
           v:
             uses: testing.write
             needs: {w: true}
-    """, "wf.yaml", 5, "stages.v.needs", "expected a list of stage names, got a mapping"),
+    """, "wf.yaml", 5, "stages.v.needs.w", "expected `all` (run once, after every entry of w's sweep)"),
     Case("needs-unknown-stage", """
         stages:
           w: {uses: testing.write}

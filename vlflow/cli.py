@@ -186,7 +186,7 @@ def cmd_plan(args) -> int:
     plans = runner.plan(until=args.until, only=args.only, force=args.force)
     table = Table(title=f"plan: {runner.workflow.name} (cache {runner.store.url})")
     for col in ("stage", "uses", "action", "key", "why"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col == "stage")  # a sweep entry's name stays one line
     for plan in plans:
         action = {"cached": "[green]cached[/]", "damaged": "[red]damaged[/]"}.get(plan.action, "[yellow]run[/]")
         why = plan.reasons + [f"[yellow]warning: {w}[/]" for w in plan.warnings]
@@ -336,7 +336,7 @@ def cmd_status(args) -> int:
     runner, plans = _workflow_artifacts(args)
     table = Table(title=f"{runner.workflow.name} in {runner.store.url}")
     for col in ("stage", "uses", "state", "key", "size", "created"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "stage")
     for plan in plans:
         m = plan.manifest
         state = ("[green]cached[/]" if plan.action == "cached" else "[red]damaged[/]" if plan.damaged
@@ -468,11 +468,14 @@ def cmd_graph(args) -> int:
             print(f'  "{a}" -> "{b}";')
         print("}")
     elif args.format == "mermaid":
+        from vlflow.matrix import plain_ids
+
+        ids = plain_ids(workflow.stages)  # mermaid node ids cannot hold a sweep entry's '@', '=', ',' or '.'
         print("graph TD")
         for name, decl in workflow.stages.items():
-            print(f'  {name}["{name}<br/>{decl.uses}"]')
+            print(f'  {ids[name]}["{name}<br/>{decl.uses}"]')
         for a, b in graph.edges:
-            print(f"  {a} --> {b}")
+            print(f"  {ids[a]} --> {ids[b]}")
     else:
         from rich.tree import Tree
 

@@ -26,6 +26,7 @@ from vlflow.errors import StageError, VlflowError
 from vlflow.procs import die_with_parent
 from vlflow.code_digest import CodeDigest
 from vlflow.environment import current_environment, environment_changes
+from vlflow.matrix import expand_selection, storage_name
 from vlflow.stage import StageSpec, get_spec
 from vlflow.store import META_DIR, ArtifactStore, Manifest  # META_DIR: stage.log, metrics.json of a run
 from vlflow.workflow import StageDecl, Workflow
@@ -48,7 +49,7 @@ def build_graph(workflow: Workflow) -> nx.DiGraph:
 
 def select_stages(graph: nx.DiGraph, until: Iterable[str] = (), only: Iterable[str] = ()) -> list[str]:
     """Stages to consider, in a deterministic topological order."""
-    until, only = list(until), list(only)
+    until, only = expand_selection(until, graph.nodes), expand_selection(only, graph.nodes)  # a sweep: all entries
     for name in until + only:
         if name not in graph:
             raise VlflowError(f"no stage named {name!r} (stages: {', '.join(graph.nodes)})")
@@ -65,7 +66,7 @@ def select_stages(graph: nx.DiGraph, until: Iterable[str] = (), only: Iterable[s
 
 def forced_stages(graph: nx.DiGraph, force: Iterable[str]) -> set[str]:
     forced: set[str] = set()
-    for name in force:
+    for name in expand_selection(force, graph.nodes):
         if name not in graph:
             raise VlflowError(f"--force: no stage named {name!r}")
         forced |= {name} | nx.descendants(graph, name)
@@ -243,7 +244,7 @@ class Runner:
         return {s for s in decl.deps() if STAGE_REF % s in text}
 
     def _ref_name(self, stage: str) -> str:
-        return f"runs/{self.workflow.name}/{stage}"
+        return f"runs/{self.workflow.name}/{storage_name(stage)}"  # sweep entries hold '@', '=', ','
 
     def _data_deps(self, decl: StageDecl) -> set[str]:
         return {ref.stage for ref in decl.inputs.values()} | self._stage_refs(decl)

@@ -28,13 +28,14 @@ import yaml
 
 from vlflow.errors import WorkflowError
 from vlflow.executors.spec import ExecutorSpec
+from vlflow.matrix import MATRIX_KEY, STAGE_REF_NAME, expand_matrices
 from vlflow.secrets import MASK, Masker, looks_secret, mask_credentials, secret_env_values
 from vlflow.stage import LaunchSpec, StageSpec, get_spec, registry
 
 TOP_LEVEL_KEYS = ("name", "include", "extends", "params", "defaults", "stages")
-STAGE_KEYS = ("uses", "with", "inputs", "needs", "launch", "executor")
+STAGE_KEYS = ("uses", "with", "inputs", "needs", "launch", MATRIX_KEY, "executor")
 DEFAULTS_KEYS = ("launch", "executor")
-STAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+STAGE_NAME = re.compile(STAGE_REF_NAME)  # a sweep entry (`finetune@lr=0.1`) is a stage name too
 WORKFLOW_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # Bounds on what one workflow may make the loader do: far above any real workflow, far below a resource bomb.
 MAX_FILE_BYTES = 1 << 20  # one workflow or included file
@@ -51,9 +52,9 @@ ALLOWED_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("map", "seq", "str", "i
 
 # `$${` is an escaped literal `${`; `${...}` is a reference; a `${` that is neither is unterminated.
 _TOKEN = re.compile(r"\$\$\{|\$\{([^{}]*)\}|\$\{")
-_STAGE_OUTPUT = re.compile(r"stages\.([A-Za-z_][A-Za-z0-9_-]*)\.output")
+_STAGE_OUTPUT = re.compile(r"stages\.(" + STAGE_REF_NAME + r")\.output")
 _ENV = re.compile(r"env\.([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
-_STAGE_OUTPUT_TEXT = re.compile(r"\$\{stages\.([A-Za-z_][A-Za-z0-9_-]*)\.output\}")
+_STAGE_OUTPUT_TEXT = re.compile(r"\$\{stages\.(" + STAGE_REF_NAME + r")\.output\}")
 
 
 @dataclass(frozen=True)
@@ -649,6 +650,8 @@ class _Loader:
         resolver = _Resolver(raw_params, self.locations, self.env, list(raw_stages))
         resolver.used_secrets = self.used_secrets
         params = {key: resolver.resolve_param(("params", key), value) for key, value in raw_params.items()}
+        raw_stages = expand_matrices(self, resolver, raw_stages)  # one stage per entry of each sweep
+        resolver.stage_names = list(raw_stages)
         default_launch = self.launch_settings(resolver, defaults, raw_stages)
         self.default_executor = self.executor_settings(resolver, defaults)
         stages = {name: self.stage(name, raw, resolver, default_launch, list(raw_stages))
