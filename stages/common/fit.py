@@ -352,18 +352,6 @@ def training_steps(max_steps: int | None, max_epochs: int | None, batches_per_ep
     return max(1, max_epochs * batches_per_epoch // accumulation)
 
 
-def training_steps(max_steps: int | None, max_epochs: int | None, batches_per_epoch: int, accumulation: int) -> int:
-    """Optimizer steps of a run given as steps or epochs (max_steps wins when both are given, as UniTAB's and
-    ViLT's configs mean it). An epoch is `batches_per_epoch` micro-batches per rank (ResumableSampler: the tail that
-    does not fill a global batch is dropped), so `max_epochs` passes are max_epochs x batches_per_epoch //
-    accumulation steps, at least 1 (PyTorch Lightning's count for ViLT's schedule)."""
-    if max_steps is not None:
-        return max_steps
-    if max_epochs is None:
-        raise StageError("neither max_steps nor max_epochs is set", field="with.max_steps")
-    return max(1, max_epochs * batches_per_epoch // accumulation)
-
-
 def warmup_linear_schedule(optimizer: torch.optim.Optimizer, warmup: int | float, max_steps: int):
     """Linear warmup from 0 to the optimizer's lr, then linear decay to 0 at `max_steps` (transformers'
     get_linear_schedule_with_warmup). `warmup`: a step count, or a fraction of max_steps when a float below 1."""
