@@ -349,6 +349,10 @@ class Runner:
         """
         selected = select_stages(self.graph, until, only)
         forced = forced_stages(self.graph, force)
+        from vlflow.executors.slurm import check_can_submit
+
+        check_can_submit([self.workflow.stages[n] for n in selected if self.workflow.stages[n].executor.is_slurm],
+                         self.store.url, self.store.is_local, self.state_dir)
         swept = sweep_stale_staging(self.state_dir)
         if swept:
             self.on_event("", "note", f"removed {len(swept)} staging dir(s) left by killed runs")
@@ -431,6 +435,9 @@ class Runner:
         except BaseException:
             # Ctrl-C / SIGTERM: do not wait for running stages; the CLI exits and they die with the process
             pool.shutdown(wait=False, cancel_futures=True)
+            from vlflow.executors.slurm import cancel_submitted_jobs
+
+            cancel_submitted_jobs()  # batch jobs do not die with this process
             raise
         pool.shutdown()
         if failure is not None:
@@ -529,13 +536,12 @@ class Runner:
         payload_path = staging / "payload.json"
         payload_path.write_text(json.dumps(payload, indent=1))
         started = time.time()
-        if spec.distributed:
-            from vlflow.launch import run_distributed
+        from vlflow.executors import StageJob, executor_for
 
-            metrics = run_distributed(spec, payload_path, decl.launch, log_path,
-                                      on_line=lambda line: self.on_event(decl.name, "log", line))
-        else:
-            metrics = self._run_local(decl, payload_path, log_path)
+        job = StageJob(decl, spec, payload_path, log_path, self.workflow.name,
+                       on_line=lambda line: self.on_event(decl.name, "log", line),
+                       on_note=lambda text: self.on_event(decl.name, "note", f"{decl.name}: {text}"))
+        metrics = executor_for(decl.executor, self._run_local, python=self.python).run(job)
         return Produced(output_dir, log_path, metrics, started, time.time() - started)
 
     def _materialize(self, manifest: Manifest) -> Path:

@@ -1,0 +1,227 @@
+"""The Slurm executor against a real one-host Slurm cluster (the `slurm_cluster` fixture): stages run as batch jobs,
+`vlflow run` on the "login node" waits, streams their output and commits; failures name the job id."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from vlflow.executors.slurm import SlurmExecutor, parse_job
+from vlflow.executors.spec import ExecutorSpec
+
+SHARED_TOML = '[cache]\nurl = "cache"\n[state]\ndir = "state"\n[executor]\nshared_dirs = ["."]\n'
+
+
+def project(tmp_path: Path, workflow: str, toml: str = SHARED_TOML) -> Path:
+    (tmp_path / "vlflow.toml").write_text(toml)
+    path = tmp_path / "wf.yaml"
+    path.write_text(textwrap.dedent(workflow))
+    return path
+
+
+def vlflow(path: Path, *args: str, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlflow", "run", str(path), *args], cwd=path.parent, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def job_ids(text: str) -> list[str]:
+    return re.findall(r"submitted Slurm job (\d+)", text)
+
+
+def job_state(job_id: str, env: dict) -> str:
+    shown = subprocess.run(["timeout", "10", "scontrol", "show", "job", "-o", job_id], env=env, capture_output=True,
+                           text=True)
+    return parse_job(shown.stdout).state
+
+
+@pytest.fixture
+def cluster_env(slurm_cluster):
+    return dict(os.environ, **slurm_cluster, OMP_NUM_THREADS="1")
+
+
+TWO_STAGES = """\
+    name: onslurm
+    defaults:
+      executor: {type: slurm, time: "5:00"}
+    stages:
+      a:
+        uses: testing.write
+        with: {text: from-a-job, files: 2}
+      b:
+        uses: testing.write
+        with: {text: from-b-job}
+      both:
+        uses: testing.concat
+        inputs: {a: a, b: b}
+        executor: {type: local}
+    """
+
+
+def test_stages_run_as_jobs_commit_once_and_cached_stages_submit_nothing(tmp_path, cluster_env):
+    path = project(tmp_path, TWO_STAGES)
+    done = vlflow(path, "-j", "2", env=cluster_env)
+    assert done.returncode == 0, done.stderr + done.stdout
+    ids = job_ids(done.stdout)
+    assert len(ids) == 2 and all(job_state(i, cluster_env) == "COMPLETED" for i in ids)
+    # the local stage read both job-made artifacts
+    shown = subprocess.run([sys.executable, "-m", "vlflow", "show", str(path), "both"], cwd=tmp_path,
+                           env=cluster_env, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    out = next((tmp_path / "cache").rglob("out.txt")).read_text()
+    assert "from-a-job" in out and "from-b-job" in out
+    log = next((tmp_path / "state" / "logs" / "onslurm").glob("a-*.log")).read_text()
+    assert re.search(r"# sbatch .*--time=5:00", log) and re.search(rf"# Slurm job ({ids[0]}|{ids[1]})\n", log)
+    again = vlflow(path, env=cluster_env)
+    assert again.returncode == 0 and job_ids(again.stdout) == [] and "3 cached" in again.stdout
+
+
+def test_a_failing_job_reports_the_stage_error_and_the_job_id(tmp_path, cluster_env):
+    path = project(tmp_path, """\
+        name: failing
+        stages:
+          broken:
+            uses: testing.write
+            with: {fail: true}
+            executor: {type: slurm}
+        """)
+    done = vlflow(path, env=cluster_env)
+    assert done.returncode == 2
+    (job_id,) = job_ids(done.stdout)
+    assert f"Slurm job {job_id} failed with exit code 2: " in done.stderr
+    assert "failing on purpose (fail: true)" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list((tmp_path / "cache").rglob("*.txt"))  # nothing committed
+
+
+def test_ctrl_c_cancels_the_submitted_job(tmp_path, cluster_env):
+    path = project(tmp_path, """\
+        name: slow
+        stages:
+          slow:
+            uses: testing.write
+            with: {sleep: 60}
+            executor: {type: slurm}
+        """)
+    run = subprocess.Popen([sys.executable, "-m", "vlflow", "run", str(path)], cwd=tmp_path, env=cluster_env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    for line in run.stdout:
+        seen += line
+        if job_ids(seen):
+            break
+    (job_id,) = job_ids(seen)
+    deadline = time.monotonic() + 30
+    while job_state(job_id, cluster_env) != "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=30)
+    assert run.returncode == 130
+    assert f"cancelled Slurm job(s) {job_id}" in err
+    deadline = time.monotonic() + 20
+    while job_state(job_id, cluster_env) != "CANCELLED" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert job_state(job_id, cluster_env) == "CANCELLED"
+
+
+def test_scancel_mid_training_then_rerun_resumes_from_the_checkpoint(tmp_path, cluster_env):
+    path = project(tmp_path, """\
+        name: resume
+        stages:
+          train:
+            uses: testing.train
+            with: {steps: 12, checkpoint_every: 3, sleep: 0.3}
+            launch: {backend: gloo}
+            executor: {type: slurm}
+        """)
+    run = subprocess.Popen([sys.executable, "-m", "vlflow", "run", str(path)], cwd=tmp_path, env=cluster_env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    work = tmp_path / "state" / "work"
+    deadline = time.monotonic() + 120
+    while not list(work.rglob("step_*")) and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.3)
+    assert list(work.rglob("step_*")), "no checkpoint was written"
+    log = next((tmp_path / "state" / "logs" / "resume").glob("train-*.log")).read_text()
+    (job_id,) = re.findall(r"# Slurm job (\d+)", log)
+    subprocess.run(["timeout", "10", "scancel", job_id], env=cluster_env, check=True)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 2
+    assert f"Slurm job {job_id} was cancelled" in err
+    again = vlflow(path, env=cluster_env, timeout=180)
+    assert again.returncode == 0, again.stderr + again.stdout
+    manifest = json.loads(next((tmp_path / "cache").rglob("manifest.json")).read_text())
+    assert manifest["meta"]["metrics"]["resumed_from_step"] >= 3
+
+
+def test_unreachable_controller_is_a_bounded_error(tmp_path, cluster_env):
+    conf = Path(cluster_env["SLURM_CONF"]).read_text()
+    dead = tmp_path / "slurm.conf"
+    dead.write_text(re.sub(r"(?m)^SlurmctldPort=\d+", "SlurmctldPort=9", conf))
+    path = project(tmp_path, """\
+        name: nocontroller
+        stages:
+          a:
+            uses: testing.write
+            executor: {type: slurm, controller_timeout_s: 3}
+        """)
+    started = time.monotonic()
+    done = vlflow(path, env=dict(cluster_env, SLURM_CONF=str(dead)), timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert time.monotonic() - started < 30
+    assert re.search(r"stage a: (sbatch got no answer from the Slurm controller within 3s|sbatch refused the job: "
+                     r".*(Unable to contact|connect))", done.stderr), done.stderr
+
+
+def test_missing_sbatch_is_one_clear_error(tmp_path):
+    path = project(tmp_path, "name: x\nstages:\n  a:\n    uses: testing.write\n    executor: {type: slurm}\n")
+    env = dict(os.environ, PATH=str(Path(sys.executable).parent))
+    done = vlflow(path, env=env)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: {path}:3: stages.a.executor: stage a runs on Slurm (executor.type: slurm) "
+                                  "but `sbatch` is not on PATH"), done.stderr
+
+
+@pytest.mark.parametrize("toml, what", [
+    ('[cache]\nurl = "cache"\n[state]\ndir = "state"\n', "the state dir"),
+    (f'[cache]\nurl = "/tmp/vlflow-elsewhere-cache"\n[state]\ndir = "state"\n[executor]\nshared_dirs = ["."]\n',
+     "the cache /tmp/vlflow-elsewhere-cache is a local path that is not declared shared"),
+])
+def test_a_cache_or_state_dir_not_declared_shared_is_refused_before_anything_runs(tmp_path, toml, what):
+    path = project(tmp_path, "name: x\nstages:\n  a:\n    uses: testing.write\n    executor: {type: slurm}\n", toml)
+    done = vlflow(path, env=dict(os.environ))
+    assert done.returncode == 2, done.stdout
+    assert "error: " in done.stderr and what in done.stderr and "executor.shared_dirs" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "state" / "staging").exists()
+
+
+def test_an_object_store_cache_needs_only_the_state_dir_shared(tmp_path):
+    from vlflow.executors.slurm import check_can_submit
+    from vlflow.workflow import load_workflow
+
+    path = project(tmp_path, "name: x\nstages:\n  a:\n    uses: testing.write\n"
+                   f"    executor: {{type: slurm, shared_dirs: [{tmp_path}]}}\n")
+    decl = load_workflow(path).stages["a"]
+    check_can_submit([decl], "s3://bucket/cache", False, tmp_path / "state")  # no error
+
+
+def test_job_script_forwards_the_warning_signal_to_the_stage(tmp_path):
+    """The batch shell passes Slurm's USR1 on and exits with the stage's code (run here without Slurm)."""
+    stage = tmp_path / "stage.py"
+    stage.write_text("import signal, sys, time\n"
+                     "signal.signal(signal.SIGUSR1, lambda *a: sys.exit(75))\n"
+                     "print('ready', flush=True)\ntime.sleep(30)\n")
+    script = SlurmExecutor(ExecutorSpec(type="slurm"), python=sys.executable).job_script(tmp_path / "payload.json")
+    script = script.replace(f"{sys.executable} -m vlflow.executors.job {tmp_path / 'payload.json'}",
+                            f"{sys.executable} {stage}")
+    (tmp_path / "job.sh").write_text(script)
+    job = subprocess.Popen(["bash", str(tmp_path / "job.sh")], stdout=subprocess.PIPE, text=True)
+    assert job.stdout.readline().strip() == "ready"
+    job.send_signal(signal.SIGUSR1)
+    assert job.wait(timeout=10) == 75
