@@ -194,6 +194,10 @@ def test_saved_model_loads_as_vilt_for_masked_lm(tmp_path, params, tokenizer, ba
     assert isinstance(retrieval, ViltForImageAndTextRetrieval)
     assert torch.equal(retrieval.rank_output.weight[0], model.itm_score.weight[1])  # ITM "match" row
     assert torch.equal(retrieval.rank_output.bias, model.itm_score.bias[1:])
+    assert retrieval.config.max_image_length == params.max_image_len  # the pretraining's, unless told
+    all_patches = retrieval_model_from_pretraining(tmp_path, max_image_len=-1)  # as ViLT fine-tunes
+    assert all_patches.config.max_image_length == -1
+    assert vqa_model_from_pretraining(tmp_path, ["yes", "no"], max_image_len=-1).config.max_image_length == -1
 
 
 def test_a_tied_transformers_checkpoint_stays_tied(tmp_path, params, tokenizer):

@@ -166,11 +166,16 @@ class ViltRetrievalTrainingModel(nn.Module):
         return {"loss": loss, "irtr_loss": loss.detach(), "irtr_acc": (scores.argmax(1) == 0).float().mean().detach()}
 
 
-def retrieval_model_from_pretraining(directory: str | Path) -> ViltForImageAndTextRetrieval:
-    """ViltForImageAndTextRetrieval with the pretrained backbone and the rank head set from ITM row 1 (as ViLT)."""
+def retrieval_model_from_pretraining(directory: str | Path,
+                                     max_image_len: int | None = None) -> ViltForImageAndTextRetrieval:
+    """ViltForImageAndTextRetrieval with the pretrained backbone and the rank head set from ITM row 1 (as ViLT).
+    `max_image_len`: patches sampled per image from here on (ViLT fine-tunes with all, -1); None keeps the
+    pretraining's."""
     pretrained = ViltPretrainingModel.from_pretrained(directory)
     config = pretrained.config
     config.architectures = ["ViltForImageAndTextRetrieval"]
+    if max_image_len is not None:
+        config.max_image_length = max_image_len
     model = ViltForImageAndTextRetrieval(config)
     model.vilt.load_state_dict(pretrained.vilt.state_dict())
     with torch.no_grad():
@@ -203,11 +208,15 @@ class ViltVqaTrainingModel(nn.Module):
         return {"loss": loss, "vqa_loss": loss.detach(), "vqa_score": score.detach()}
 
 
-def vqa_model_from_pretraining(directory: str | Path, answers: list[str]) -> ViltForQuestionAnswering:
-    """ViltForQuestionAnswering with the pretrained backbone and a fresh classifier over `answers` (as ViLT)."""
+def vqa_model_from_pretraining(directory: str | Path, answers: list[str],
+                               max_image_len: int | None = None) -> ViltForQuestionAnswering:
+    """ViltForQuestionAnswering with the pretrained backbone and a fresh classifier over `answers` (as ViLT);
+    `max_image_len` as in `retrieval_model_from_pretraining`."""
     pretrained = ViltPretrainingModel.from_pretrained(directory)
     config = pretrained.config
     config.architectures = ["ViltForQuestionAnswering"]
+    if max_image_len is not None:
+        config.max_image_length = max_image_len
     config.id2label = dict(enumerate(answers))
     config.label2id = {answer: i for i, answer in enumerate(answers)}
     model = ViltForQuestionAnswering(config)

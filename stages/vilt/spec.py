@@ -20,10 +20,12 @@ class ViltModelParams(Params):
     image_size: int = Field(384, ge=8, description="shorter image side after resize")
     max_image_size: int = Field(640, ge=8, description="longer image side is capped at this")
     max_text_len: int = Field(40, ge=4)
-    max_image_len: int = Field(200, description="sampled patches per image; -1 keeps all")
+    max_image_len: int = Field(200, description="sampled patches per image; -1 keeps all (ViLT: 200 in "
+                                                "pretraining, -1 in fine-tuning and evaluation)")
     initializer_range: float = Field(
         0.02, gt=0, description="std of the initial weights (BERT/ViT: 0.02; small models learn cross-modal "
                                 "attention much sooner with ~1/sqrt(hidden_size))")
+
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self):
@@ -37,18 +39,27 @@ class ViltTrainParams(ViltModelParams):
 
     tokenizer: str = Field("bert-base-uncased",
                            description="AutoTokenizer name or local path; the `tokenizer` input wins when given")
-    max_steps: int = Field(200_000, ge=1)
+    max_steps: int | None = Field(200_000, ge=1, description="optimizer steps; overrides max_epochs")
+    max_epochs: int | None = Field(None, ge=1, description="passes over the training pairs (ViLT's max_epoch), "
+                                                           "converted to optimizer steps at the global batch")
     batch_size: int = Field(4096, ge=1, description="global batch, reached by gradient accumulation")
     per_device_batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = Field(0.01, ge=0)
-    warmup_steps: int | float = Field(0.1, ge=0, description="steps (int) or a fraction of max_steps (float < 1)")
+    warmup_steps: int | float = Field(0.1, ge=0, description="steps (int) or a fraction of the run's steps "
+                                                             "(float < 1)")
     grad_clip: float = Field(0.0, ge=0, description="0 disables clipping (ViLT does not clip)")
     checkpoint_every: int = Field(1000, ge=1)
     log_every: int = Field(50, ge=1)
     seed: int = Field(0, ge=0, le=2**32 - 1)  # torch and numpy take seeds in this range
     num_workers: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _a_length(self):
+        if self.max_steps is None and self.max_epochs is None:
+            raise ValueError("give max_steps or max_epochs (max_steps wins when both are given)")
+        return self
 
 
 class ViltPretrainParams(ViltTrainParams):
@@ -62,8 +73,14 @@ class ViltPretrainParams(ViltTrainParams):
 
 
 class ViltFinetuneRetrievalParams(ViltTrainParams):
+    """ViLT's irtr fine-tuning defaults: 10 epochs at batch 256 (~22.1k steps on COCO train+restval), all patches."""
+
     false_texts: int = Field(15, ge=1, description="negative captions scored with each image")
     lr: float = Field(1e-4, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides max_epochs")
+    max_epochs: int | None = Field(10, ge=1, description="passes over the training pairs (ViLT: 10)")
+    batch_size: int = Field(256, ge=1, description="global batch, reached by gradient accumulation")
+    max_image_len: int = Field(-1, description="sampled patches per image; -1 keeps all (as ViLT fine-tunes)")
 
 
 class ViltFinetuneVqaParams(ViltTrainParams):
@@ -71,8 +88,10 @@ class ViltFinetuneVqaParams(ViltTrainParams):
 
     train_splits: list[str] = Field(default_factory=lambda: ["train", "trainable_val"], min_length=1,
                                     description="vqav2_<split>.arrow files to train on")
-    max_steps: int = Field(25_000, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides max_epochs")
+    max_epochs: int | None = Field(10, ge=1, description="passes over the training questions (ViLT: 10)")
     batch_size: int = Field(256, ge=1)
+    max_image_len: int = Field(-1, description="sampled patches per image; -1 keeps all (as ViLT fine-tunes)")
     head_lr_mult: float = Field(10.0, gt=0, description="lr multiplier of the new answer classifier (ViLT lr_mult)")
 
 

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 from vlflow.stage import StageContext
 from vlflow.errors import StageError
 from vlflow.stages.common.export import trained_module
-from vlflow.stages.common.fit import FitSettings, TrainTask, fit, make_adamw, warmup_linear_schedule
+from vlflow.stages.common.fit import (FitSettings, TrainTask, fit, make_adamw, training_steps,
+                                      warmup_linear_schedule)
 from vlflow.stages.common.training import ResumableSampler, accumulation_steps, configure_determinism
 from vlflow.stages.vilt.data import (CaptionPairs, MlmMasker, PairCollator, QuestionCollator, QuestionPairs,
                                      image_dataset, itm_negatives, load_answers, load_tokenizer, tokenize,
@@ -86,7 +87,8 @@ def finetune_retrieval(ctx: StageContext) -> dict:
     torch.manual_seed(p.seed)
     pretrained_dir = ctx.inputs["pretrained"]
     tokenizer = load_tokenizer({"tokenizer": pretrained_dir / "tokenizer", **ctx.inputs}, p.tokenizer)
-    model = ViltRetrievalTrainingModel(retrieval_model_from_pretraining(pretrained_dir / "model"))
+    model = ViltRetrievalTrainingModel(retrieval_model_from_pretraining(pretrained_dir / "model",
+                                                                        max_image_len=p.max_image_len))
     dataset = CaptionPairs(image_dataset(ctx.inputs["arrows"], "train", p.image_size, p.max_image_size))
     task = retrieval_task(tokenizer, dataset, p.false_texts, p.max_text_len)
     return train(ctx, model, tokenizer, task, save_model=lambda m, out: m.retrieval.save_pretrained(out),
@@ -118,7 +120,8 @@ def finetune_vqa(ctx: StageContext) -> dict:
     pretrained_dir = ctx.inputs["pretrained"]
     tokenizer = load_tokenizer({"tokenizer": pretrained_dir / "tokenizer", **ctx.inputs}, p.tokenizer)
     answers = load_answers(ctx.inputs["arrows"])
-    model = ViltVqaTrainingModel(vqa_model_from_pretraining(pretrained_dir / "model", answers))
+    model = ViltVqaTrainingModel(vqa_model_from_pretraining(pretrained_dir / "model", answers,
+                                                            max_image_len=p.max_image_len))
     dataset = QuestionPairs(vqa_dataset(ctx.inputs["arrows"], p.train_splits, p.image_size, p.max_image_size))
     return train(ctx, model, tokenizer, vqa_task(), save_model=lambda m, out: m.vqa.save_pretrained(out),
                  dataset=dataset, collate=QuestionCollator(tokenizer, p.max_text_len, len(answers)),
@@ -159,7 +162,13 @@ def train(ctx: StageContext, model: torch.nn.Module, tokenizer, task: TrainTask,
         dataset = CaptionPairs(image_dataset(ctx.inputs["arrows"], "train", p.image_size, p.max_image_size))
     optimizer = make_adamw(ctx, decay_groups(model, p.weight_decay, p.lr, head_lr_mult), lr=p.lr, betas=p.betas,
                            weight_decay=p.weight_decay)
-    scheduler = warmup_linear_schedule(optimizer, p.warmup_steps, p.max_steps)
+    batches_per_epoch = ResumableSampler(len(dataset), p.per_device_batch_size, ctx.rank,
+                                         ctx.world_size).batches_per_epoch
+    max_steps = training_steps(p.max_steps, p.max_epochs, batches_per_epoch, accum)
+    if p.max_steps is None:
+        ctx.log.info("%d epochs of %d pairs at batch %d: %d optimizer steps", p.max_epochs, len(dataset),
+                     p.batch_size, max_steps)
+    scheduler = warmup_linear_schedule(optimizer, p.warmup_steps, max_steps)
     collate = collate or PairCollator(tokenizer, p.max_text_len)
     pin_memory = get_accelerator().name == "cuda"
 
@@ -170,7 +179,7 @@ def train(ctx: StageContext, model: torch.nn.Module, tokenizer, task: TrainTask,
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=p.num_workers,
                           pin_memory=pin_memory)
 
-    settings = FitSettings(max_steps=p.max_steps, accumulation=accum, seed=p.seed, grad_clip=p.grad_clip,
+    settings = FitSettings(max_steps=max_steps, accumulation=accum, seed=p.seed, grad_clip=p.grad_clip,
                            log_every=p.log_every, checkpoint_every=p.checkpoint_every)
     result = fit(ctx, model, optimizer, scheduler, task, batches, settings)
     trained = trained_module(result.model, result.optimizer, ctx.is_main)  # full fp32 weights, on rank 0
