@@ -299,7 +299,14 @@ def test_vit_init_matches_timm_blocks(tmp_path, params, tokenizer):
     got = tokens
     for layer in vilt.encoder.layer:
         got = layer(got)[0]
-    assert torch.allclose(got, expected, atol=1e-4)  # same blocks (timm LayerNorm eps 1e-6 vs 1e-12)
+    assert model.config.layer_norm_eps == 1e-6  # timm's (ViLT's) ViT LayerNorm; transformers' default is 1e-12
+    assert torch.allclose(got, expected, atol=1e-5)  # the same blocks, LayerNorm eps included
+
+    # a .pth state dict as the original jx release ships it (with its classifier head), wrapped or not
+    torch.save({"model": {**vit.state_dict(), "head.weight": torch.zeros(10, 32)}}, tmp_path / "jx.pth")
+    fresh = make_model(params, tokenizer).eval()
+    load_vit_weights(fresh.vilt, str(tmp_path / "jx.pth"))
+    assert torch.equal(fresh.vilt.encoder.layer[1].output.dense.weight, vit.blocks[1].mlp.fc2.weight)
 
     small = VisionTransformer(img_size=64, patch_size=16, embed_dim=16, depth=2, num_heads=4, num_classes=0)
     save_file(small.state_dict(), str(tmp_path / "small.safetensors"))

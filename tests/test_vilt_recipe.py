@@ -30,6 +30,7 @@ def test_params_need_a_length_and_fine_tuning_defaults_are_vilts():
     for params in (ViltFinetuneRetrievalParams(), ViltFinetuneVqaParams()):
         assert (params.max_steps, params.max_epochs, params.batch_size, params.max_image_len) == (None, 10, 256, -1)
     assert ViltFinetuneRetrievalParams().false_texts == 15
+    assert ViltPretrainParams().layer_norm_eps == 1e-6  # timm's ViT (ViLT); transformers' ViltConfig has 1e-12
 
 
 def test_coco_vilt_workflow_fine_tunes_as_the_paper():

@@ -36,6 +36,7 @@ def build_config(p, vocab_size: int, pad_token_id: int) -> ViltConfig:
         max_image_length=p.max_image_len,
         max_position_embeddings=p.max_text_len,
         initializer_range=p.initializer_range,
+        layer_norm_eps=p.layer_norm_eps,
         # ViLT's MLM head has its own decoder matrix (vilt/modules/heads.py MLMHead: a fresh Linear(hidden, vocab)),
         # not the word embeddings; the config says so, so from_pretrained keeps them apart too
         tie_word_embeddings=False,
@@ -306,8 +307,15 @@ def vit_state_to_vilt(state: dict[str, torch.Tensor], num_layers: int) -> dict[s
 
 def load_vit_weights(vilt, source: str) -> None:
     """Initialises ViltModel's patch embedding, positions and encoder from a timm ViT: a local weights file
-    (.safetensors / .pth state dict in timm's layout) or a timm model name (its pretrained weights must be
-    reachable: hub or local cache)."""
+    (.safetensors / .pth state dict in timm's layout; a `{"model": state}` wrapper is unwrapped; heads are ignored)
+    or a timm model name (its pretrained weights must be reachable: hub or local cache).
+
+    Which weights: ViLT (timm 0.4.5) started from `jx_vit_base_p32_384-830016f5.pth`, Google's original ViT-B/32
+    (ImageNet-21k pretraining, ImageNet-1k fine-tuning at 384, mean/std 0.5). timm >= 0.9 resolves the name
+    `vit_base_patch32_384` to `augreg_in21k_ft_in1k` (Steiner et al. 2021, "How to train your ViT": stronger
+    augmentation and regularisation: other weights, other features) and no longer lists the original. Both are timm-layout state dicts of the same shapes, so either loads here; to start
+    from what ViLT started from, give the jx file's path. LayerNorm: timm's ViT uses eps 1e-6 (ViltModelParams
+    `layer_norm_eps`, default 1e-6); transformers' ViltConfig defaults to 1e-12."""
     import timm
     from timm.layers import resample_abs_pos_embed
 

@@ -25,7 +25,9 @@ class ViltModelParams(Params):
     initializer_range: float = Field(
         0.02, gt=0, description="std of the initial weights (BERT/ViT: 0.02; small models learn cross-modal "
                                 "attention much sooner with ~1/sqrt(hidden_size))")
-
+    layer_norm_eps: float = Field(
+        1e-6, gt=0, description="LayerNorm epsilon: ViLT's timm ViT uses 1e-6 (its BERT text embeddings and MLM "
+                                "transform 1e-12); transformers' ViltConfig defaults to 1e-12 everywhere")
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self):
@@ -69,7 +71,11 @@ class ViltPretrainParams(ViltTrainParams):
     itm_wpa: bool = Field(False, description="add ViLT's word-patch alignment (IPOT) loss to ITM")
     wpa_weight: float = Field(0.1, ge=0)
     init_from: str | None = Field(None, description="transformers ViLT checkpoint (dir or hub name) to start from")
-    vit_init: str | None = Field(None, description="timm ViT name or local weights file for patch embedding/encoder")
+    vit_init: str | None = Field(
+        None, description="timm ViT name or local weights file (.pth/.safetensors, timm layout) for the patch "
+                          "embedding and encoder. ViLT started from the original jx ViT-B/32 384 weights "
+                          "(jx_vit_base_p32_384-830016f5.pth, ImageNet-21k + 1k); timm's current "
+                          "vit_base_patch32_384 resolves to other (augreg) weights, so give that file to match")
 
 
 class ViltFinetuneRetrievalParams(ViltTrainParams):
