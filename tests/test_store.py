@@ -398,3 +398,21 @@ def test_file_list_entries_are_validated(tmp_path, entry):
     with pytest.raises(StoreError, match="has a corrupt file list"):
         store.manifest("k").files
     assert store.damage(store.manifest("k"))[0].startswith("artifact k in ")  # damaged, so never consumed
+
+
+def test_a_no_op_reads_each_manifest_and_ref_in_one_s3_request(moto_server, s3_env, s3_cache_url, tmp_path):
+    """s3fs's cat_file sends a HEAD before the GET unless it reads with one connection; manifests, file lists and
+    refs are small, so each is one GET (a missing one too: a 404 GET), counted on the client's request events."""
+    store = ArtifactStore(s3_cache_url, local_cache=tmp_path / "mirror")
+    store.commit("k", write_tree(tmp_path / "o", {"a": b"abc", "d/b": b"xyz"}), {"stage": "s"})
+    store.put_ref("runs/w/s", {"key": "k"})
+    store = ArtifactStore(s3_cache_url, local_cache=tmp_path / "mirror")  # nothing cached in the filesystem object
+    store.fs.connect()
+    calls: list[str] = []
+    store.fs.s3.meta.events.register("before-call.s3.*", lambda event_name, **_: calls.append(event_name))
+    manifest = store.manifest("k")
+    assert manifest is not None and [c.split(".")[-1] for c in calls] == ["GetObject"]
+    calls.clear()
+    assert store.manifest("missing") is None and store.get_ref("runs/w/s") == {"key": "k"}
+    assert [p.path for p in manifest.files] == ["a", "d/b"]
+    assert [c.split(".")[-1] for c in calls] == ["GetObject"] * 3

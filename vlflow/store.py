@@ -307,10 +307,18 @@ class ArtifactStore:
         path = self._manifest_path(key)
         with self._errors(f"read the manifest of {key}"):
             try:
-                data = self.fs.cat_file(path)
+                data = self._read_small(path)
             except FileNotFoundError:
                 return None
         return self._parse_manifest(key, data)
+
+    def _read_small(self, path: str) -> bytes:
+        """A small object in one request. s3fs's cat_file asks for the size first (a HEAD, to split large objects
+        into concurrent ranged GETs) unless told to read with one connection: manifests, file lists and refs are
+        small, so a no-op run makes one request per stage, not two."""
+        if getattr(self.fs, "max_concurrency", 1) > 1:  # s3fs
+            return self.fs.cat_file(path, max_concurrency=1)
+        return self.fs.cat_file(path)
 
     def _parse_manifest(self, key: str, data: bytes) -> Manifest | None:
         try:
@@ -326,7 +334,7 @@ class ArtifactStore:
     def _load_files(self, key: str, attempt: str, digest: str) -> list[FileEntry]:
         path = f"{self._key_dir(key)}/{attempt}{FILES_SUFFIX}"
         with self._errors(f"read the file list of artifact {key}"):
-            data = self.fs.cat_file(path)
+            data = self._read_small(path)
         try:
             parsed = _FileList.model_validate_json(data)
         except ValidationError as exc:
@@ -622,7 +630,7 @@ class ArtifactStore:
         path = self._ref_path(name)
         with self._errors(f"read ref {name}"):
             try:
-                data = self.fs.cat_file(path)
+                data = self._read_small(path)
             except FileNotFoundError:
                 return None
         try:
