@@ -28,6 +28,7 @@ import yaml
 
 from vlflow.errors import WorkflowError
 from vlflow.executors.spec import ExecutorSpec
+from vlflow.extend import merge_own_file
 from vlflow.matrix import MATRIX_KEY, STAGE_REF_NAME, expand_matrices
 from vlflow.secrets import MASK, Masker, looks_secret, mask_credentials, secret_env_values
 from vlflow.stage import LaunchSpec, StageSpec, get_spec, registry
@@ -717,7 +718,7 @@ class _Loader:
             base, base_locs = self.read_document(target, chain, origin_here)
             _deep_merge(merged, merged_locs, base, base_locs)
         own_locs = {k: v for k, v in locations.items() if k and k[0] not in ("include", "extends")}
-        _deep_merge(merged, merged_locs, data, own_locs)
+        merge_own_file(merged, merged_locs, data, own_locs, file)  # deep merge, but `replace:`/`delete:` stages
         merged_locs[()] = locations[()]
         return merged, merged_locs
 
