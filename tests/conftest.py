@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import shlex
+import shutil
 import socket
+import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +89,73 @@ def create_bucket(endpoint_url: str, name: str | None = None) -> str:
 def s3_cache_url(s3_env):
     """`s3://<fresh bucket>/cache` on the moto server; the environment from `s3_env` is set."""
     return f"s3://{create_bucket(s3_env)}/cache"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real Slurm cluster and Open MPI (scripts/cluster/). CI (.ci/run) starts the cluster and sets
+# VLFLOW_TEST_SLURM_ENV to its env.sh; there, and wherever CI or VLFLOW_REQUIRE_CLUSTER is set, a missing cluster or
+# mpirun fails the tests that need it. Elsewhere they skip with the reason.
+
+CLUSTER_SCRIPTS = Path(__file__).resolve().parent.parent / "scripts" / "cluster"
+
+
+def cluster_required() -> bool:
+    return any(os.environ.get(name, "") not in ("", "0", "false") for name in ("CI", "VLFLOW_REQUIRE_CLUSTER"))
+
+
+def missing_cluster_piece(reason: str):
+    """Fail when CI needs the cluster, else skip; `reason` says what is missing and how to get it."""
+    if cluster_required():
+        pytest.fail(f"{reason} (required: CI or VLFLOW_REQUIRE_CLUSTER is set)", pytrace=False)
+    pytest.skip(reason)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The variables an env.sh of scripts/cluster/start.sh exports (`export A=1 B=2` lines)."""
+    variables = {}
+    for line in path.read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["export"]:
+            variables.update(word.split("=", 1) for word in words[1:])
+    return variables
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """The environment (SLURM_CONF and Open MPI settings) of a running 2-node Slurm cluster on this host: the one named
+    by VLFLOW_TEST_SLURM_ENV (an env.sh), else one started for this session with scripts/cluster/start.sh (root and
+    Slurm installed) and stopped at its end. Pass it to subprocesses: `env=dict(os.environ, **slurm_cluster)`."""
+    own_dir = None
+    if os.environ.get("VLFLOW_TEST_SLURM_ENV"):
+        env_file = Path(os.environ["VLFLOW_TEST_SLURM_ENV"])
+        if not env_file.is_file():
+            missing_cluster_piece(f"VLFLOW_TEST_SLURM_ENV names {env_file}, which does not exist")
+    elif shutil.which("slurmctld") is None or shutil.which("srun") is None:
+        missing_cluster_piece("Slurm is not installed: run scripts/cluster/install.sh as root")
+    elif os.geteuid() != 0:
+        missing_cluster_piece("starting the test cluster needs root; or set VLFLOW_TEST_SLURM_ENV to a running one")
+    else:
+        own_dir = tmp_path_factory.mktemp("slurm-cluster")
+        started = subprocess.run(["bash", str(CLUSTER_SCRIPTS / "start.sh"), str(own_dir)], capture_output=True,
+                                 text=True, timeout=120)
+        if started.returncode != 0:
+            subprocess.run(["bash", str(CLUSTER_SCRIPTS / "stop.sh"), str(own_dir)], capture_output=True, timeout=120)
+            pytest.fail(f"scripts/cluster/start.sh failed:\n{started.stderr[-2000:]}", pytrace=False)
+        env_file = Path(started.stdout.strip())
+    cluster_env = read_env_file(env_file)
+    try:
+        ping = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=dict(os.environ, **cluster_env),
+                              capture_output=True, text=True, timeout=15)
+        if ping.returncode != 0:
+            missing_cluster_piece(f"the Slurm cluster of {env_file} does not answer: {ping.stderr.strip()[-500:]}")
+        yield cluster_env
+    finally:
+        if own_dir is not None:
+            subprocess.run(["bash", str(CLUSTER_SCRIPTS / "stop.sh"), str(own_dir)], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def mpirun_available():
+    """Open MPI's mpirun is on PATH (fails instead of skipping where the cluster is required)."""
+    if shutil.which("mpirun") is None:
+        missing_cluster_piece("Open MPI's mpirun is not installed: run scripts/cluster/install.sh as root")
