@@ -16,7 +16,7 @@ from typing import Callable
 from vlflow.procs import die_with_parent
 from vlflow.errors import LaunchError
 from vlflow.execute import result_path
-from vlflow.launch.command import build_command, free_port
+from vlflow.launch.command import build_command, free_port, launcher_env
 from vlflow.stage import LaunchSpec, StageSpec
 
 __all__ = ["run_distributed", "build_command", "free_port", "LaunchError"]
@@ -45,7 +45,7 @@ def run_distributed(spec: StageSpec, payload_path: Path, launch: LaunchSpec | No
     command = build_command(launch, payload_path, forward_env=sorted(env or {}))
     result_file = result_path(payload_path)
     result_file.unlink(missing_ok=True)  # never report a previous attempt's metrics
-    process_env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process_env = dict(os.environ, PYTHONUNBUFFERED="1", **launcher_env(launch))
     process_env.update(env or {})
 
     tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)

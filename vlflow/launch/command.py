@@ -6,7 +6,9 @@ variables; for mpirun and srun the master address and port go on the worker's co
 """
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +21,17 @@ WORKER_MODULE = "vlflow.launch.worker"
 MPI_EXPORTED_ENV = ("PATH", "PYTHONPATH", "PYTHONUNBUFFERED", "OMP_NUM_THREADS", "VIRTUAL_ENV")
 
 
+# Open MPI refuses to start as root without both (CI containers run as root).
+OPENMPI_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+def launcher_env(launch: LaunchSpec) -> dict[str, str]:
+    """Environment variables the launcher process itself needs beyond the caller's."""
+    if launch.launcher == "mpirun" and os.geteuid() == 0:
+        return dict(OPENMPI_ROOT_ENV)
+    return {}
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -27,13 +40,57 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def resolve_port(launch: LaunchSpec) -> int:
-    """`launch.master_port`, or a free local port when it is 0 on a single node."""
+    """`launch.master_port`, or when it is 0 a port free here: on a single node, and for mpirun/srun, which start
+    every rank from this one command (rank 0 then listens on a port that was free on this host; set master_port
+    when that may not hold on the first node). Separate torchrun agents on several nodes must agree on it."""
     if launch.master_port:
         return launch.master_port
-    if launch.nnodes > 1:
+    if launch.nnodes > 1 and launch.launcher == "torchrun":
         raise LaunchError("master_port must be set (not 0) when nnodes > 1: every node has to agree on it",
                           field="launch.master_port")
     return free_port()
+
+
+LOOPBACK_ADDRESSES = ("127.0.0.1", "localhost", "::1")
+SCONTROL_TIMEOUT_SECONDS = 30
+
+
+def resolve_master_addr(launch: LaunchSpec) -> str:
+    """Where rank 0 listens. mpirun and srun across nodes inside a Slurm allocation (salloc, sbatch): the address of
+    the allocation's first node (where Slurm and Open MPI place rank 0) unless master_addr names one; outside an
+    allocation master_addr must be given."""
+    if launch.launcher == "torchrun" or launch.nnodes == 1 or launch.master_addr not in LOOPBACK_ADDRESSES:
+        return launch.master_addr
+    nodelist = os.environ.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        raise LaunchError(f"launcher {launch.launcher} with nnodes {launch.nnodes} needs master_addr (the first "
+                          "node's address) or a Slurm allocation to take it from (run inside salloc or sbatch)",
+                          field="launch.master_addr")
+    return first_node_address(nodelist)
+
+
+def first_node_address(nodelist: str) -> str:
+    """The address Slurm knows for the first node of `nodelist` (its NodeAddr, which is its host name on most
+    clusters)."""
+    first = _scontrol("show", "hostnames", nodelist).split()[0]
+    fields = dict(field.split("=", 1) for field in _scontrol("show", "node", first, "--oneliner").split()
+                  if "=" in field)
+    return fields.get("NodeAddr") or first
+
+
+def _scontrol(*args: str) -> str:
+    try:
+        done = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=SCONTROL_TIMEOUT_SECONDS)
+    except FileNotFoundError:
+        raise LaunchError("scontrol not found on PATH: cannot read the Slurm allocation's first node; "
+                          "set launch.master_addr", field="launch.master_addr") from None
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"scontrol {' '.join(args)} did not answer within {SCONTROL_TIMEOUT_SECONDS} s "
+                          "(is slurmctld reachable?)", field="launch.master_addr") from None
+    if done.returncode != 0 or not done.stdout.strip():
+        raise LaunchError(f"scontrol {' '.join(args)} failed: {done.stderr.strip() or 'no output'}",
+                          field="launch.master_addr")
+    return done.stdout
 
 
 def _check(launch: LaunchSpec) -> None:
@@ -63,12 +120,12 @@ def build_command(launch: LaunchSpec, payload_path: Path, python: str = sys.exec
                 "--node_rank", str(launch.node_rank), "--master_addr", launch.master_addr, "--master_port", port,
                 *log_dir, *launch.extra_args,
                 "-m", WORKER_MODULE, payload]
-    worker_address = ["--master-addr", launch.master_addr, "--master-port", port]
+    worker_address = ["--master-addr", resolve_master_addr(launch), "--master-port", port]
     if launch.launcher == "mpirun":
         names = dict.fromkeys([*MPI_EXPORTED_ENV, *forward_env])  # ordered, without duplicates
         exported = [arg for name in names for arg in ("-x", name)]
         return ["mpirun", "-np", str(launch.nproc_per_node * launch.nnodes), "--npernode", str(launch.nproc_per_node),
-                *exported, *launch.extra_args,
+                *_mpirun_placement(launch), *exported, *launch.extra_args,
                 python, "-m", WORKER_MODULE, "--launcher", "openmpi", *worker_address, payload]
     if launch.launcher == "slurm":
         return ["srun", "--nodes", str(launch.nnodes), "--ntasks-per-node", str(launch.nproc_per_node),
@@ -76,3 +133,14 @@ def build_command(launch: LaunchSpec, payload_path: Path, python: str = sys.exec
                 *launch.extra_args,
                 python, "-m", WORKER_MODULE, "--launcher", "slurm", *worker_address, payload]
     raise LaunchError(f"unknown launcher {launch.launcher!r}", field="launch.launcher")
+
+
+def _mpirun_placement(launch: LaunchSpec) -> list[str]:
+    """Open MPI binds each rank to one core by default, which starves a rank's data loader and intra-op threads:
+    `--bind-to none` unless extra_args choose a binding. More ranks per node than this machine has cores need
+    `--oversubscribe`, else mpirun refuses to start (small CPU runs; GPU nodes have cores to spare)."""
+    given = {arg.split("=")[0] for arg in launch.extra_args}
+    placement = [] if given & {"--bind-to", "-bind-to"} else ["--bind-to", "none"]
+    if launch.nproc_per_node > (os.cpu_count() or 1) and "--oversubscribe" not in given:
+        placement.append("--oversubscribe")
+    return placement
