@@ -107,3 +107,52 @@ def test_positions_are_added_to_queries_and_keys_in_every_layer():
         else:  # cross-attention: k = memory + pos, v = memory
             torch.testing.assert_close(value, memory.memory)
             torch.testing.assert_close(key, memory.memory + memory.pos)
+
+
+# -- 3. mergedGT targets and MDETR's augmentation -----------------------------------------------------------------
+
+def test_merged_targets_put_one_enclosing_box_per_phrase():
+    from vlflow.stages.unitab.data import PhraseSpan, build_sequence, merge_boxes
+    from vlflow.stages.unitab.model import TokenLayout
+
+    boxes = [[0.1, 0.2, 0.3, 0.4], [0.5, 0.1, 0.9, 0.3]]
+    assert merge_boxes(boxes) == [[0.1, 0.1, 0.9, 0.4]]  # MDETR flickr_eval._merge_boxes
+    assert merge_boxes(boxes[:1]) == boxes[:1]
+    layout = TokenLayout(text_vocab=10, num_bins=11)
+    span = PhraseSpan(0, 0, 1, merge_boxes(boxes))
+    sequence = build_sequence([5, 6], [span], layout, bos=0, eos=2)
+    assert sequence == [0, layout.obj_start, 5, *layout.box_to_tokens([0.1, 0.1, 0.9, 0.4]), layout.obj_end, 6, 2]
+    defaults = PretrainParams(backbone_weights="/r101.pth")
+    assert (defaults.box_targets, defaults.augment) == ("merged", "mdetr")  # the paper's, unless a workflow says
+
+
+def _picture_with_box(width=200, height=150, box=(60, 40, 120, 100)):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), (0, 0, 0))
+    ImageDraw.Draw(image).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=(255, 255, 255))
+    return image, [box[0] / width, box[1] / height, box[2] / width, box[3] / height]
+
+
+def test_mdetr_augmentation_moves_boxes_with_the_pixels():
+    import random
+
+    from vlflow.stages.unitab.data import IMAGENET_MEAN, IMAGENET_STD, MDETR_SCALES, mdetr_augment
+
+    image, box = _picture_with_box()
+    white = float((1 - IMAGENET_MEAN[0]) / IMAGENET_STD[0])
+    shorter_sides, crops = set(), 0
+    for seed in range(40):
+        pixels, ((moved,),) = mdetr_augment(image, [[box]], 800, 1333, random.Random(seed))
+        again, _ = mdetr_augment(image, [[box]], 800, 1333, random.Random(seed))
+        assert torch.equal(pixels, again)  # a function of the rng alone (resumable)
+        height, width = pixels.shape[1:]
+        shorter_sides.add(min(height, width))
+        crops += abs(width / height - 200 / 150) > 0.02
+        x1, y1, x2, y2 = moved[0] * width, moved[1] * height, moved[2] * width, moved[3] * height
+        inside = pixels[0, int(y1) + 3:int(y2) - 3, int(x1) + 3:int(x2) - 3]
+        assert inside.numel() and inside.min() > white - 0.3, (seed, moved)  # the box still covers the white square
+        if x1 > 4:
+            assert pixels[0, int((y1 + y2) / 2), int(x1) - 4] < 0  # and is tight on the left: black there
+    assert shorter_sides <= set(MDETR_SCALES) and len(shorter_sides) > 3
+    assert crops > 0  # the resize + crop branch ran

@@ -6,7 +6,7 @@ Rows come from `f30k_grounding_{split}.arrow` (one per caption): image bytes, im
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +67,13 @@ def phrase_token_spans(tokenizer, caption: str, phrases: list[dict]) -> tuple[li
     return ids, spans
 
 
+def merge_boxes(boxes: list) -> list:
+    """MDETR's mergedGT for one phrase: the smallest box enclosing all its boxes (a list of one box)."""
+    if len(boxes) <= 1:
+        return [list(b) for b in boxes]
+    return [[min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]]
+
+
 def build_sequence(ids: list[int], spans: list[PhraseSpan], layout: TokenLayout, bos: int, eos: int,
                    with_boxes: bool = True) -> list[int]:
     """<s> caption tokens with each grounded phrase as `<obj> phrase x1 y1 x2 y2 [...] </obj>` </s>."""
@@ -99,15 +106,67 @@ def encoder_sees_text(seqcrop: str, do_caption: bool, rng: random.Random) -> boo
 # ---------------------------------------------------------------------------------------------------------------
 # Images
 
+def resize_shorter_side(image: Image.Image, size: int, max_size: int | None) -> Image.Image:
+    """Shorter side to `size`, the longer side capped at `max_size` (DETR's get_size_with_aspect_ratio), bicubic."""
+    width, height = image.size
+    scale = size / min(width, height)
+    if max_size is not None:
+        scale = min(scale, max_size / max(width, height))
+    return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BICUBIC)
+
+
+def normalised_tensor(image: Image.Image) -> torch.Tensor:
+    """ImageNet-normalised (3, H, W) float tensor."""
+    array = (np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
 def image_tensor(image: Image.Image, image_size: int, max_image_size: int) -> torch.Tensor:
     """Resize so the shorter side is image_size (longer <= max_image_size), ImageNet-normalise -> (3, H, W).
-    Boxes are relative, so they need no change."""
+    Boxes are relative, so they need no change. (MDETR's evaluation transform: RandomResize([800], 1333).)"""
+    return normalised_tensor(resize_shorter_side(image, image_size, max_image_size))
+
+
+# MDETR/UniTAB training transform (datasets/coco.py make_coco_transforms("train", cautious=True)), with sizes given
+# for a shorter side of 800; they scale with image_size so a smaller model sees the same relative augmentation.
+MDETR_SCALES = tuple(range(480, 801, 32))
+MDETR_CROP_RESIZES = (400, 500, 600)
+MDETR_CROP_MIN = 384
+CROP_PATIENCE = 100
+
+
+def _crop_box(box, left: int, top: int, width: int, height: int, image_width: int, image_height: int) -> list:
+    """A relative box of the full image -> relative to the crop region, clipped to it."""
+    x1, y1, x2, y2 = (box[0] * image_width - left, box[1] * image_height - top,
+                      box[2] * image_width - left, box[3] * image_height - top)
+    return [min(max(x1, 0.0), width) / width, min(max(y1, 0.0), height) / height,
+            min(max(x2, 0.0), width) / width, min(max(y2, 0.0), height) / height]
+
+
+def mdetr_augment(image: Image.Image, boxes: list[list], image_size: int, max_image_size: int,
+                  rng: random.Random) -> tuple[torch.Tensor, list[list]]:
+    """MDETR's `cautious` training augmentation (no horizontal flip: captions say left/right). With probability 0.5
+    a random multi-scale resize (shorter side from 480..800 step 32, longer <= 1333); otherwise resize to 400/500/600,
+    crop a random region of at least 384 px per side that cuts no box out entirely (boxes are clipped; after 100
+    tries that each cut one out, MDETR keeps the last try without that box: here the image stays uncropped), then
+    the multi-scale resize. `boxes`: relative x1,y1,x2,y2 boxes per phrase; returned in the output image's frame."""
+    scale = image_size / 800
+    scales = [max(1, round(s * scale)) for s in MDETR_SCALES]
+    if rng.random() < 0.5:
+        return normalised_tensor(resize_shorter_side(image, rng.choice(scales), max_image_size)), boxes
+    image = resize_shorter_side(image, max(1, round(rng.choice(MDETR_CROP_RESIZES) * scale)), None)
     width, height = image.size
-    scale = min(image_size / min(width, height), max_image_size / max(width, height))
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    image = image.resize(size, Image.BICUBIC)
-    array = (np.asarray(image, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    smallest = max(1, round(MDETR_CROP_MIN * scale))
+    for _ in range(CROP_PATIENCE):
+        crop_width = rng.randint(min(smallest, width), min(width, max_image_size))
+        crop_height = rng.randint(min(smallest, height), min(height, max_image_size))
+        left, top = rng.randint(0, width - crop_width), rng.randint(0, height - crop_height)
+        cropped = [[_crop_box(b, left, top, crop_width, crop_height, width, height) for b in phrase]
+                   for phrase in boxes]
+        if all(b[2] > b[0] and b[3] > b[1] for phrase in cropped for b in phrase):
+            image, boxes = image.crop((left, top, left + crop_width, top + crop_height)), cropped
+            break
+    return normalised_tensor(resize_shorter_side(image, rng.choice(scales), max_image_size)), boxes
 
 
 def pad_images(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +196,7 @@ class GroundingSequenceDataset(torch.utils.data.Dataset):
 
     def __init__(self, source: GroundingArrowDataset, tokenizer, layout: TokenLayout, *, image_size: int, max_image_size: int,
                  max_decoding_step: int, seqcrop: str = "mixed", do_caption: bool = False,
-                 no_detection: bool = False, seed: int = 0):
+                 box_targets: str = "merged", augment: str = "none", no_detection: bool = False, seed: int = 0):
         self.source = source
         self.tokenizer = tokenizer
         self.layout = layout
@@ -146,6 +205,8 @@ class GroundingSequenceDataset(torch.utils.data.Dataset):
         self.max_decoding_step = max_decoding_step
         self.seqcrop = seqcrop
         self.do_caption = do_caption
+        self.box_targets = box_targets
+        self.augment = augment
         self.no_detection = no_detection
         self.seed = seed
 
@@ -157,13 +218,23 @@ class GroundingSequenceDataset(torch.utils.data.Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         tok = self.tokenizer
         ids, spans = phrase_token_spans(tok, self.source.caption(index), self.source.phrases(index))
+        if self.box_targets == "merged":  # UniTAB trains on MDETR's mergedGT: one box per phrase
+            spans = [replace(span, boxes=merge_boxes(span.boxes)) for span in spans]
+        image = self.source.image(index)
+        if self.augment == "mdetr":
+            augment_rng = random.Random(f"{self.seed}/{epoch}/{index}/augment")
+            pixels, boxes = mdetr_augment(image, [span.boxes for span in spans], self.image_size,
+                                          self.max_image_size, augment_rng)
+            spans = [replace(span, boxes=b) for span, b in zip(spans, boxes)]
+        else:
+            pixels = image_tensor(image, self.image_size, self.max_image_size)
         sequence = build_sequence(ids, spans, self.layout, tok.bos_token_id, tok.eos_token_id,
                                   with_boxes=not self.no_detection)
         sequence = sequence[: self.max_decoding_step + 1]
         rng = random.Random(f"{self.seed}/{epoch}/{index}")
         text = ids[: self.max_decoding_step - 2] if encoder_sees_text(self.seqcrop, self.do_caption, rng) else []
         return {
-            "image": image_tensor(self.source.image(index), self.image_size, self.max_image_size),
+            "image": pixels,
             "text_ids": [tok.bos_token_id, *text, tok.eos_token_id],
             "prev_tokens": sequence[:-1],
             "targets": sequence[1:],

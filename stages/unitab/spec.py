@@ -67,6 +67,12 @@ class PretrainParams(ModelParams):
     do_caption: bool = False
     no_detection: bool = False
     pretrain_seqcrop: Literal["none", "mixed", "grounding", "caption"] = "mixed"
+    box_targets: Literal["merged", "separate"] = Field(
+        "merged", description="merged: one box per phrase, the smallest enclosing all its gold boxes (UniTAB trains "
+        "on MDETR's final_flickr_mergedGT annotations); separate: every gold box of the phrase inside its <obj>")
+    augment: Literal["mdetr", "none"] = Field(
+        "mdetr", description="mdetr: MDETR's training transform (multi-scale resize, or resize + random crop that "
+        "keeps every box, then multi-scale resize; sizes scale with image_size, 800 = MDETR's); none: one fixed resize")
     ema: bool = True
     ema_decay: float = Field(0.9998, gt=0, lt=1)
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
