@@ -156,3 +156,55 @@ def test_mdetr_augmentation_moves_boxes_with_the_pixels():
             assert pixels[0, int((y1 + y2) / 2), int(x1) - 4] < 0  # and is tight on the left: black there
     assert shorter_sides <= set(MDETR_SCALES) and len(shorter_sides) > 3
     assert crops > 0  # the resize + crop branch ran
+
+
+# -- 4. schedule --------------------------------------------------------------------------------------------------
+
+def _unitab_adjust_learning_rate(epoch, curr_step, num_training_steps, lr, lr_backbone, text_encoder_lr,
+                                 fraction_warmup_steps=0.01, lr_drop=15):
+    """microsoft/UniTAB util/optim.py adjust_learning_rate, schedule linear_with_warmup, transcribed."""
+    num_warmup_steps = round(fraction_warmup_steps * num_training_steps)
+    gamma = 0.1 ** (epoch // lr_drop)
+    if curr_step < num_warmup_steps:
+        text_encoder_gamma = float(curr_step) / float(max(1, num_warmup_steps))
+    else:
+        text_encoder_gamma = max(0.0, float(num_training_steps - curr_step)
+                                 / float(max(1, num_training_steps - num_warmup_steps)))
+    return [lr * gamma, lr_backbone * gamma, text_encoder_lr * text_encoder_gamma]
+
+
+def test_schedule_is_unitabs_per_group():
+    from vlflow.stages.unitab.train import unitab_schedule
+
+    params = PretrainParams(backbone_weights="/r101.pth")  # defaults: the paper's (20 epochs, drop at 15, 1 %)
+    assert (params.epochs, params.lr_drop, params.warmup, params.lr_schedule) == (20, 15, 0.01, "linear_with_warmup")
+    batches_per_epoch = 50
+    total = params.epochs * batches_per_epoch
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr, "name": name}
+              for lr, name in ((1e-4, "transformer"), (2e-5, "backbone"), (2e-5, "text_encoder"))]
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = unitab_schedule(optimizer, params, total, batches_per_epoch, accumulation=1)
+    for step in range(total):
+        expected = _unitab_adjust_learning_rate(step // batches_per_epoch, step, total, 1e-4, 2e-5, 2e-5)
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(expected, rel=1e-12, abs=1e-20), step
+        optimizer.step()
+        scheduler.step()
+    # the shape, in words: constant then x0.1 at epoch 15; the text encoder from 0 up over 10 steps, then to 0
+    lrs = []
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = unitab_schedule(optimizer, params, total, batches_per_epoch, accumulation=1)
+    for _ in range(total):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0][2] == 0 and lrs[10][2] == pytest.approx(2e-5) and lrs[-1][2] < 2e-5 / 900
+    assert lrs[749][0] == pytest.approx(1e-4) and lrs[750][0] == pytest.approx(1e-5) == lrs[-1][0]
+    # with accumulation, epochs count micro-batches: 2 per step -> the drop comes at step 375
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = unitab_schedule(optimizer, params, total // 2, batches_per_epoch, accumulation=2)
+    for _ in range(375):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)
+    state = scheduler.state_dict()  # resumable: the factors are objects whose settings are checkpointed
+    assert state["last_epoch"] == 375 and state["lr_lambdas"][2]["group"] == "text_encoder"

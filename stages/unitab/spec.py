@@ -57,7 +57,8 @@ class PretrainParams(ModelParams):
     freeze_backbone_stem: bool = Field(
         True, description="conv1/bn1 and layer1 get no gradient, as UniTAB/MDETR (only layer2..4 train); needs "
         "backbone_weights")
-    batch_size: int = Field(64, ge=1, description="global batch; accumulation = batch_size // (per_device * world)")
+    batch_size: int = Field(128, ge=1, description="global batch (UniTAB: 64 GPUs x 2); accumulation = batch_size // "
+                            "(per_device * world)")
     per_device_batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-4, gt=0)
     lr_backbone: float = Field(2e-5, ge=0, description="0 freezes the backbone")
@@ -76,8 +77,15 @@ class PretrainParams(ModelParams):
     ema: bool = True
     ema_decay: float = Field(0.9998, gt=0, lt=1)
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
-    epochs: int = Field(40, ge=1)
-    warmup: float = Field(0.01, ge=0, description="warmup steps (>=1) or fraction of all steps (<1); then linear decay")
+    epochs: int = Field(20, ge=1, description="UniTAB pretraining: 20 (configs/pretrain.json)")
+    lr_schedule: Literal["linear_with_warmup", "all_linear_with_warmup"] = Field(
+        "linear_with_warmup", description="UniTAB/MDETR util/optim.py: linear_with_warmup = the text encoder warms "
+        "up linearly then decays linearly to 0, transformer and backbone stay constant and drop x0.1 every lr_drop "
+        "epochs; all_linear_with_warmup = every group warms up and decays linearly")
+    lr_drop: int = Field(15, ge=1, description="epochs between x0.1 drops of the transformer/backbone lr "
+                         "(linear_with_warmup; UniTAB pretraining: 15 of 20)")
+    warmup: float = Field(0.01, ge=0, description="warmup steps (>=1) or fraction of all steps (<1, rounded: "
+                          "UniTAB's fraction_warmup_steps)")
     image_size: int = Field(800, ge=32, description="shorter image side")
     max_image_size: int = Field(1333, ge=32, description="cap on the longer side")
     checkpoint_every: int = Field(1000, ge=1, description="optimizer steps between resumable checkpoints")

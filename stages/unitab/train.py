@@ -18,8 +18,7 @@ from transformers import AutoTokenizer
 from vlflow.errors import StageError
 from vlflow.stage import StageContext
 from vlflow.stages.common.export import trained_module
-from vlflow.stages.common.fit import (Ema, FitSettings, TrainTask, cpu_state_dict, fit, make_adamw,
-                                      warmup_linear_schedule)
+from vlflow.stages.common.fit import Ema, FitSettings, TrainTask, cpu_state_dict, fit, make_adamw
 from vlflow.stages.common.training import (ResumableSampler, accumulation_steps, configure_determinism,
                                            load_tokenizer, seed_everything)
 
@@ -55,9 +54,40 @@ def parameter_groups(model: UniTAB, params) -> list[dict]:
     for name, param in model.named_parameters():
         if param.requires_grad:
             groups[name.split(".")[0] if name.split(".")[0] in groups else "rest"].append(param)
-    return [{"params": groups["rest"], "lr": params.lr},
-            {"params": groups["backbone"], "lr": params.lr_backbone},
-            {"params": groups["text_encoder"], "lr": params.text_encoder_lr}]
+    return [{"params": groups["rest"], "lr": params.lr, "name": "transformer"},
+            {"params": groups["backbone"], "lr": params.lr_backbone, "name": "backbone"},
+            {"params": groups["text_encoder"], "lr": params.text_encoder_lr, "name": "text_encoder"}]
+
+
+class UnitabLrFactor:
+    """UniTAB's `adjust_learning_rate` (util/optim.py) for one parameter group, as a LambdaLR factor of the optimizer
+    step: the text encoder warms up linearly from 0 over round(warmup * total) steps, then decays linearly to 0;
+    transformer and backbone get 0.1 ** (epoch // lr_drop) (linear_with_warmup) or the text encoder's factor too
+    (all_linear_with_warmup). A callable object, so the schedule's checkpointed state names it."""
+
+    def __init__(self, group: str, schedule: str, total_steps: int, warmup: float, lr_drop: int,
+                 batches_per_epoch: int, accumulation: int):
+        self.group, self.schedule, self.total_steps = group, schedule, total_steps
+        self.warmup_steps = round(warmup * total_steps) if warmup < 1 else int(warmup)
+        self.lr_drop, self.batches_per_epoch, self.accumulation = lr_drop, batches_per_epoch, accumulation
+
+    def linear(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return step / max(1, self.warmup_steps)
+        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup_steps))
+
+    def __call__(self, step: int) -> float:
+        if self.group == "text_encoder" or self.schedule == "all_linear_with_warmup":
+            return self.linear(step)
+        epoch = step * self.accumulation // max(1, self.batches_per_epoch)  # the epoch this step's batches are in
+        return 0.1 ** (epoch // self.lr_drop)
+
+
+def unitab_schedule(optimizer, params, total_steps: int, batches_per_epoch: int, accumulation: int):
+    """One LambdaLR factor per parameter group (rest = transformer, backbone, text_encoder; see parameter_groups)."""
+    factors = [UnitabLrFactor(group["name"], params.lr_schedule, total_steps, params.warmup, params.lr_drop,
+                              batches_per_epoch, accumulation) for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
 class EpochTagged:
@@ -98,7 +128,7 @@ def pretrain(ctx: StageContext) -> dict:
         seed=p.seed)
     batches_per_epoch = ResumableSampler(len(dataset), p.per_device_batch_size, rank, world).batches_per_epoch
     total_steps = p.max_steps or max(1, p.epochs * batches_per_epoch // accumulation)
-    scheduler = warmup_linear_schedule(optimizer, p.warmup, total_steps)
+    scheduler = unitab_schedule(optimizer, p, total_steps, batches_per_epoch, accumulation)
     pin_memory = get_accelerator().name == "cuda"
 
     def batches(start_batch: int):
