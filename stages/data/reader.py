@@ -42,7 +42,8 @@ def _open_all(paths: list, required: tuple[str, ...]) -> pa.Table:
 
 
 def _decode(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    image = Image.open(io.BytesIO(data))
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert() of an RGB image only copies
 
 
 class _ArrowDataset(torch.utils.data.Dataset):
@@ -68,6 +69,8 @@ class _ArrowDataset(torch.utils.data.Dataset):
         return self._value("image_id", i)
 
     def _transformed_image(self, i: int):
+        if getattr(self.image_transform, "takes_bytes", False):  # decodes itself (e.g. transforms.PixelBertPixels)
+            return self.image_transform(self._value("image", i))
         image = self.image(i)
         return self.image_transform(image) if self.image_transform is not None else image
 

@@ -1,40 +1,126 @@
-"""Image transforms matching ViLT's `pixelbert_transform` (MinMaxResize + ToTensor + normalise mean/std 0.5)."""
+"""Image transforms matching ViLT's `pixelbert_transform` (MinMaxResize + ToTensor + normalise mean/std 0.5).
+
+Two outputs of the same resize:
+- `PixelBertTransform(image)`: FloatTensor[3, H, W] in [-1, 1], ViLT's tensor;
+- `PixelBertTransform.pixels(...)`: the resized uint8 pixels [3, H, W] (a quarter of the bytes through DataLoader
+  workers and host->device copies); `normalize_pixels` turns them, on whatever device they are, into exactly ViLT's
+  floats (the same float32 operations as ToTensor + Normalize, so the values are bit-identical).
+
+Decoding: PIL, as ViLT. The RGB conversion and the resize are skipped where they would only copy (an RGB JPEG; an
+image already at its target size): the pixels are the same. torchvision.io.decode_jpeg gives identical pixels on RGB
+JPEGs but was no faster end to end here (its CHW output has to go back to PIL for PIL's bicubic), and tensor bicubic
+resizes differ from PIL's by up to 2 grey levels, so neither is used (benchmarks/dataloader.py measures the path).
+"""
 from __future__ import annotations
 
+import io
+import warnings
+
+import numpy as np
 from PIL import Image
+
+#: ViLT's pixelbert_transform caps the longer side at int(1333 / 800 * size) (detectron's 800/1333 ratio)
+VILT_LONGER_RATIO = 1333 / 800
+
+
+def vilt_max_size(size: int) -> int:
+    """ViLT's longer-side cap for shorter side `size`: int(1333 / 800 * size), 639 for 384."""
+    return int(VILT_LONGER_RATIO * size)
 
 
 def min_max_size(width: int, height: int, size: int, max_size: int) -> tuple[int, int]:
-    """ViLT's MinMaxResize target (width, height): shorter side -> size, longer <= max_size, multiples of 32."""
+    """ViLT's MinMaxResize target (width, height): shorter side -> size, longer <= max_size, multiples of 32.
+
+    The same arithmetic as ViLT (vilt/transforms/utils.py): the shorter side is set to `size` exactly, the longer
+    scaled, both shrunk when the longer exceeds `max_size`, rounded half up, then floored to a multiple of 32. E.g. a
+    640x360 image at size 384, max_size 639 is 608x352. One deviation: a side never collapses below 32 (ViLT would
+    make a very elongated image 0 pixels wide)."""
     scale = size / min(width, height)
-    new_w, new_h = width * scale, height * scale
-    if max(new_w, new_h) > max_size:
-        shrink = max_size / max(new_w, new_h)
-        new_w, new_h = new_w * shrink, new_h * shrink
+    if height < width:
+        new_h, new_w = size, scale * width
+    else:
+        new_h, new_w = scale * height, size
+    if max(new_h, new_w) > max_size:
+        shrink = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * shrink, new_w * shrink
     new_w, new_h = int(new_w + 0.5) // 32 * 32, int(new_h + 0.5) // 32 * 32
-    return max(new_w, 32), max(new_h, 32)  # never collapse a very elongated image to zero
+    return max(new_w, 32), max(new_h, 32)
+
+
+def normalize_pixels(pixel_values, pixel_mask=None):
+    """uint8 pixels [..., 3, H, W] -> ViLT's floats: ToTensor (x / 255) then Normalize(0.5, 0.5), the same float32
+    operations in the same order, so equal bit for bit on any device. Where `pixel_mask` (bool [..., H, W]) is False
+    (batch padding) the value is 0, as ViLT's collate pads after normalising. Float input is returned as is."""
+    import torch
+
+    if pixel_values.dtype != torch.uint8:
+        return pixel_values
+    values = pixel_values.to(torch.float32).div_(255).sub_(0.5).div_(0.5)
+    if pixel_mask is not None:
+        values.masked_fill_(~pixel_mask.bool().unsqueeze(-3), 0.0)
+    return values
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """JPEG/PNG bytes -> an RGB PIL image (converted only when the file is not RGB already)."""
+    image = Image.open(io.BytesIO(data))
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 class PixelBertTransform:
-    """PIL image -> FloatTensor[3, H, W] in [-1, 1], H and W multiples of 32 (bicubic resize). Picklable."""
+    """PIL image -> FloatTensor[3, H, W] in [-1, 1], H and W multiples of 32 (bicubic resize). Picklable.
 
-    def __init__(self, size: int = 384, max_size: int = 640):
+    `pixels(image or bytes)`: the same resize as uint8 [3, H, W] (normalise later with `normalize_pixels`)."""
+
+    def __init__(self, size: int = 384, max_size: int | None = None):
+        max_size = vilt_max_size(size) if max_size is None else max_size
         if size < 32 or max_size < size:
             raise ValueError(f"pixelbert_transform: need 32 <= size <= max_size, got size={size}, max_size={max_size}")
         self.size, self.max_size = size, max_size
 
-    def __call__(self, image: Image.Image):
-        from torchvision.transforms import functional as F
-
-        image = image.convert("RGB")
+    def resized(self, image: Image.Image) -> Image.Image:
+        image = image if image.mode == "RGB" else image.convert("RGB")
         target = min_max_size(image.width, image.height, self.size, self.max_size)
-        tensor = F.to_tensor(image.resize(target, resample=Image.BICUBIC))
-        return F.normalize(tensor, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
+        # resizing to the same size is a copy in PIL: skip it (same pixels)
+        return image if target == image.size else image.resize(target, resample=Image.BICUBIC)
+
+    def pixels(self, image: Image.Image | bytes):
+        """uint8 [3, H, W] (a view of the resized image's pixels, channels first)."""
+        import torch
+
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            image = decode_rgb(image)
+        array = np.asarray(self.resized(image))  # PIL's own copy of the pixels, flagged read-only
+        with warnings.catch_warnings():  # nothing writes to it: the collate only reads
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(array).permute(2, 0, 1)
+
+    def __call__(self, image: Image.Image):
+        return normalize_pixels(self.pixels(image))
 
     def __repr__(self) -> str:
         return f"pixelbert_transform(size={self.size}, max_size={self.max_size})"
 
 
-def pixelbert_transform(size: int = 384, max_size: int = 640) -> PixelBertTransform:
-    """ViLT's default image transform (size 384, longer side <= 640 as in ViLT's 1333/800 * 384)."""
+class PixelBertPixels(PixelBertTransform):
+    """As PixelBertTransform, but the readers give it the encoded bytes and it returns the uint8 pixels (what the
+    ViLT loaders use: normalisation happens on the device, `normalize_pixels`)."""
+
+    takes_bytes = True
+
+    def __call__(self, data: bytes):
+        return self.pixels(data)
+
+    def __repr__(self) -> str:
+        return f"pixelbert_pixels(size={self.size}, max_size={self.max_size})"
+
+
+def pixelbert_transform(size: int = 384, max_size: int | None = None) -> PixelBertTransform:
+    """ViLT's default image transform: shorter side `size`, longer side <= `max_size` (default ViLT's
+    int(1333 / 800 * size): 639 for 384), float output in [-1, 1]."""
     return PixelBertTransform(size, max_size)
+
+
+def pixelbert_pixels(size: int = 384, max_size: int | None = None) -> PixelBertPixels:
+    """The same resize on encoded bytes, uint8 output (normalise with `normalize_pixels`)."""
+    return PixelBertPixels(size, max_size)

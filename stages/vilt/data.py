@@ -15,7 +15,7 @@ from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBas
 from vlflow.errors import StageError
 from vlflow.stages.common.training import load_tokenizer  # noqa: F401  (one loader for every stage)
 from vlflow.stages.data.reader import CaptionArrowDataset, VqaArrowDataset
-from vlflow.stages.data.transforms import pixelbert_transform
+from vlflow.stages.data.transforms import normalize_pixels, pixelbert_pixels, vilt_max_size
 
 SPLIT_FILES = {  # ViLT trains on train + restval
     "train": ("train", "restval"),
@@ -45,8 +45,8 @@ class TrainedRun:
 
     def geometry(self, p) -> tuple[int, int, int]:
         """(image_size, max_image_size, max_text_len): the evaluation params' values, else the training run's."""
-        return (p.image_size or self.params.get("image_size", 384),
-                p.max_image_size or self.params.get("max_image_size", 640),
+        image_size = p.image_size or self.params.get("image_size", 384)
+        return (image_size, p.max_image_size or self.params.get("max_image_size") or vilt_max_size(image_size),
                 p.max_text_len or self.params.get("max_text_len", 40))
 
 
@@ -65,7 +65,8 @@ def load_trained_run(run_dir: Path, inputs: dict[str, Path]) -> TrainedRun:
 
 
 def image_dataset(arrows: Path, split: str, image_size: int, max_image_size: int) -> CaptionArrowDataset:
-    return CaptionArrowDataset(arrow_files(arrows, split), pixelbert_transform(image_size, max_image_size))
+    """Items' images are ViLT's resize as uint8 [3, H, W] (`PairCollator`/`pad_images` normalise them)."""
+    return CaptionArrowDataset(arrow_files(arrows, split), pixelbert_pixels(image_size, max_image_size))
 
 
 class CaptionPairs(Dataset):
@@ -85,34 +86,67 @@ class CaptionPairs(Dataset):
                 "image_index": image_index}
 
 
-def pad_images(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pads CHW images to the batch's largest height/width; pixel_mask is 1 on real pixels."""
+def collate_images(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CHW images (uint8 or float) -> (pixel_values [B, C, H, W] of their dtype, pixel_mask bool [B, H, W]), padded
+    to the batch's largest height and width. One allocation each; every image is written in place and only the
+    padding strips are zeroed (ViLT's collate zero-fills the whole float batch, then overwrites it)."""
     height = max(img.shape[1] for img in images)
     width = max(img.shape[2] for img in images)
-    pixel_values = images[0].new_zeros(len(images), images[0].shape[0], height, width)
-    pixel_mask = torch.zeros(len(images), height, width, dtype=torch.long)
+    pixel_values = torch.empty(len(images), images[0].shape[0], height, width, dtype=images[0].dtype)
+    pixel_mask = torch.empty(len(images), height, width, dtype=torch.bool)
     for i, img in enumerate(images):
-        pixel_values[i, :, : img.shape[1], : img.shape[2]] = img
-        pixel_mask[i, : img.shape[1], : img.shape[2]] = 1
+        h, w = img.shape[1], img.shape[2]
+        pixel_values[i, :, :h, :w] = img
+        pixel_values[i, :, h:, :] = 0
+        pixel_values[i, :, :h, w:] = 0
+        pixel_mask[i, :h, :w] = True
+        pixel_mask[i, h:, :] = False
+        pixel_mask[i, :h, w:] = False
     return pixel_values, pixel_mask
 
 
-def tokenize(tokenizer, texts: list[str], max_text_len: int) -> dict:
-    return tokenizer(texts, padding="longest", truncation=True, max_length=max_text_len, return_tensors="pt",
-                     return_special_tokens_mask=True, return_offsets_mapping=tokenizer.is_fast)
+def pad_images(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`collate_images`, then uint8 pixels normalised on the host as ViLT's (float pixels as they are): model-ready
+    float pixel_values [B, 3, H, W] (0 on padding) and the bool pixel_mask (True on real pixels)."""
+    pixel_values, pixel_mask = collate_images(images)
+    return normalize_pixels(pixel_values, pixel_mask), pixel_mask
+
+
+def device_pixels(batch: dict) -> dict:
+    """The batch with uint8 `pixel_values` normalised where they are (the training step calls it on the device
+    batch): ViLT's float pixels, bit-identical to normalising on the host. Float pixel values are left as they are."""
+    if batch["pixel_values"].dtype != torch.uint8:
+        return batch
+    return {**batch, "pixel_values": normalize_pixels(batch["pixel_values"], batch["pixel_mask"])}
+
+
+def tokenize(tokenizer, texts: list[str], max_text_len: int, pad_to_max_length: bool = False) -> dict:
+    """Batch tokenisation; padded to the longest text, or to max_text_len as ViLT's datasets pad."""
+    return tokenizer(texts, padding="max_length" if pad_to_max_length else "longest", truncation=True,
+                     max_length=max_text_len, return_tensors="pt", return_special_tokens_mask=True,
+                     return_offsets_mapping=tokenizer.is_fast)
 
 
 class PairCollator:
-    """Collates CaptionPairs items into pixel_values/pixel_mask + tokenised text (picklable for worker processes)."""
+    """Collates CaptionPairs items into pixel_values/pixel_mask + tokenised text (picklable for worker processes).
 
-    def __init__(self, tokenizer, max_text_len: int):
+    `normalize`: True gives model-ready float pixels (normalised here, on the host); False keeps the items' uint8
+    pixels, for a training step that normalises on the device (`device_pixels`): 4x fewer bytes through the
+    workers' shared memory, pinned memory and the host->device copy. `pad_to_max_length`: text padded to
+    max_text_len as ViLT's datasets do (default: to the batch's longest text, same model outputs, shorter batches)."""
+
+    def __init__(self, tokenizer, max_text_len: int, normalize: bool = True, pad_to_max_length: bool = False):
         self.tokenizer = tokenizer
         self.max_text_len = max_text_len
+        self.normalize = normalize
+        self.pad_to_max_length = pad_to_max_length
 
     def __call__(self, samples: list[dict]) -> dict:
-        pixel_values, pixel_mask = pad_images([s["pixel_values"] for s in samples])
-        batch = dict(tokenize(self.tokenizer, [s["text"] for s in samples], self.max_text_len))
-        batch.update(pixel_values=pixel_values, pixel_mask=pixel_mask, text=[s["text"] for s in samples],
+        images = [s["pixel_values"] for s in samples]
+        pixel_values, pixel_mask = pad_images(images) if self.normalize else collate_images(images)
+        texts = [s["text"] for s in samples]
+        batch = dict(tokenize(self.tokenizer, texts, self.max_text_len, self.pad_to_max_length))
+        batch.update(pixel_values=pixel_values, pixel_mask=pixel_mask, text=texts,
                      image_index=torch.tensor([s["image_index"] for s in samples]))
         return batch
 
@@ -199,9 +233,14 @@ class MlmMasker:
 
 
 def itm_negatives(batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """ITM pairs on the host batch: half of the positions (chosen at random) get another image of the batch.
+    """ITM pairs: half of the positions (chosen at random) get another image of the batch.
     Returns (image_order, itm_labels): the ITM image of position i is image image_order[i]; itm_labels 1 = matching.
-    Both are fixed-size, so the device side gathers with them (`index_select`) without data-dependent shapes."""
+
+    Where the work happens: only these two small index tensors are drawn on the host (with the step's CPU generator,
+    so a resumed run draws the same; microseconds for a batch of 32); the images themselves are gathered on the
+    device, in the training step (`pretrain_task`'s losses: `index_select` on the device batch), never copied on the
+    host. Both are fixed-size, so the gather has no data-dependent shapes. ViLT instead decodes a second ("false")
+    image per item in its dataset (`draw_false_image=1`)."""
     size = len(batch["input_ids"])
     if size < 2:
         raise StageError("ITM needs at least 2 samples per device batch", field="with.per_device_batch_size")
@@ -220,7 +259,8 @@ def itm_negatives(batch: dict, generator: torch.Generator) -> tuple[torch.Tensor
 
 
 def swap_images_for_itm(batch: dict, generator: torch.Generator) -> dict:
-    """The ITM batch itself (`itm_negatives` applied to the images): pixel_values/pixel_mask reordered, itm_labels."""
+    """The ITM batch itself (`itm_negatives` applied to the images): pixel_values/pixel_mask reordered, itm_labels,
+    on the batch's device (the training step does the same gather inline on the device batch)."""
     image_order, itm_labels = itm_negatives(batch, generator)
     image_order = image_order.to(batch["pixel_values"].device)
     return {**batch, "pixel_values": batch["pixel_values"].index_select(0, image_order),
@@ -238,7 +278,7 @@ def vqa_dataset(arrows: Path, splits: list[str], image_size: int, max_image_size
         if not path.is_file():
             raise StageError(f"no vqav2_{split}.arrow in {arrows}", field="inputs.arrows")
         files.append(path)
-    return VqaArrowDataset(files, pixelbert_transform(image_size, max_image_size))
+    return VqaArrowDataset(files, pixelbert_pixels(image_size, max_image_size))
 
 
 def load_answers(arrows: Path) -> list[str]:
@@ -272,8 +312,9 @@ class QuestionPairs(Dataset):
 class QuestionCollator(PairCollator):
     """PairCollator + `targets` [B, num_answers]: each question's soft answer scores (ViLT's vqa_targets)."""
 
-    def __init__(self, tokenizer, max_text_len: int, num_answers: int):
-        super().__init__(tokenizer, max_text_len)
+    def __init__(self, tokenizer, max_text_len: int, num_answers: int, normalize: bool = True,
+                 pad_to_max_length: bool = False):
+        super().__init__(tokenizer, max_text_len, normalize, pad_to_max_length)
         self.num_answers = num_answers
 
     def __call__(self, samples: list[dict]) -> dict:

@@ -18,7 +18,8 @@ class ViltModelParams(Params):
     mlp_ratio: int = Field(4, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     image_size: int = Field(384, ge=8, description="shorter image side after resize")
-    max_image_size: int = Field(640, ge=8, description="longer image side is capped at this")
+    max_image_size: int = Field(639, ge=8, description="longer image side is capped at this (ViLT: "
+                                                       "int(1333 / 800 * 384) = 639)")
     max_text_len: int = Field(40, ge=4)
     max_image_len: int = Field(200, description="sampled patches per image; -1 keeps all (ViLT: 200 in "
                                                 "pretraining, -1 in fine-tuning and evaluation)")

@@ -20,8 +20,8 @@ from vlflow.stages.common.fit import (FitSettings, TrainTask, fit, make_adamw, t
                                       warmup_linear_schedule)
 from vlflow.stages.common.training import ResumableSampler, accumulation_steps, configure_determinism
 from vlflow.stages.vilt.data import (CaptionPairs, MlmMasker, PairCollator, QuestionCollator, QuestionPairs,
-                                     image_dataset, itm_negatives, load_answers, load_tokenizer, tokenize,
-                                     vqa_dataset)
+                                     device_pixels, image_dataset, itm_negatives, load_answers, load_tokenizer,
+                                     tokenize, vqa_dataset)
 from vlflow.stages.vilt.model import (ViltPretrainingModel, ViltRetrievalTrainingModel, ViltVqaTrainingModel,
                                       build_config, load_vit_weights, retrieval_model_from_pretraining,
                                       vqa_model_from_pretraining)
@@ -67,6 +67,7 @@ def pretrain_task(tokenizer, tasks, mlm_prob: float, whole_word: bool, wpa_weigh
         return prepared
 
     def losses(model, batch: dict) -> dict:
+        batch = device_pixels(batch)
         mlm_batch = itm_batch = None
         if masker is not None:
             mlm_batch = {**{k: batch[k] for k in (*IMAGE_KEYS, "attention_mask")},
@@ -111,7 +112,7 @@ def retrieval_task(tokenizer, dataset: CaptionPairs, false_texts: int, max_text_
         return {**{k: batch[k] for k in IMAGE_KEYS}, "input_ids": tokens["input_ids"],
                 "attention_mask": tokens["attention_mask"]}
 
-    return TrainTask(losses=lambda model, batch: model(**batch), prepare=prepare)
+    return TrainTask(losses=lambda model, batch: model(**device_pixels(batch)), prepare=prepare)
 
 
 def finetune_vqa(ctx: StageContext) -> dict:
@@ -124,13 +125,13 @@ def finetune_vqa(ctx: StageContext) -> dict:
                                                             max_image_len=p.max_image_len))
     dataset = QuestionPairs(vqa_dataset(ctx.inputs["arrows"], p.train_splits, p.image_size, p.max_image_size))
     return train(ctx, model, tokenizer, vqa_task(), save_model=lambda m, out: m.vqa.save_pretrained(out),
-                 dataset=dataset, collate=QuestionCollator(tokenizer, p.max_text_len, len(answers)),
+                 dataset=dataset, collate=QuestionCollator(tokenizer, p.max_text_len, len(answers), normalize=False),
                  head_lr_mult={"vqa.classifier.": p.head_lr_mult})
 
 
 def vqa_task() -> TrainTask:
     keys = (*IMAGE_KEYS, "input_ids", "attention_mask", "targets")
-    return TrainTask(losses=lambda model, batch: model(**batch),
+    return TrainTask(losses=lambda model, batch: model(**device_pixels(batch)),
                      prepare=lambda batch, generator: {k: batch[k] for k in keys})
 
 
@@ -169,7 +170,8 @@ def train(ctx: StageContext, model: torch.nn.Module, tokenizer, task: TrainTask,
         ctx.log.info("%d epochs of %d pairs at batch %d: %d optimizer steps", p.max_epochs, len(dataset),
                      p.batch_size, max_steps)
     scheduler = warmup_linear_schedule(optimizer, p.warmup_steps, max_steps)
-    collate = collate or PairCollator(tokenizer, p.max_text_len)
+    # uint8 pixels through the workers and the host->device copy; the tasks' losses normalise them on the device
+    collate = collate or PairCollator(tokenizer, p.max_text_len, normalize=False)
     pin_memory = get_accelerator().name == "cuda"
 
     def batches(start_batch: int):
