@@ -208,3 +208,107 @@ def test_schedule_is_unitabs_per_group():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)
     state = scheduler.state_dict()  # resumable: the factors are objects whose settings are checkpointed
     assert state["last_epoch"] == 375 and state["lr_lambdas"][2]["group"] == "text_encoder"
+
+
+# -- 5. no_detection switches the evaluator only -----------------------------------------------------------------
+
+CAPTIONS = ["a red circle next to a blue square", "two green triangles on a white background"] * 8
+ROWS = [("a red circle next to a blue square",
+         [{"text": "a red circle", "start": 0, "end": 12, "boxes": [[0.1, 0.1, 0.5, 0.5]]},
+          {"text": "a blue square", "start": 21, "end": 34, "boxes": [[0.5, 0.5, 0.9, 0.9], [0.0, 0.6, 0.2, 0.9]]}]),
+        ("two green triangles on a white background",
+         [{"text": "two green triangles", "start": 0, "end": 19, "boxes": [[0.0, 0.0, 1.0, 1.0]]}])]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    from vlflow.stages.text.tokenizer import train_bpe
+
+    return train_bpe(iter(CAPTIONS), vocab_size=300, lowercase=True, min_frequency=1)
+
+
+def _small_model(tokenizer):
+    from vlflow.stages.unitab.model import UniTAB, UniTABConfig
+
+    torch.manual_seed(0)
+    return UniTAB(UniTABConfig(
+        text_vocab=len(tokenizer), backbone="resnet10t", backbone_norm="batch_norm", d_model=32, enc_layers=1,
+        dec_layers=1, nheads=2, dim_feedforward=64, dropout=0.0, num_queries=20, max_decoding_step=40,
+        text_encoder_config=dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=64,
+                                 pad_token_id=tokenizer.pad_token_id),
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+
+
+def _evaluate(tmp_path, tokenizer, train_overrides: dict, **evaluate_params) -> dict:
+    import io
+    import json
+    import logging
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from vlflow.stage import StageContext
+    from vlflow.stages.data.arrow_grounding import GROUNDING_SCHEMA
+    from vlflow.stages.unitab.evaluate import evaluate
+    from vlflow.stages.unitab.spec import EvaluateParams
+    from vlflow.stages.unitab.train import save_outputs
+
+    arrows = tmp_path / "arrows"
+    arrows.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (caption, phrases) in enumerate(ROWS):
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 48), (200, 40 * i, 40)).save(buffer, format="PNG")
+        rows.append({"image": buffer.getvalue(), "image_id": f"{i}.jpg", "caption": caption, "phrases": phrases,
+                     "width": 64, "height": 48, "split": "test"})
+    table = pa.Table.from_pylist(rows, schema=GROUNDING_SCHEMA)
+    with pa.ipc.new_file(str(arrows / "f30k_grounding_test.arrow"), table.schema) as writer:
+        writer.write_table(table)
+    model = _small_model(tokenizer)
+    run = tmp_path / "run"
+    save_outputs(run, model, None, model.config, tokenizer, PretrainParams(
+        image_size=48, max_image_size=64, backbone_norm="batch_norm", freeze_backbone_stem=False, **train_overrides))
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    ctx = StageContext(stage="evaluate", params=EvaluateParams(split="test", batch_size=2, max_decoding_step=12,
+                                                               **evaluate_params),
+                       inputs={"arrows": arrows, "model": run}, output_dir=out, log=logging.getLogger("test"))
+    evaluate(ctx)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_no_detection_keeps_box_targets_and_switches_the_evaluator(tmp_path, bpe):
+    from vlflow.stages.unitab.data import GroundingSequenceDataset
+    from vlflow.stages.unitab.model import TokenLayout
+
+    class Source:
+        def __len__(self):
+            return len(ROWS)
+
+        def caption(self, i):
+            return ROWS[i][0]
+
+        def phrases(self, i):
+            return ROWS[i][1]
+
+        def image(self, i):
+            from PIL import Image
+            return Image.new("RGB", (64, 48))
+
+    layout = TokenLayout(len(bpe), 20)
+    params = PretrainParams(backbone_weights="/r101.pth", do_caption=True, no_detection=True)  # the seed's flags
+    dataset = GroundingSequenceDataset(Source(), bpe, layout, image_size=32, max_image_size=48, max_decoding_step=40,
+                                       seqcrop=params.pretrain_seqcrop, do_caption=params.do_caption,
+                                       box_targets=params.box_targets, augment="none")
+    targets = dataset[0]["targets"]
+    assert targets.count(layout.obj_start) == 2 and sum(layout.is_bin(t) for t in targets) == 8  # merged: 1 box each
+
+    with_boxes = _evaluate(tmp_path / "a", bpe, {})
+    assert with_boxes["no_detection"] is False and with_boxes["phrases"] == 3 and "bleu4" in with_boxes
+    skipped = _evaluate(tmp_path / "b", bpe, {"no_detection": True})  # the model's flag switches the evaluator
+    assert skipped["no_detection"] is True and "bleu4" in skipped
+    assert not any("recall" in key for key in skipped)
+    forced = _evaluate(tmp_path / "c", bpe, {"no_detection": True}, no_detection=False)
+    assert forced["phrases"] == 3

@@ -196,7 +196,7 @@ class GroundingSequenceDataset(torch.utils.data.Dataset):
 
     def __init__(self, source: GroundingArrowDataset, tokenizer, layout: TokenLayout, *, image_size: int, max_image_size: int,
                  max_decoding_step: int, seqcrop: str = "mixed", do_caption: bool = False,
-                 box_targets: str = "merged", augment: str = "none", no_detection: bool = False, seed: int = 0):
+                 box_targets: str = "merged", augment: str = "none", seed: int = 0):
         self.source = source
         self.tokenizer = tokenizer
         self.layout = layout
@@ -207,7 +207,6 @@ class GroundingSequenceDataset(torch.utils.data.Dataset):
         self.do_caption = do_caption
         self.box_targets = box_targets
         self.augment = augment
-        self.no_detection = no_detection
         self.seed = seed
 
     def __len__(self) -> int:
@@ -228,8 +227,7 @@ class GroundingSequenceDataset(torch.utils.data.Dataset):
             spans = [replace(span, boxes=b) for span, b in zip(spans, boxes)]
         else:
             pixels = image_tensor(image, self.image_size, self.max_image_size)
-        sequence = build_sequence(ids, spans, self.layout, tok.bos_token_id, tok.eos_token_id,
-                                  with_boxes=not self.no_detection)
+        sequence = build_sequence(ids, spans, self.layout, tok.bos_token_id, tok.eos_token_id)
         sequence = sequence[: self.max_decoding_step + 1]
         rng = random.Random(f"{self.seed}/{epoch}/{index}")
         text = ids[: self.max_decoding_step - 2] if encoder_sees_text(self.seqcrop, self.do_caption, rng) else []

@@ -148,7 +148,10 @@ def evaluate(ctx: StageContext) -> dict:
                     "ranks": world_size, "precision": precision}
     predictions: list[dict] = []
 
-    if p.grounding:
+    # UniTAB's --no_detection switches the evaluator only: this evaluation follows the trained model's flag
+    no_detection = train_params.get("no_detection", False) if p.no_detection is None else p.no_detection
+    result["no_detection"] = no_detection
+    if not no_detection:
         grounded = gather_on_main(ground_rows(model, tokenizer, source, my_share(rows), p.batch_size, image_size,
                                               max_image_size, device, precision))
         if grounded is not None:

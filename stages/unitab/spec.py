@@ -11,7 +11,9 @@ full grounded sequence:
     caption   - nothing (grounded captioning from the image alone; UniTAB's "first" crop),
     mixed     - per sample, 50/50 between the two (UniTAB's default),
     none      - no cropping: the caption if not `do_caption`, else nothing (UniTAB's fine-tuning behaviour).
-`no_detection` drops the `<obj>`/box tokens from the targets (text-only captioning, "don't train the detector").
+`no_detection` means what it means in UniTAB: the run's evaluation skips the box (detection/grounding) metrics.
+Training is unchanged by it (the targets keep their boxes, as with the seed's `--do_caption --no_detection`
+pretraining command); `unitab.evaluate` takes it from the trained model unless its own `no_detection` is set.
 """
 from __future__ import annotations
 
@@ -66,7 +68,8 @@ class PretrainParams(ModelParams):
     weight_decay: float = Field(1e-4, ge=0)
     grad_clip: float = Field(0.1, ge=0, description="max global L2 norm of the gradients; 0 disables clipping")
     do_caption: bool = False
-    no_detection: bool = False
+    no_detection: bool = Field(False, description="UniTAB's flag: evaluation of this model skips the grounding "
+                               "metrics (unitab.evaluate reads it); training targets keep their boxes")
     pretrain_seqcrop: Literal["none", "mixed", "grounding", "caption"] = "mixed"
     box_targets: Literal["merged", "separate"] = Field(
         "merged", description="merged: one box per phrase, the smallest enclosing all its gold boxes (UniTAB trains "
@@ -113,7 +116,9 @@ class EvaluateParams(Params):
     batch_size: int = Field(16, ge=1)
     max_decoding_step: int | None = Field(None, ge=8, description="caption decoding cap; default: the model's")
     max_samples: int | None = Field(None, ge=1, description="evaluate only the first N captions")
-    grounding: bool = True
+    no_detection: bool | None = Field(
+        None, description="skip the grounding (box) metrics, as UniTAB's --no_detection switches its evaluator; "
+        "default: the trained model's own no_detection")
     captioning: bool = True
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the random-box baseline")
 

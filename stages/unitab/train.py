@@ -124,8 +124,7 @@ def pretrain(ctx: StageContext) -> dict:
     dataset = GroundingSequenceDataset(
         open_split(ctx.inputs["arrows"], "train"), tokenizer, config.layout, image_size=p.image_size,
         max_image_size=p.max_image_size, max_decoding_step=p.max_decoding_step, seqcrop=p.pretrain_seqcrop,
-        do_caption=p.do_caption, box_targets=p.box_targets, augment=p.augment, no_detection=p.no_detection,
-        seed=p.seed)
+        do_caption=p.do_caption, box_targets=p.box_targets, augment=p.augment, seed=p.seed)
     batches_per_epoch = ResumableSampler(len(dataset), p.per_device_batch_size, rank, world).batches_per_epoch
     total_steps = p.max_steps or max(1, p.epochs * batches_per_epoch // accumulation)
     scheduler = unitab_schedule(optimizer, p, total_steps, batches_per_epoch, accumulation)
