@@ -110,6 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop", action="store_true", help="remove damaged artifacts, so that the next run rebuilds them")
     _add_cache_args(p)
 
+    p = sub.add_parser("export", help="copy a stage's committed artifact (or a file/dir in it) to a local dir or "
+                                      "any fsspec URL")
+    p.add_argument("workflow", type=Path)
+    p.add_argument("stage")
+    p.add_argument("dest", help="local path or fsspec URL (s3://bucket/dir, ...)")
+    p.add_argument("--path", help="a file or directory inside the artifact (default: all of it but _vlflow/)")
+    p.add_argument("--link", action="store_true", help="symlink the cache's files instead of copying (local cache "
+                                                       "and destination; vlflow gc may remove what they point at)")
+    p.add_argument("--force", dest="overwrite", action="store_true", help="overwrite files that exist at DEST")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_cache_args(p)
+
+    p = sub.add_parser("path", help="print the local path of a stage's committed artifact (for scripts)")
+    p.add_argument("workflow", type=Path)
+    p.add_argument("stage")
+    p.add_argument("--path", help="a file or directory inside the artifact")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_cache_args(p)
+
     p = sub.add_parser("gc", help="remove artifacts not reachable from the given workflows")
     p.add_argument("workflows", type=Path, nargs="+")
     p.add_argument("--dry-run", action="store_true")
@@ -560,6 +579,19 @@ def cmd_stages(args) -> int:
 
 COMMANDS = {"stages": cmd_stages, "run": cmd_run, "plan": cmd_plan, "validate": cmd_validate, "graph": cmd_graph, "status": cmd_status,
             "ls": cmd_ls, "show": cmd_show, "gc": cmd_gc, "verify": cmd_verify, "check": cmd_check}
+
+
+def _command_in(module: str, name: str):
+    """A command implemented in another module, imported only when it runs (keeps `vlflow --help` light)."""
+    def command(args) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(args)
+    return command
+
+
+COMMANDS.update({"export": _command_in("vlflow.export", "cmd_export"),
+                 "path": _command_in("vlflow.export", "cmd_path")})
 
 
 def _interrupt_on_sigterm() -> None:
