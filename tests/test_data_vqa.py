@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from vlflow.stages.data.arrow_vqa import answer_score, convert_vqav2, normalize_answer, question_targets
+from vlflow.stages.data.arrow_vqa import VQA_SCHEMA, answer_score, convert_vqav2, normalize_answer, question_targets
 from vlflow.stages.data.errors import DataError
 from vlflow.stages.data.spec import SyntheticCocoParams, VqaArrowParams
 from vlflow.stages.data.synthetic import ANSWER_POOLS, COLOURS, SHAPES, generate_coco
@@ -128,6 +128,17 @@ def test_arrows_rows_labels_and_held_out_val(coco, tmp_path):
     convert_vqav2(coco, other, VqaArrowParams(rest_val_images=4, min_answer_count=2, seed=1))
     assert read(again / "vqav2_val.arrow").equals(tables["val"])
     assert read(other / "vqav2_val.arrow").column("image_id").to_pylist() != val_ids
+
+
+def test_every_split_vilt_opens_is_written_typed(coco, tmp_path):
+    convert_vqav2(coco, tmp_path, VqaArrowParams(rest_val_images=4, min_answer_count=2))
+    # ViLT's VQAv2Dataset opens vqav2_{train,trainable_val,rest_val,test} (+ test-dev): no question files for
+    # test here, so they are written with 0 rows and the full schema, and open as ViLT opens them
+    for name in ("train", "val", "trainable_val", "rest_val", "test", "test-dev"):
+        with pa.memory_map(str(tmp_path / f"vqav2_{name}.arrow"), "r") as source:
+            table = pa.ipc.RecordBatchFileReader(source).read_all()
+        assert table.schema.equals(VQA_SCHEMA), name
+        assert (len(table) == 0) == name.startswith("test"), name
 
 
 def test_rare_answers_leave_the_vocabulary_and_their_questions_the_rows(coco, tmp_path):

@@ -4,8 +4,10 @@ As ViLT's write_vqa.py: one row per image with the image's questions; the answer
 `multiple_choice_answer` of train + val seen at least `min_answer_count` (9) times; each question's labels are the
 vocabulary answers its 10 annotators gave, scored 0.3 per annotator (capped at 1.0); train/val questions without
 any vocabulary answer are dropped, and so are images left without questions. `vqav2_val` is split into
-`vqav2_trainable_val` and the last `rest_val_images` rows, `vqav2_rest_val` (ViLT's held-out val). Test and test-dev
-(no answers) are written when their question files are present.
+`vqav2_trainable_val` and the last `rest_val_images` rows, `vqav2_rest_val` (ViLT's held-out val). Every file ViLT's
+VQAv2 data module opens is written: `vqav2_test` and `vqav2_test-dev` too (no answers), with 0 rows (same schema) when
+their question files are absent (ViLT's BaseDataset indexes the tables it found by the names it asked for, so a
+missing file is an IndexError there).
 
 Two deliberate differences: rows are ordered by a seeded shuffle (ViLT shuffles without a seed, so its rest_val is a
 different random set on every conversion), and annotator answers are normalised like the majority answers (ViLT
@@ -172,6 +174,8 @@ def vqa_rows(root: Path, params, images: Path | None = None) -> tuple[dict[str, 
                 "question_id": [q["question_id"] for q in qs],
                 "split": split,
             }))
+    for split in SOURCES:  # ViLT's data module opens every one of them: 0 rows rather than no file
+        rows.setdefault(split, [])
     # ViLT's held-out val: the last rest_val_images images of val; the rest is trainable
     cut = max(0, len(rows["val"]) - params.rest_val_images)
     rows["trainable_val"], rows["rest_val"] = rows["val"][:cut], rows["val"][cut:]
