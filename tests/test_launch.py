@@ -177,7 +177,8 @@ def test_two_node_launch_on_loopback(tmp_path):
         payload = make_payload(tmp_path, launch, {"steps": 4, "checkpoint_every": 2}, name=f"node{node_rank}.json")
         try:
             results[node_rank] = run_distributed(get_spec("testing.train"), payload, launch,
-                                                 tmp_path / f"node{node_rank}.log", env=LAUNCH_ENV)
+                                                 tmp_path / f"node{node_rank}.log", env=LAUNCH_ENV,
+                                                 joining=node_rank > 0)
         except Exception as exc:  # reported by the main thread
             results[node_rank] = exc
 

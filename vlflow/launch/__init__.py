@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
+import time
 from collections import deque
 from pathlib import Path
 from typing import Callable
@@ -24,27 +26,73 @@ __all__ = ["run_distributed", "build_command", "free_port", "LaunchError"]
 LOG_TAIL_LINES = 40
 WORKER_ERROR_PREFIX = "error: "  # what the worker prints for a user-facing (VlflowError) failure
 TERMINATE_GRACE_SECONDS = 10
+JOIN_DIR_ENV = "VLFLOW_JOIN_DIR"  # where node 0 announces multi-node torchrun launches (shared with every node)
 
 
 def run_distributed(spec: StageSpec, payload_path: Path, launch: LaunchSpec | None, log_path: Path,
-                    env: dict | None = None, on_line: Callable[[str], None] | None = None) -> dict | None:
+                    env: dict | None = None, on_line: Callable[[str], None] | None = None,
+                    joining: bool = False) -> dict | None:
     """Launch all ranks of `spec` on this node, stream their output into `log_path`, return rank 0's metrics.
 
     `launch` (None: the payload's `launch`, else defaults) is also written into the payload for the workers.
     Raises LaunchError with the end of the log when any rank fails. On KeyboardInterrupt the whole process group
     (launcher and every rank) is stopped before the interrupt propagates.
+
+    torchrun across machines (nnodes > 1): only node 0 runs stages and commits them (`vlflow run`); with
+    VLFLOW_JOIN_DIR set, node 0 announces each launch there for the other nodes' `python -m vlflow.launch.join`.
+    `joining=True` is such a node's agent (node_rank > 0): node 0's payload stays as it is and the result is node 0's,
+    so it returns None. Without it a node_rank > 0 is refused, since the caller would commit a stage node 0 commits.
     """
     payload_path = Path(payload_path)
     payload = json.loads(payload_path.read_text())
     if launch is None:
         launch = LaunchSpec(**(payload.get("launch") or {}))
-    elif payload.get("launch") != launch.model_dump():
+    elif not joining and payload.get("launch") != launch.model_dump():
         # The worker builds the Booster from the payload: make it describe the launch actually used.
         payload["launch"] = launch.model_dump()
         payload_path.write_text(json.dumps(payload, indent=1))
+    _check_node_role(launch, joining)
     command = build_command(launch, payload_path, forward_env=sorted(env or {}))
     result_file = result_path(payload_path)
-    result_file.unlink(missing_ok=True)  # never report a previous attempt's metrics
+    if not joining:
+        result_file.unlink(missing_ok=True)  # never report a previous attempt's metrics
+    announcement = None
+    if launch.launcher == "torchrun" and launch.nnodes > 1 and not joining and os.environ.get(JOIN_DIR_ENV):
+        announcement = _announce(Path(os.environ[JOIN_DIR_ENV]), payload.get("stage", spec.name), spec,
+                                 payload_path, launch)
+    try:
+        return _launch(spec, payload, payload_path, launch, command, result_file, log_path, env, on_line, joining)
+    finally:
+        if announcement is not None:  # a node that starts later must not join a finished launch
+            announcement.unlink(missing_ok=True)
+
+
+def _check_node_role(launch: LaunchSpec, joining: bool) -> None:
+    other_node = launch.launcher == "torchrun" and launch.nnodes > 1 and launch.node_rank > 0
+    if joining and not other_node:
+        raise LaunchError("joining a launch needs launcher torchrun with nnodes > 1 and a node_rank above 0",
+                          field="launch.node_rank")
+    if other_node and not joining:
+        raise LaunchError(f"node_rank {launch.node_rank}: only node 0 runs `vlflow run` (it runs every stage and "
+                          "commits it); on the other nodes run `python -m vlflow.launch.join --node-rank "
+                          f"{launch.node_rank} JOIN_DIR`, with {JOIN_DIR_ENV}=JOIN_DIR set for node 0's vlflow run "
+                          "(see docs/CLUSTER.md)", field="launch.node_rank")
+
+
+def _announce(join_dir: Path, stage: str, spec: StageSpec, payload_path: Path, launch: LaunchSpec) -> Path:
+    """Publish a launch for the joining nodes: written whole, then renamed, so a reader never sees half a file."""
+    join_dir.mkdir(parents=True, exist_ok=True)
+    announcement = join_dir / f"{time.time_ns()}-{stage}.json"
+    temporary = join_dir / f".{announcement.name}.tmp"
+    temporary.write_text(json.dumps({"stage": stage, "uses": spec.name, "payload": str(payload_path.resolve()),
+                                     "launch": launch.model_dump(), "host": socket.gethostname()}))
+    os.replace(temporary, announcement)
+    return announcement
+
+
+def _launch(spec: StageSpec, payload: dict, payload_path: Path, launch: LaunchSpec, command: list[str],
+            result_file: Path, log_path: Path, env: dict | None, on_line: Callable[[str], None] | None,
+            joining: bool) -> dict | None:
     process_env = dict(os.environ, PYTHONUNBUFFERED="1", **launcher_env(launch))
     process_env.update(env or {})
 
@@ -79,7 +127,7 @@ def run_distributed(spec: StageSpec, payload_path: Path, launch: LaunchSpec | No
     if returncode != 0:
         raise LaunchError(_failure_message(f"{payload.get('stage', spec.name)} ({spec.name})", returncode,
                                            first_user_error, list(tail), log_path))
-    if not result_file.exists():
+    if joining or not result_file.exists():
         return None
     return json.loads(result_file.read_text())
 
