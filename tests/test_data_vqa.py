@@ -10,7 +10,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from vlflow.stages.data.arrow_vqa import VQA_SCHEMA, answer_score, convert_vqav2, normalize_answer, question_targets
+from vlflow.stages.data.arrow_vqa import (VQA_SCHEMA, answer_score, convert_vqav2, normalize_answer, official_accuracy,
+                                          question_targets)
 from vlflow.stages.data.errors import DataError
 from vlflow.stages.data.spec import SyntheticCocoParams, VqaArrowParams
 from vlflow.stages.data.synthetic import ANSWER_POOLS, COLOURS, SHAPES, generate_coco
@@ -94,9 +95,43 @@ def test_answer_normalisation_and_scores():
     assert normalize_answer("dont") == "don't"
     assert normalize_answer("3.5") == "3.5"
     assert [answer_score(n) for n in range(6)] == [0.0, 0.3, 0.6, 0.9, 1.0, 1.0]
-    # annotators' answers are normalised before counting: "Two", "two" and "2" are three votes for "2"
     given = [{"answer": a} for a in ("Two", "two", "2", "3", "many", "lots", "?", "", "4", "4")]
-    assert question_targets({"answers": given}, {"2": 0, "3": 1, "5": 2}) == ([0, 1], [0.9, 0.3])
+    # ViLT looks the annotators' answers up as given: only the literal "2" votes for "2"
+    assert question_targets({"answers": given}, {"2": 0, "3": 1, "5": 2}) == ([0, 1], [0.3, 0.3])
+    # normalized: "Two", "two" and "2" are three votes for "2"
+    assert question_targets({"answers": given}, {"2": 0, "3": 1, "5": 2}, normalize=True) == ([0, 1], [0.9, 0.3])
+
+
+@pytest.mark.parametrize("predicted, annotators, accuracy", [
+    # all 10 the same string: nothing is normalised, "2" does not match "two" (the official rule, for OCR answers)
+    ("2", ["two"] * 10, 0.0),
+    ("two", ["two"] * 10, 1.0),
+    # they disagree: both sides normalised; 5 of "two"/"2" -> every leave-one-out subset has >= 3 matches
+    ("2", ["two"] * 3 + ["2"] * 2 + ["three"] * 5, 1.0),
+    # 2 matching annotators: subsets without one of them see 1 match (1/3), the other 8 subsets see 2 (2/3)
+    ("yes", ["yes", "Yes"] + ["no"] * 8, (2 * (1 / 3) + 8 * (2 / 3)) / 10),
+    # 3 matching annotators: the 3 subsets without one of them see 2 (2/3), the other 7 see 3 (1) -> 0.9.
+    # Punctuation next to a space is removed, elsewhere it becomes a space; a period not between digits goes
+    ("tennis racket", ["tennis-racket", "tennis racket!", "tennis racket."] + ["ball"] * 7, 0.9),
+    ("3.5", ["3.5", "3.5", "3.5", "4"] + ["5"] * 6, 0.9),
+    ("dog", ["the dog", "a dog", "dog", "an apple"] + ["cat"] * 6, 0.9),  # articles
+    ("don't", ["dont", "dont", "don't"] + ["yes"] * 7, 0.9),  # its contraction table
+    ("1000", ["1,000", "1000", "1,000"] + ["many"] * 7, 0.9),  # a comma between digits strips all punctuation
+    ("#1", ["#1", "#1", "#1", "1"] + ["one"] * 6, 0.9),  # '#' is not in its punctuation list: "#1" stays
+    ("dog", ["dog"] * 4 + ["cat"] * 6, 1.0),  # 4 matching: every subset sees >= 3
+])
+def test_official_vqa_accuracy_on_worked_cases(predicted, annotators, accuracy):
+    """Each case as GT-Vision-Lab/VQA vqaEval.py scores it (checked against it on 20,000 random cases: see
+    docs/FIDELITY_vilt.md)."""
+    assert official_accuracy(predicted, annotators) == pytest.approx(accuracy)
+
+
+def test_vocabulary_normalisation_is_vilts():
+    """ViLT's glossary.normalize_word: the official normalisation, then commas dropped."""
+    assert normalize_answer("Red, White") == "red white"
+    assert normalize_answer("1,000") == "1000"
+    assert normalize_answer("#1") == "#1" and normalize_answer("100%") == "100%"  # not in the punctuation list
+    assert normalize_answer("hes") == "he's" and normalize_answer("Im") == "im"  # its table's keys, as written
 
 
 def test_arrows_rows_labels_and_held_out_val(coco, tmp_path):
@@ -114,7 +149,7 @@ def test_arrows_rows_labels_and_held_out_val(coco, tmp_path):
         assert len(row["questions"]) == len(row["answer_labels"]) == len(row["question_id"])
         for qid, labels, scores, texts in zip(row["question_id"], row["answer_labels"], row["answer_scores"],
                                               row["answers"]):
-            given = Counter(normalize_answer(x["answer"]) for x in annotations[qid]["answers"])
+            given = Counter(x["answer"] for x in annotations[qid]["answers"])  # raw, as ViLT
             expected = {answers.index(a): answer_score(n) for a, n in given.items() if a in answers}
             assert dict(zip(labels, scores)) == expected
             assert texts == [answers[label] for label in labels]
@@ -130,7 +165,7 @@ def test_arrows_rows_labels_and_held_out_val(coco, tmp_path):
     assert read(other / "vqav2_val.arrow").column("image_id").to_pylist() != val_ids
 
 
-def test_every_split_vilt_opens_is_written_typed(coco, tmp_path):
+def test_every_split_vilt_opens_is_written_typed_and_val_keeps_the_annotators_answers(coco, tmp_path):
     convert_vqav2(coco, tmp_path, VqaArrowParams(rest_val_images=4, min_answer_count=2))
     # ViLT's VQAv2Dataset opens vqav2_{train,trainable_val,rest_val,test} (+ test-dev): no question files for
     # test here, so they are written with 0 rows and the full schema, and open as ViLT opens them
@@ -139,6 +174,31 @@ def test_every_split_vilt_opens_is_written_typed(coco, tmp_path):
             table = pa.ipc.RecordBatchFileReader(source).read_all()
         assert table.schema.equals(VQA_SCHEMA), name
         assert (len(table) == 0) == name.startswith("test"), name
+    raw = {a["question_id"]: [x["answer"] for x in a["answers"]]
+           for a in json.loads((coco / "v2_mscoco_val2014_annotations.json").read_text())["annotations"]}
+    for split in ("val", "rest_val"):
+        gt = json.loads((tmp_path / f"vqav2_{split}_gt.json").read_text())
+        question_ids = [q for ids in read(tmp_path / f"vqav2_{split}.arrow").column("question_id").to_pylist()
+                        for q in ids]
+        assert sorted(map(int, gt)) == sorted(question_ids) and all(gt[str(q)] == raw[q] for q in question_ids)
+
+
+def test_normalized_annotator_answers_are_an_option(coco, tmp_path):
+    """Annotators' answers normalised before the lookup: every target row scores each vocabulary answer by the
+    normalised votes (the synthetic annotators write numbers both ways)."""
+    convert_vqav2(coco, tmp_path, VqaArrowParams(min_answer_count=2, annotator_answers="normalized"))
+    answers = json.loads((tmp_path / "vqa_answers.json").read_text())["label2answer"]
+    annotations = {a["question_id"]: a for a in
+                   json.loads((coco / "v2_mscoco_train2014_annotations.json").read_text())["annotations"]}
+    normalized = read(tmp_path / "vqav2_train.arrow")
+    for row in normalized.to_pylist():
+        for qid, labels, scores in zip(row["question_id"], row["answer_labels"], row["answer_scores"]):
+            given = Counter(normalize_answer(x["answer"]) for x in annotations[qid]["answers"])
+            assert dict(zip(labels, scores)) == {answers.index(a): answer_score(n) for a, n in given.items()
+                                                 if a in answers}
+    convert_vqav2(coco, tmp_path / "raw", VqaArrowParams(min_answer_count=2))
+    raw = read(tmp_path / "raw" / "vqav2_train.arrow")
+    assert raw.column("answer_scores").to_pylist() != normalized.column("answer_scores").to_pylist()
 
 
 def test_rare_answers_leave_the_vocabulary_and_their_questions_the_rows(coco, tmp_path):

@@ -354,3 +354,15 @@ def test_vqa_stages_name_a_wrong_arrows_input(arrows):
     assert failure.value.field == "inputs.arrows"
     with pytest.raises(StageError, match="vqav2_train.arrow"):
         vqa_dataset(arrows, ["train"], 64, 64)
+
+
+def test_evaluate_vqa_scores_predictions_with_the_official_accuracy():
+    from vlflow.stages.vilt.evaluate_vqa import official_vqa_accuracy
+
+    predictions = [{"question_id": 1, "answer": "2"}, {"question_id": 2, "answer": "2"},
+                   {"question_id": 3, "answer": "yes"}]
+    annotators = {"1": ["two"] * 3 + ["2"] * 2 + ["3"] * 5,  # normalised: 5 say "2" -> 1.0
+                  "2": ["two"] * 10,  # all the same: compared as given -> 0.0
+                  "4": ["yes"] * 10}  # not predicted
+    assert official_vqa_accuracy(predictions, annotators) == {"vqa_accuracy": 0.5, "vqa_accuracy_questions": 2}
+    assert official_vqa_accuracy(predictions, {}) == {}

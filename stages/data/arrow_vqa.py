@@ -1,18 +1,20 @@
 """arrow.vqav2: VQAv2 questions + annotations and COCO images -> ViLT's vqav2_{split}.arrow files.
 
-As ViLT's write_vqa.py: one row per image with the image's questions; the answer vocabulary is every normalised
-`multiple_choice_answer` of train + val seen at least `min_answer_count` (9) times; each question's labels are the
-vocabulary answers its 10 annotators gave, scored 0.3 per annotator (capped at 1.0); train/val questions without
-any vocabulary answer are dropped, and so are images left without questions. `vqav2_val` is split into
-`vqav2_trainable_val` and the last `rest_val_images` rows, `vqav2_rest_val` (ViLT's held-out val). Every file ViLT's
-VQAv2 data module opens is written: `vqav2_test` and `vqav2_test-dev` too (no answers), with 0 rows (same schema) when
-their question files are absent (ViLT's BaseDataset indexes the tables it found by the names it asked for, so a
-missing file is an IndexError there).
+As ViLT's write_vqa.py: one row per image with the image's questions; the answer vocabulary is every
+`multiple_choice_answer` of train + val, normalised as ViLT's glossary (the official VQA evaluation's punctuation,
+number words, articles and contractions, then commas dropped), seen at least `min_answer_count` (9) times; each
+question's labels are the vocabulary answers its 10 annotators gave, looked up raw as ViLT does (`annotator_answers:
+normalized` normalises them first, so an annotator's "two" also counts for the label "2": ~2.8% of VQAv2 training
+targets differ), scored 0.3 per annotator (capped at 1.0); train/val questions without any vocabulary answer are
+dropped, and so are images left without questions. `vqav2_val` is split into `vqav2_trainable_val` and the last
+`rest_val_images` rows, `vqav2_rest_val` (ViLT's held-out val). Every file ViLT's VQAv2 data module opens is written:
+`vqav2_test` and `vqav2_test-dev` too, with 0 rows (same schema) when their question files are absent (ViLT's
+BaseDataset indexes the tables it found by the names it asked for, so a missing file is an IndexError there).
 
-Two deliberate differences: rows are ordered by a seeded shuffle (ViLT shuffles without a seed, so its rest_val is a
-different random set on every conversion), and annotator answers are normalised like the majority answers (ViLT
-compares them raw, so an annotator's "two" never counts for the label "2"). Also writes `vqa_answers.json` (the
-label -> answer list), which the VQA stages read.
+One deliberate difference: rows are ordered by a seeded shuffle (ViLT shuffles without a seed, so its rest_val is a
+different random set on every conversion). Also writes `vqa_answers.json` (the label -> answer list), which the VQA
+stages read, and `vqav2_{split}_gt.json` for the val splits: each question's 10 raw annotator answers, for the
+official VQA accuracy in vilt.evaluate_vqa.
 
 Inputs: `root` holds the v2_*.json files (and image folders); the optional `images` input is another directory with
 COCO image folders (train2014/, val2014/, test2015/, e.g. the COCO download), searched before `root`.
@@ -49,35 +51,81 @@ SOURCES = {
     "test-dev": ("test-dev2015", "test2015", False),
 }
 
-# The VQA evaluation's answer normalisation (numbers as digits, no articles, punctuation handled as its
-# processPunctuation/processDigitArticle do, common contractions restored).
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = {"a", "an", "the"}
-_CONTRACTIONS = {"aint": "ain't", "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "didnt": "didn't",
-                 "doesnt": "doesn't", "dont": "don't", "hasnt": "hasn't", "havent": "haven't", "isnt": "isn't",
-                 "im": "i'm", "ive": "i've", "itll": "it'll", "lets": "let's", "shouldnt": "shouldn't",
-                 "thats": "that's", "theres": "there's", "theyre": "they're", "wasnt": "wasn't", "werent": "weren't",
-                 "whats": "what's", "wont": "won't", "wouldnt": "wouldn't", "youre": "you're"}
-_PUNCTUATION = ";/[]\"{}()=+\\_-><@`,?!*#%^&$"
-_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+# The official VQA evaluation's answer normalisation (GT-Vision-Lab/VQA vqaEval.py; ViLT's glossary.py uses the same
+# lists): punctuation removed (next to a space, or anywhere when a comma sits between digits) or else replaced by a
+# space, periods not between digits removed, then lower case, number words as digits, articles dropped and its
+# contraction table applied word by word. Its table, quirks included ("somebody'd" -> "somebodyd"; capitalised keys
+# never match the lower-cased words).
+PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+                "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = {"a", "an", "the"}
+CONTRACTIONS = dict(pair.split("=") for pair in (
+    "aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't couldn'tve=couldn't've "
+    "couldnt've=couldn't've didnt=didn't doesnt=doesn't dont=don't hadnt=hadn't hadnt've=hadn't've "
+    "hadn'tve=hadn't've hasnt=hasn't havent=haven't hed=he'd hed've=he'd've he'dve=he'd've hes=he's howd=how'd "
+    "howll=how'll hows=how's Id've=I'd've I'dve=I'd've Im=I'm Ive=I've isnt=isn't itd=it'd itd've=it'd've "
+    "it'dve=it'd've itll=it'll let's=let's maam=ma'am mightnt=mightn't mightnt've=mightn't've "
+    "mightn'tve=mightn't've mightve=might've mustnt=mustn't mustve=must've neednt=needn't notve=not've "
+    "oclock=o'clock oughtnt=oughtn't ow's'at='ow's'at 'ows'at='ow's'at 'ow'sat='ow's'at shant=shan't "
+    "shed've=she'd've she'dve=she'd've she's=she's shouldve=should've shouldnt=shouldn't "
+    "shouldnt've=shouldn't've shouldn'tve=shouldn't've somebody'd=somebodyd somebodyd've=somebody'd've "
+    "somebody'dve=somebody'd've somebodyll=somebody'll somebodys=somebody's someoned=someone'd "
+    "someoned've=someone'd've someone'dve=someone'd've someonell=someone'll someones=someone's "
+    "somethingd=something'd somethingd've=something'd've something'dve=something'd've somethingll=something'll "
+    "thats=that's thered=there'd thered've=there'd've there'dve=there'd've therere=there're theres=there's "
+    "theyd=they'd theyd've=they'd've they'dve=they'd've theyll=they'll theyre=they're theyve=they've "
+    "twas='twas wasnt=wasn't wed've=we'd've we'dve=we'd've weve=we've werent=weren't whatll=what'll "
+    "whatre=what're whats=what's whatve=what've whens=when's whered=where'd wheres=where's whereve=where've "
+    "whod=who'd whod've=who'd've who'dve=who'd've wholl=who'll whos=who's whove=who've whyll=why'll "
+    "whyre=why're whys=why's wont=won't wouldve=would've wouldnt=wouldn't wouldnt've=wouldn't've "
+    "wouldn'tve=wouldn't've yall=y'all yall'll=y'all'll y'allll=y'all'll yall'd've=y'all'd've "
+    "y'alld've=y'all'd've y'all'dve=y'all'd've youd=you'd youd've=you'd've you'dve=you'd've youll=you'll "
+    "youre=you're youve=you've").split())
+_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: "(?!<=" is a lookahead, as in the official code
 _COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
 
 
-def normalize_answer(answer: str) -> str:
-    text = answer.replace("\n", " ").replace("\t", " ").strip().lower()
-    for p in _PUNCTUATION:
-        if (p + " " in text or " " + p in text) or _COMMA_BETWEEN_DIGITS.search(text):
-            text = text.replace(p, "")
+def process_punctuation(text: str) -> str:
+    """The official evaluation's processPunctuation (the tests are checked on the original `text`)."""
+    out = text
+    strip_all = _COMMA_BETWEEN_DIGITS.search(text) is not None
+    for p in PUNCTUATION:
+        if strip_all or p + " " in text or " " + p in text:
+            out = out.replace(p, "")
         else:
-            text = text.replace(p, " ")
-    text = _PERIOD.sub("", text)
-    words = []
-    for word in text.split():
-        word = _NUMBERS.get(word, word)
-        if word not in _ARTICLES:
-            words.append(_CONTRACTIONS.get(word, word))
-    return " ".join(words)
+            out = out.replace(p, " ")
+    return _PERIOD.sub("", out)
+
+
+def process_digit_article(text: str) -> str:
+    """The official evaluation's processDigitArticle: lower case, number words as digits, no articles,
+    contractions restored."""
+    words = [NUMBER_WORDS.get(word, word) for word in text.lower().split()]
+    return " ".join(CONTRACTIONS.get(word, word) for word in words if word not in ARTICLES)
+
+
+def normalize_answer(answer: str) -> str:
+    """ViLT's normalize_word (glossary.py): the official normalisation, then commas dropped. Makes the vocabulary."""
+    return process_digit_article(process_punctuation(answer)).replace(",", "")
+
+
+def official_accuracy(predicted: str, annotator_answers: list[str]) -> float:
+    """The official VQA accuracy of one answer: min(1, matching annotators / 3) averaged over the leave-one-out
+    subsets of the annotators. Answers are normalised only when the annotators disagree (all the same string: both
+    compared as given, after whitespace cleaning), as vqaEval.py does."""
+    def clean(text: str) -> str:
+        return text.replace("\n", " ").replace("\t", " ").strip()
+
+    given = [clean(a) for a in annotator_answers]
+    predicted = clean(predicted)
+    if len(set(given)) > 1:
+        given = [process_digit_article(process_punctuation(a)) for a in given]
+        predicted = process_digit_article(process_punctuation(predicted))
+    matches = sum(a == predicted for a in given)
+    # leaving out a matching annotator leaves matches - 1 matching others, a non-matching one leaves matches
+    per_subset = [min(1.0, (matches - (a == predicted)) / 3) for a in given]
+    return sum(per_subset) / len(per_subset) if per_subset else 0.0
 
 
 def answer_score(count: int) -> float:
@@ -117,9 +165,11 @@ def answer_vocabulary(annotations: list[list[dict]], min_count: int) -> list[str
     return [answer for answer, n in counts.items() if n >= min_count]
 
 
-def question_targets(annotation: dict, label_of: dict[str, int]) -> tuple[list[int], list[float]]:
-    """(labels, scores) of one question: each vocabulary answer its annotators gave, with its soft score."""
-    given = Counter(normalize_answer(a["answer"]) for a in annotation["answers"])
+def question_targets(annotation: dict, label_of: dict[str, int],
+                     normalize: bool = False) -> tuple[list[int], list[float]]:
+    """(labels, scores) of one question: each vocabulary answer its annotators gave, with its soft score. The
+    annotators' answers are looked up as given (ViLT), or normalised first (`normalize`)."""
+    given = Counter(normalize_answer(a["answer"]) if normalize else a["answer"] for a in annotation["answers"])
     labels, scores = [], []
     for answer, count in given.items():
         if answer in label_of:
@@ -128,7 +178,10 @@ def question_targets(annotation: dict, label_of: dict[str, int]) -> tuple[list[i
     return labels, scores
 
 
-def vqa_rows(root: Path, params, images: Path | None = None) -> tuple[dict[str, list[ImageRow]], list[str], Path]:
+def vqa_rows(root: Path, params, images: Path | None = None
+             ) -> tuple[dict[str, list[ImageRow]], list[str], Path, dict[int, list[str]]]:
+    """Rows per split, the answer vocabulary, the file named in errors and the val questions' raw annotator
+    answers (question_id -> answers, for the official accuracy)."""
     root = Path(root)
     present = {split: src for split, src in SOURCES.items()
                if (root / f"v2_OpenEnded_mscoco_{src[0]}_questions.json").is_file()}
@@ -148,7 +201,8 @@ def vqa_rows(root: Path, params, images: Path | None = None) -> tuple[dict[str, 
         questions_path, questions = _questions(root, subtype)
         targets = {}
         if annotated:
-            targets = {a["question_id"]: question_targets(a, label_of) for a in annotations[split][1]}
+            normalize = params.annotator_answers == "normalized"
+            targets = {a["question_id"]: question_targets(a, label_of, normalize) for a in annotations[split][1]}
         per_image: dict[int, list[dict]] = {}
         for i, q in enumerate(questions):
             if annotated:
@@ -179,14 +233,22 @@ def vqa_rows(root: Path, params, images: Path | None = None) -> tuple[dict[str, 
     # ViLT's held-out val: the last rest_val_images images of val; the rest is trainable
     cut = max(0, len(rows["val"]) - params.rest_val_images)
     rows["trainable_val"], rows["rest_val"] = rows["val"][:cut], rows["val"][cut:]
-    return rows, answers, annotations["train"][0]
+    raw = {a["question_id"]: [given["answer"] for given in a["answers"]] for a in annotations["val"][1]}
+    return rows, answers, annotations["train"][0], raw
+
+
+def gt_file(split: str) -> str:
+    return f"vqav2_{split}_gt.json"
 
 
 def convert_vqav2(root: Path, out_dir: Path, params, images: Path | None = None) -> ConversionReport:
-    rows, answers, source = vqa_rows(Path(root), params, Path(images) if images is not None else None)
+    rows, answers, source, raw = vqa_rows(Path(root), params, Path(images) if images is not None else None)
     report = convert(Path(root), out_dir, source, rows, lambda split: f"vqav2_{split}.arrow", VQA_SCHEMA, params)
     (Path(out_dir) / ANSWERS_FILE).write_text(json.dumps({"label2answer": answers,
                                                           "min_answer_count": params.min_answer_count}, indent=1))
+    for split in ("val", "trainable_val", "rest_val"):
+        question_ids = [qid for row in rows[split] for qid in row.values["question_id"]]
+        (Path(out_dir) / gt_file(split)).write_text(json.dumps({str(qid): raw[qid] for qid in question_ids}))
     return report
 
 

@@ -197,6 +197,9 @@ class VqaArrowParams(ArrowParams):
                                                        "are not in the vocabulary (ViLT: 9 -> 3,129 answers)")
     rest_val_images: int = Field(1000, ge=0, description="last val images held out as vqav2_rest_val (ViLT: 1000)")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds the row order (and so which images form rest_val)")
+    annotator_answers: Literal["raw", "normalized"] = Field(
+        "raw", description="raw: annotators' answers looked up in the vocabulary as given (ViLT); normalized: "
+                           "normalised like the vocabulary first ('two' also counts for '2')")
 
 
 STAGES = [

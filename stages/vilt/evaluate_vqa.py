@@ -1,7 +1,12 @@
 """`vilt.evaluate_vqa`: VQA score of a `vilt.finetune_vqa` output on one split of the VQAv2 arrows.
 
-The VQA score of a question is the soft score of the predicted answer (min(1, annotators who gave it / 3), in ViLT's
-steps); the split's score is their mean. Reported beside it: the best constant answer's score on the same questions
+Two scores. `vqa_accuracy` is the official VQA accuracy (GT-Vision-Lab/VQA vqaEval.py: the predicted answer against
+the question's 10 raw annotator answers, with its answer normalisation; `official_accuracy` in
+stages/data/arrow_vqa.py) wherever arrow.vqav2 wrote the split's annotator answers (`vqav2_<split>_gt.json`: val,
+trainable_val, rest_val). `vqa_score` is what ViLT's validation reports: the soft score of the predicted answer over
+the vocabulary targets (min(1, annotators who gave it / 3), in ViLT's steps). Both are means over the split's
+questions, which (as in ViLT) exclude questions none of whose annotators gave a vocabulary answer, so neither is the
+official score of the whole val split; test-dev predictions scored by the challenge server are. Reported beside it: the best constant answer's score on the same questions
 (what ignoring the image and the question would get) and the vocabulary's ceiling (the mean best target score).
 `predictions.json` is in the VQA challenge's submission format ([{question_id, answer}]), so a test-dev run can be
 uploaded as is. Under the launcher each rank answers its share of the questions on its device in the launch's
@@ -20,6 +25,7 @@ from transformers import ViltForQuestionAnswering
 
 from vlflow.errors import StageError
 from vlflow.stage import StageContext
+from vlflow.stages.data.arrow_vqa import gt_file, official_accuracy
 from vlflow.stages.common.device import autocast, launch_precision, limit_cpu_threads, stage_device
 from vlflow.stages.common.evaluation import gather_on_main, my_share, rank_and_world
 from vlflow.stages.vilt.data import QuestionCollator, QuestionPairs, load_trained_run, vqa_dataset
@@ -67,6 +73,14 @@ def vqa_metrics(results: list[dict], num_answers: int) -> dict:
             "ceiling": sum(max(r["targets"].values()) for r in results) / n}
 
 
+def official_vqa_accuracy(predictions: list[dict], annotators: dict[str, list[str]]) -> dict:
+    """The official VQA accuracy of `predictions` ([{question_id, answer}]) against each question's raw annotator
+    answers (`annotators`: str(question_id) -> answers); questions without annotator answers are left out."""
+    scored = [official_accuracy(p["answer"], annotators[str(p["question_id"])]) for p in predictions
+              if str(p["question_id"]) in annotators]
+    return {"vqa_accuracy": sum(scored) / len(scored), "vqa_accuracy_questions": len(scored)} if scored else {}
+
+
 def evaluate_vqa(ctx: StageContext) -> dict:
     p = ctx.params
     limit_cpu_threads()
@@ -101,6 +115,9 @@ def evaluate_vqa(ctx: StageContext) -> dict:
     metrics = vqa_metrics(annotated, len(answers))
     if metrics:
         metrics["best_constant_answer"] = answers[metrics.pop("best_constant_label")]
+    gt_path = ctx.inputs["arrows"] / gt_file(p.split)
+    if gt_path.is_file():
+        metrics.update(official_vqa_accuracy(predictions, json.loads(gt_path.read_text())))
     metrics.update(split=p.split, questions=len(results), annotated=len(annotated), ranks=world_size,
                    precision=precision)
     (ctx.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -108,13 +125,14 @@ def evaluate_vqa(ctx: StageContext) -> dict:
     metrics.update(seconds=round(time.perf_counter() - started, 1), device=device.type)
 
     table = Table(title=f"{ctx.stage}: VQA on {p.split}")
-    for column in ("questions", "VQA score", "best constant answer", "ceiling"):
+    for column in ("questions", "VQA accuracy (official)", "VQA score (ViLT)", "best constant answer", "ceiling"):
         table.add_column(column, justify="right")
     if annotated:
-        table.add_row(str(len(results)), f"{100 * metrics['vqa_score']:.2f}",
+        official = f"{100 * metrics['vqa_accuracy']:.2f}" if "vqa_accuracy" in metrics else "no annotator answers"
+        table.add_row(str(len(results)), official, f"{100 * metrics['vqa_score']:.2f}",
                       f"{100 * metrics['best_constant_score']:.2f} ({metrics['best_constant_answer']!r})",
                       f"{100 * metrics['ceiling']:.2f}")
     else:
-        table.add_row(str(len(results)), "no answers in this split", "", "")
+        table.add_row(str(len(results)), "no answers in this split", "", "", "")
     Console().print(table)
     return metrics
