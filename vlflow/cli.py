@@ -122,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     _add_cache_args(p)
 
+    p = sub.add_parser("metrics", help="the metrics of stages side by side (every entry of a sweep), with the "
+                                       "change against each stage's previous run")
+    p.add_argument("workflow", type=Path)
+    p.add_argument("stages", nargs="*", metavar="STAGE", help="stages (a sweep's name: all its entries; default: all)")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_cache_args(p)
+
     p = sub.add_parser("path", help="print the local path of a stage's committed artifact (for scripts)")
     p.add_argument("workflow", type=Path)
     p.add_argument("stage")
@@ -591,7 +599,8 @@ def _command_in(module: str, name: str):
 
 
 COMMANDS.update({"export": _command_in("vlflow.export", "cmd_export"),
-                 "path": _command_in("vlflow.export", "cmd_path")})
+                 "path": _command_in("vlflow.export", "cmd_path"),
+                 "metrics": _command_in("vlflow.metrics", "cmd_metrics")})
 
 
 def _interrupt_on_sigterm() -> None:
