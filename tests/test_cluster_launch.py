@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,33 @@ def test_cluster_scripts_start_two_nodes_and_stop_leaves_nothing_running(tmp_pat
     assert [pid for pid in pids if Path(f"/proc/{pid}").exists()
             and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"] == []
     assert subprocess.run(["bash", str(CLUSTER_SCRIPTS / "stop.sh"), str(state)], timeout=60).returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Interrupts leave no rank behind
+
+@pytest.mark.dist
+@pytest.mark.parametrize("launcher", ["mpirun", "slurm"])
+def test_interrupt_stops_every_mpirun_and_srun_rank(tmp_path, launcher, request):
+    from tests.test_launch import make_payload, processes_mentioning
+    from vlflow.launch import run_distributed
+    from vlflow.stage import get_spec
+
+    cluster_env = request.getfixturevalue("mpirun_available" if launcher == "mpirun" else "slurm_cluster") or {}
+    launch = LaunchSpec(launcher=launcher, nproc_per_node=2, backend="gloo")
+    payload = make_payload(tmp_path, launch, {"steps": 200, "checkpoint_every": 2, "sleep": 0.2})
+
+    def interrupt_after_first_checkpoint(line: str) -> None:
+        if "checkpoint saved at step" in line:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in cluster_env.items():
+            patch.setenv(name, value)
+        with pytest.raises(KeyboardInterrupt):
+            run_distributed(get_spec("testing.train"), payload, launch, tmp_path / "log.txt",
+                            env={"OMP_NUM_THREADS": "1"}, on_line=interrupt_after_first_checkpoint)
+    deadline = time.monotonic() + 30  # srun's ranks are children of slurmstepd, which ends them a moment later
+    while processes_mentioning(str(payload)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_mentioning(str(payload)) == []
