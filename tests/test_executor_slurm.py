@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from vlflow.executors.slurm import SlurmExecutor, parse_job
 from vlflow.executors.spec import ExecutorSpec
@@ -131,35 +132,6 @@ def test_ctrl_c_cancels_the_submitted_job(tmp_path, cluster_env):
     assert job_state(job_id, cluster_env) == "CANCELLED"
 
 
-def test_scancel_mid_training_then_rerun_resumes_from_the_checkpoint(tmp_path, cluster_env):
-    path = project(tmp_path, """\
-        name: resume
-        stages:
-          train:
-            uses: testing.train
-            with: {steps: 12, checkpoint_every: 3, sleep: 0.3}
-            launch: {backend: gloo}
-            executor: {type: slurm}
-        """)
-    run = subprocess.Popen([sys.executable, "-m", "vlflow", "run", str(path)], cwd=tmp_path, env=cluster_env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    work = tmp_path / "state" / "work"
-    deadline = time.monotonic() + 120
-    while not list(work.rglob("step_*")) and time.monotonic() < deadline and run.poll() is None:
-        time.sleep(0.3)
-    assert list(work.rglob("step_*")), "no checkpoint was written"
-    log = next((tmp_path / "state" / "logs" / "resume").glob("train-*.log")).read_text()
-    (job_id,) = re.findall(r"# Slurm job (\d+)", log)
-    subprocess.run(["timeout", "10", "scancel", job_id], env=cluster_env, check=True)
-    _, err = run.communicate(timeout=60)
-    assert run.returncode == 2
-    assert f"Slurm job {job_id} was cancelled" in err
-    again = vlflow(path, env=cluster_env, timeout=180)
-    assert again.returncode == 0, again.stderr + again.stdout
-    manifest = json.loads(next((tmp_path / "cache").rglob("manifest.json")).read_text())
-    assert manifest["meta"]["metrics"]["resumed_from_step"] >= 3
-
-
 def test_unreachable_controller_is_a_bounded_error(tmp_path, cluster_env):
     conf = Path(cluster_env["SLURM_CONF"]).read_text()
     dead = tmp_path / "slurm.conf"
@@ -225,3 +197,63 @@ def test_job_script_forwards_the_warning_signal_to_the_stage(tmp_path):
     assert job.stdout.readline().strip() == "ready"
     job.send_signal(signal.SIGUSR1)
     assert job.wait(timeout=10) == 75
+
+
+PREEMPTED_TRAINING = """\
+    name: preempt
+    stages:
+      train:
+        uses: testing.train
+        with: {steps: 24, checkpoint_every: 4, sleep: 0.4}
+        launch: {backend: gloo}
+        executor: {type: slurm}
+    """
+
+
+def wait_for(condition, timeout: float, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert condition(), "timed out"
+
+
+def test_preemption_and_scancel_resume_to_the_weights_of_an_uninterrupted_run(tmp_path, cluster_env):
+    """Slurm's --signal warning (simulated with `scancel --batch --signal=USR1`): the stage checkpoints at the step
+    it is on and exits 75, vlflow resubmits (visible in the log). Then `scancel` of the resubmitted job: vlflow fails
+    naming the job; the next `vlflow run` resumes from the checkpoint. The weights equal an uninterrupted local run."""
+    from safetensors.torch import load_file
+
+    (tmp_path / "slurm").mkdir()
+    path = project(tmp_path / "slurm", PREEMPTED_TRAINING)
+    run = subprocess.Popen([sys.executable, "-m", "vlflow", "run", str(path)], cwd=path.parent, env=cluster_env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    work, logs = path.parent / "state" / "work", path.parent / "state" / "logs" / "preempt"
+    wait_for(lambda: list(work.rglob("step_4")), 150, run)
+    log_path = next(logs.glob("train-*.log"))
+    jobs = lambda: re.findall(r"# Slurm job (\d+)\n", log_path.read_text())  # noqa: E731
+    (first_job,) = jobs()
+    subprocess.run(["timeout", "10", "scancel", "--batch", "--signal=USR1", first_job], env=cluster_env, check=True)
+    wait_for(lambda: len(jobs()) == 2, 60, run)
+    log = log_path.read_text()
+    assert f"Slurm job {first_job} ended (checkpointed on Slurm's warning signal); resubmitting (1/3)" in log
+    stopped_at = int(re.search(r"stopping at step (\d+) on Slurm's warning signal", log).group(1))
+    second_job = jobs()[1]
+    wait_for(lambda: list(work.rglob("step_8")), 150, run)  # the resubmitted job checkpointed again
+    subprocess.run(["timeout", "10", "scancel", second_job], env=cluster_env, check=True)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 2 and f"Slurm job {second_job} was cancelled" in err, err
+    assert f"/step_{stopped_at} (step {stopped_at})" in log_path.read_text()  # the resubmission resumed
+
+    again = vlflow(path, env=cluster_env, timeout=240)
+    assert again.returncode == 0, again.stderr + again.stdout
+    manifest = json.loads(next((path.parent / "cache").rglob("manifest.json")).read_text())
+    assert 8 <= manifest["meta"]["metrics"]["resumed_from_step"] < 24
+
+    (tmp_path / "local").mkdir()
+    local = project(tmp_path / "local", PREEMPTED_TRAINING.replace("executor: {type: slurm}", "executor: {}")
+                    .replace("sleep: 0.4", "sleep: 0"))
+    done = vlflow(local, env=cluster_env, timeout=240)
+    assert done.returncode == 0, done.stderr
+    weights = [load_file(next((p.parent / "cache").rglob("model.safetensors"))) for p in (path, local)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from vlflow.errors import StageError
+from vlflow.executors.preempt import Preempted, preemption_notice
 from vlflow.stage import StageContext
 from vlflow.stages.common.export import remember_untrained
 from vlflow.stages.common.training import (MetricsLogger, latest_checkpoint, load_checkpoint, save_checkpoint,
@@ -298,6 +299,7 @@ def fit(ctx: StageContext, model: nn.Module, optimizer: torch.optim.Optimizer, s
     window: dict[str, list[torch.Tensor]] = {}
     window_start, window_samples = time.perf_counter(), 0
     last: dict = {}
+    notice = preemption_notice()  # in a Slurm job of vlflow's executor: checkpoint and stop on its warning signal
     with MetricsLogger(ctx) as metrics:
         if step:
             metrics.log(step, resumed_from_step=step)
@@ -337,6 +339,12 @@ def fit(ctx: StageContext, model: nn.Module, optimizer: torch.optim.Optimizer, s
             if step % settings.checkpoint_every == 0 and step < settings.max_steps:
                 save_checkpoint(ctx, model, optimizer, scheduler, step,
                                 write_files=(lambda directory: [hook.save(directory) for hook in hooks]))
+            if notice is not None and step < settings.max_steps and notice.requested(device):
+                if step % settings.checkpoint_every:
+                    save_checkpoint(ctx, model, optimizer, scheduler, step,
+                                    write_files=(lambda directory: [hook.save(directory) for hook in hooks]))
+                ctx.log.warning("stopping at step %d on Slurm's warning signal (checkpoint saved)", step)
+                raise Preempted()
     return FitResult(model, optimizer, step, resumed[0] if resumed else 0, last)
 
 

@@ -8,9 +8,55 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
+
+from vlflow.executors.preempt import PREEMPTIBLE_ENV, RESUBMIT_EXIT_CODE, WARNING_SIGNAL
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below `root` (Linux /proc): the launcher, its agents and ranks, in any session."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class WarningRelay:
+    """Passes Slurm's warning signal from this process to every process of the stage (see vlflow.executors.preempt).
+
+    The signal is blocked here before the launcher starts, so every process inherits it blocked; a thread takes it
+    with sigwait and sends it on; the training loop of each rank unblocks it when it can act on it."""
+
+    def __init__(self) -> None:
+        self.signalled = False
+        signal.pthread_sigmask(signal.SIG_BLOCK, {WARNING_SIGNAL})
+        threading.Thread(target=self._relay, daemon=True, name="slurm-warning-relay").start()
+
+    def _relay(self) -> None:
+        while True:
+            signal.sigwait({WARNING_SIGNAL})
+            self.signalled = True
+            print("vlflow: Slurm's warning signal arrived: the stage checkpoints and stops", flush=True)
+            for pid in descendants(os.getpid()):
+                try:
+                    os.kill(pid, WARNING_SIGNAL)
+                except ProcessLookupError:
+                    pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if not spec.distributed:
         from vlflow.execute import main as execute
 
+        signal.signal(WARNING_SIGNAL, signal.SIG_IGN)  # no checkpoint to make: run on until the time limit
+
         return execute([str(payload_path)])
     from vlflow.errors import VlflowError
     from vlflow.launch import free_port, run_distributed
@@ -33,9 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         launch.master_addr = socket.gethostbyname(socket.gethostname())
     if launch.master_port == 0:
         launch.master_port = free_port("0.0.0.0")
+    relay = WarningRelay()
     try:
-        run_distributed(spec, payload_path, launch, Path(os.devnull), on_line=lambda line: print(line, flush=True))
+        run_distributed(spec, payload_path, launch, Path(os.devnull), env={PREEMPTIBLE_ENV: "1"},
+                        on_line=lambda line: print(line, flush=True))
     except VlflowError as exc:
+        if relay.signalled:  # the ranks stopped at a checkpoint (or died before one): resume from the latest
+            print(f"vlflow: stopped on Slurm's warning signal; exit code {RESUBMIT_EXIT_CODE} asks for a "
+                  "resubmission", flush=True)
+            return RESUBMIT_EXIT_CODE
         print(f"error: {str(exc).splitlines()[0]}", flush=True)  # its log tail is in this output already
         return 2
     return 0

@@ -22,11 +22,9 @@ from pathlib import Path
 from typing import Callable
 
 from vlflow.errors import StageError, VlflowError
+from vlflow.executors.preempt import RESUBMIT_EXIT_CODE
 from vlflow.executors.spec import ExecutorSpec
 
-# The job exits with this code when it checkpointed on Slurm's warning signal (time limit or preemption coming):
-# vlflow resubmits it and the stage resumes from its checkpoint. EX_TEMPFAIL: "try again later".
-RESUBMIT_EXIT_CODE = 75
 # Final states Slurm can report; anything else (PENDING, RUNNING, CONFIGURING, COMPLETING, REQUEUED, ...) is not final.
 FINAL_STATES = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE"}
@@ -139,10 +137,10 @@ class SlurmExecutor:
         signal (USR1, see --signal) on to it; `wait` returns early on a trapped signal, hence the loop."""
         command = shlex.join([self.python, "-m", "vlflow.executors.job", str(payload_path)])
         return ("#!/bin/bash\n"
-                f"{command} &\n"
-                "stage=$!\n"
                 "trap 'kill -USR1 $stage 2>/dev/null' USR1\n"
                 "trap 'kill -TERM $stage 2>/dev/null' TERM\n"
+                f"{command} &\n"
+                "stage=$!\n"
                 "while :; do wait $stage; rc=$?; kill -0 $stage 2>/dev/null || break; done\n"
                 "exit $rc\n")
 
