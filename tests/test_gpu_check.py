@@ -50,7 +50,7 @@ def test_e2e_thresholds_are_the_e2e_tests_thresholds():
     result = e2e_thresholds("tiny_vilt", [retrieval, vqa, {"unrelated": 1}])
     assert result["passed"] is False and result["checks"] == {
         "ir_r1 >= 5x chance": True, "tr_r1 >= 5x chance": False, "vqa >= 2.5x best constant": True}
-    grounding = {"grounding_recall@1": 0.31, "random_box_recall@1": 0.1}
+    grounding = {"anybox_oracle_recall@1": 0.31, "random_box_recall@1": 0.1}
     assert e2e_thresholds("tiny_unitab", [grounding])["passed"] is True
     assert e2e_thresholds("tiny_unitab", [{**grounding, "random_box_recall@1": 0.11}])["passed"] is False
 

@@ -306,9 +306,88 @@ def test_no_detection_keeps_box_targets_and_switches_the_evaluator(tmp_path, bpe
     assert targets.count(layout.obj_start) == 2 and sum(layout.is_bin(t) for t in targets) == 8  # merged: 1 box each
 
     with_boxes = _evaluate(tmp_path / "a", bpe, {})
-    assert with_boxes["no_detection"] is False and with_boxes["phrases"] == 3 and "bleu4" in with_boxes
+    assert with_boxes["no_detection"] is False and with_boxes["phrases"] == 3
+    assert 0 <= with_boxes["merged_recall@1"] <= 1 and "anybox_oracle_recall@1" in with_boxes and "bleu4" in with_boxes
     skipped = _evaluate(tmp_path / "b", bpe, {"no_detection": True})  # the model's flag switches the evaluator
     assert skipped["no_detection"] is True and "bleu4" in skipped
     assert not any("recall" in key for key in skipped)
     forced = _evaluate(tmp_path / "c", bpe, {"no_detection": True}, no_detection=False)
     assert forced["phrases"] == 3
+
+
+# -- 6. metrics: the paper's MERGED protocol, and agreement with the reference implementations ---------------------
+
+def test_free_decoding_links_boxes_to_caption_tokens_as_unitab():
+    from vlflow.stages.unitab.data import PhraseSpan
+    from vlflow.stages.unitab.evaluate import boxes_by_caption_token, free_decoding_top1
+    from vlflow.stages.unitab.model import TokenLayout
+
+    layout = TokenLayout(text_vocab=10, num_bins=11)
+    box_a, box_b = [0.0, 0.1, 0.5, 0.6], [0.5, 0.5, 1.0, 1.0]
+    # "5 <obj> 6 7 [box a] </obj> 8 <obj> 9 [box b] </obj> </s>"  (text tokens 5,6,7,8,9 = caption tokens 0..4)
+    tokens = [5, layout.obj_start, 6, 7, *layout.box_to_tokens(box_a), layout.obj_end, 8,
+              layout.obj_start, 9, *layout.box_to_tokens(box_b), layout.obj_end, 2, 4, 4]
+    box_of_token, boxes = boxes_by_caption_token(tokens, layout, eos_token_id=2)
+    assert box_of_token == [-1, 0, 0, -1, 1]
+    assert boxes == [layout.tokens_to_box(layout.box_to_tokens(b)) for b in (box_a, box_b)]
+    spans = [PhraseSpan(0, 1, 3, []), PhraseSpan(1, 4, 5, []), PhraseSpan(2, 0, 1, []), PhraseSpan(3, 3, 5, [])]
+    top1 = free_decoding_top1(tokens, spans, layout, eos_token_id=2)
+    assert top1 == [boxes[0], boxes[1], boxes[0], boxes[1]]  # token 0 is linked to no box: the first decoded box
+    assert free_decoding_top1([5, 6, 2], spans[:1], layout, eos_token_id=2) == [None]  # nothing decoded: a miss
+
+
+def test_merged_protocol_is_stricter_than_any_box():
+    from vlflow.stages.unitab import metrics
+
+    gold = [[0.0, 0.0, 0.3, 0.3], [0.6, 0.6, 1.0, 1.0]]  # two people far apart
+    predicted = [0.0, 0.0, 0.3, 0.3]  # one of them
+    assert metrics.recall_at_1([predicted], [gold]) == 1.0  # ANY-BOX
+    assert metrics.merged_box(gold) == [0.0, 0.0, 1.0, 1.0]
+    assert metrics.recall_at_1([predicted], [[metrics.merged_box(gold)]]) == 0.0  # MERGED: the group's box
+
+
+def test_bleu4_and_cider_d_agree_with_pycocoevalcap():
+    import random
+
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    from vlflow.stages.unitab import metrics
+
+    rng = random.Random(0)
+    words = "a the man woman dog red blue ball park runs sits on in with near two small big".split()
+    references, candidates = [], []
+    for _ in range(30):
+        refs = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 10))) for _ in range(5)]
+        base = refs[0].split()
+        candidate = base[:rng.randint(3, len(base))] + [rng.choice(words) for _ in range(rng.randint(0, 3))]
+        references.append(refs)
+        candidates.append(" ".join(candidate).capitalize() + ".")  # case and punctuation: our tokenizer strips them
+    # pycocoevalcap scores already-tokenised text (its PTBTokenizer needs Java): give it our tokens
+    gts = {i: [" ".join(metrics.tokenize(r)) for r in refs] for i, refs in enumerate(references)}
+    res = {i: [" ".join(metrics.tokenize(c))] for i, c in enumerate(candidates)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)
+    assert metrics.bleu4(candidates, references) == pytest.approx(bleu[3], rel=1e-6)
+    assert metrics.cider_d(candidates, references) == pytest.approx(cider, rel=1e-9)
+    assert 0.05 < bleu[3] < 0.9 and cider > 0.1  # a case with real matches, not two zeros
+
+
+def test_box_iou_agrees_with_pycocotools():
+    import random
+
+    import numpy as np
+    from pycocotools import mask as coco_mask
+
+    from vlflow.stages.unitab import metrics
+
+    rng = random.Random(1)
+    boxes = []
+    for _ in range(60):
+        x1, y1 = rng.random() * 0.8, rng.random() * 0.8
+        boxes.append([x1, y1, x1 + rng.random() * (1 - x1), y1 + rng.random() * (1 - y1)])
+    xywh = np.array([[b[0], b[1], b[2] - b[0], b[3] - b[1]] for b in boxes], dtype=np.float64)
+    reference = coco_mask.iou(xywh, xywh[::-1].copy(), [0] * len(boxes))
+    ours = np.array([[metrics.box_iou(a, b) for b in boxes[::-1]] for a in boxes])
+    np.testing.assert_allclose(ours, reference, atol=1e-12)
+    assert (reference > 0.5).sum() > len(boxes)  # overlaps on both sides of the 0.5 threshold

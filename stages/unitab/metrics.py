@@ -36,8 +36,14 @@ def grounding_hit(predicted, gold_boxes, threshold: float = 0.5) -> bool:
     return any(box_iou(predicted, gold) >= threshold for gold in gold_boxes)
 
 
+def merged_box(boxes: list) -> list:
+    """The smallest box enclosing all of a phrase's gold boxes (MDETR flickr_eval._merge_boxes, the MERGED protocol)."""
+    return [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
+
+
 def recall_at_1(predictions: list, gold: list[list], threshold: float = 0.5) -> float:
-    """predictions[i]: one box for phrase i; gold[i]: that phrase's gold boxes."""
+    """predictions[i]: one box for phrase i; gold[i]: that phrase's gold boxes (any of them counts: ANY-BOX; pass
+    `[[merged_box(boxes)]]` per phrase for the MERGED protocol)."""
     if not predictions:
         return 0.0
     return sum(grounding_hit(p, g, threshold) for p, g in zip(predictions, gold, strict=True)) / len(predictions)

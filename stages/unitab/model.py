@@ -92,9 +92,9 @@ class Backbone(nn.Module):
     """ResNet trunk (timm's ResNets have torchvision's layout and tensor names) returning one feature map.
 
     norm: `frozen_bn` as DETR/MDETR/UniTAB (BatchNorm statistics and affine fixed: only meaningful with pretrained
-    weights, which the training stage therefore requires); `batch_norm` trainable BatchNorm and `group_norm` GroupNorm(8),
-    for small backbones trained from scratch. `freeze_stem_and_layer1()` is MDETR's rule (conv1/bn1/layer1 get no
-    gradient)."""
+    weights, which the training stage therefore requires); `batch_norm` trainable BatchNorm and `group_norm`
+    GroupNorm(8), for small backbones trained from scratch. `freeze_stem_and_layer1()` is MDETR's rule
+    (conv1/bn1/layer1 get no gradient)."""
 
     def __init__(self, name: str, feature_level: int = -1, weights: str | None = None, norm: str = "frozen_bn"):
         super().__init__()

@@ -140,6 +140,7 @@ STAGES = [
         params=EvaluateParams,
         inputs=("arrows", "model"),
         distributed=True,  # ranks share the captions and images; no training, so the booster goes unused
-        description="phrase grounding recall@1 (+ random/center baselines) and caption BLEU-4/CIDEr-D",
+        description="phrase grounding R@1: the paper's MERGED protocol with free decoding, and the ANY-BOX "
+                    "recall with oracle phrases (+ random/centre baselines); caption BLEU-4/CIDEr-D",
     ),
 ]
