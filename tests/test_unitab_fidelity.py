@@ -391,3 +391,27 @@ def test_box_iou_agrees_with_pycocotools():
     ours = np.array([[metrics.box_iou(a, b) for b in boxes[::-1]] for a in boxes])
     np.testing.assert_allclose(ours, reference, atol=1e-12)
     assert (reference > 0.5).sum() > len(boxes)  # overlaps on both sides of the 0.5 threshold
+
+
+# -- 7. flickr30k_unitab.yaml carries the paper's recipe ------------------------------------------------------------
+
+def test_flickr30k_unitab_workflow_is_the_papers_recipe():
+    from pathlib import Path
+
+    from vlflow.workflow import load_workflow
+
+    path = Path(__file__).resolve().parents[1] / "workflows" / "flickr30k_unitab.yaml"
+    workflow = load_workflow(path, env={"RESNET101_WEIGHTS": "/weights/pretrained_resnet101_checkpoint.pth"})
+    pretrain = workflow.stages["pretrain"]
+    paper = {  # microsoft/UniTAB README pre-train command, configs/pretrain.json, main.py defaults
+        "backbone": "resnet101", "backbone_norm": "frozen_bn", "freeze_backbone_stem": True,
+        "text_encoder": "roberta-base", "d_model": 256, "enc_layers": 6, "dec_layers": 6, "nheads": 8,
+        "dim_feedforward": 2048, "dropout": 0.1, "num_queries": 200, "max_decoding_step": 256, "do_caption": True,
+        "no_detection": True, "pretrain_seqcrop": "mixed", "box_targets": "merged", "augment": "mdetr",
+        "image_size": 800, "max_image_size": 1333, "ema": True, "ema_decay": 0.9998, "grad_clip": 0.1, "lr": 1e-4,
+        "lr_backbone": 2e-5, "text_encoder_lr": 2e-5, "weight_decay": 1e-4, "batch_size": 128, "epochs": 20,
+        "lr_drop": 15, "lr_schedule": "linear_with_warmup", "warmup": 0.01, "max_steps": None, "seed": 42}
+    assert {key: pretrain.params[key] for key in paper} == paper
+    assert pretrain.params["backbone_weights"] == "/weights/pretrained_resnet101_checkpoint.pth"
+    assert pretrain.launch.precision == "fp32"  # UniTAB trains in fp32
+    assert workflow.stages["arrows"].params["annotations"] == "separateGT"  # merged at training, both at evaluation
