@@ -102,7 +102,7 @@ def test_a_failing_job_reports_the_stage_error_and_the_job_id(tmp_path, cluster_
     assert not list((tmp_path / "cache").rglob("*.txt"))  # nothing committed
 
 
-def test_ctrl_c_cancels_the_submitted_job(tmp_path, cluster_env):
+def test_status_shows_the_running_job_and_ctrl_c_cancels_it(tmp_path, cluster_env):
     path = project(tmp_path, """\
         name: slow
         stages:
@@ -113,6 +113,15 @@ def test_ctrl_c_cancels_the_submitted_job(tmp_path, cluster_env):
         """)
     run = subprocess.Popen([sys.executable, "-m", "vlflow", "run", str(path)], cwd=tmp_path, env=cluster_env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        check_status_then_interrupt(run, path, cluster_env)
+    finally:
+        if run.poll() is None:
+            run.kill()  # its job: scancel'ed by the test below or left to its 60 s
+
+
+def check_status_then_interrupt(run: subprocess.Popen, path: Path, cluster_env: dict) -> None:
+    tmp_path = path.parent
     seen = ""
     for line in run.stdout:
         seen += line
@@ -122,6 +131,10 @@ def test_ctrl_c_cancels_the_submitted_job(tmp_path, cluster_env):
     deadline = time.monotonic() + 30
     while job_state(job_id, cluster_env) != "RUNNING" and time.monotonic() < deadline:
         time.sleep(0.2)
+    status = subprocess.run([sys.executable, "-m", "vlflow", "status", str(path)], cwd=tmp_path,
+                            env=dict(cluster_env, COLUMNS="200"),
+                            capture_output=True, text=True, timeout=60)
+    assert re.search(rf"on Slurm: job {job_id} RUNNING n[12]", status.stdout), status.stdout + status.stderr
     run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=30)
     assert run.returncode == 130

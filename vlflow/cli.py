@@ -362,12 +362,18 @@ def cmd_status(args) -> int:
     args.until, args.only, args.force = [], [], []
     runner, plans = _workflow_artifacts(args)
     table = Table(title=f"{runner.workflow.name} in {runner.store.url}")
+    from vlflow.executors.slurm import active_jobs, job_name
+
+    slurm_names = {p.name: job_name(runner.workflow.name, p.name) for p in plans if p.decl.executor.is_slurm}
+    on_slurm = active_jobs(list(slurm_names.values()), runner.state_dir)  # being run by a `vlflow run` elsewhere
     for col in ("stage", "uses", "state", "key", "size", "created"):
         table.add_column(col, no_wrap=col == "stage")
     for plan in plans:
         m = plan.manifest
         state = ("[green]cached[/]" if plan.action == "cached" else "[red]damaged[/]" if plan.damaged
                  else "[yellow]missing[/]")
+        if plan.action != "cached" and on_slurm.get(slurm_names.get(plan.name, "")):
+            state = f"[cyan]on Slurm: {', '.join(on_slurm[slurm_names[plan.name]])}[/]"
         table.add_row(plan.name, plan.decl.uses, state, (plan.key or "?")[:12], _size(m.size) if m else "",
                       _when(m.created) if m else "")
     console.print(table)

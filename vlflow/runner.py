@@ -540,7 +540,8 @@ class Runner:
 
         job = StageJob(decl, spec, payload_path, log_path, self.workflow.name,
                        on_line=lambda line: self.on_event(decl.name, "log", line),
-                       on_note=lambda text: self.on_event(decl.name, "note", f"{decl.name}: {text}"))
+                       on_note=lambda text: self.on_event(decl.name, "note", f"{decl.name}: {text}"),
+                       state_dir=self.state_dir)
         metrics = executor_for(decl.executor, self._run_local, python=self.python).run(job)
         return Produced(output_dir, log_path, metrics, started, time.time() - started)
 

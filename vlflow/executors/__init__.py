@@ -26,6 +26,7 @@ class StageJob:
     workflow: str
     on_line: Callable[[str], None]  # each line the stage prints
     on_note: Callable[[str], None]  # what the executor itself reports (job submitted, resubmitted)
+    state_dir: Path | None = None  # of the run: tags its Slurm jobs so that `vlflow status` finds its own
 
 
 class LocalExecutor:
@@ -52,8 +53,10 @@ class SlurmStageExecutor:
     def run(self, job: StageJob) -> dict | None:
         decl = job.decl
         where = {"file": decl.file, "line": decl.line}
-        return self.slurm.run(decl.name, job.payload_path, job.log_path, f"vlflow-{job.workflow}-{decl.name}",
-                              where, on_line=job.on_line, on_note=job.on_note)
+        from vlflow.executors.slurm import job_name
+
+        return self.slurm.run(decl.name, job.payload_path, job.log_path, job_name(job.workflow, decl.name),
+                              where, on_line=job.on_line, on_note=job.on_note, state_dir=job.state_dir)
 
 
 def executor_for(spec: ExecutorSpec, run_process: Callable, python: str = sys.executable):

@@ -117,10 +117,12 @@ class SlurmExecutor:
         except subprocess.TimeoutExpired:
             return subprocess.CompletedProcess(command, 124, "", "timed out")
 
-    def sbatch_options(self, name: str, output: Path) -> list[str]:
+    def sbatch_options(self, name: str, output: Path, state_dir: Path | None = None) -> list[str]:
         spec = self.spec
         options = [f"--job-name={name}", f"--output={output}", f"--nodes={spec.nodes}", "--ntasks-per-node=1",
                    "--export=ALL", f"--chdir={os.getcwd()}", "--parsable"]
+        if state_dir is not None:
+            options.append(f"--comment={state_tag(state_dir)}")
         if spec.signal_seconds:
             options.append(f"--signal=B:USR1@{spec.signal_seconds}")  # to the batch shell, which forwards it
         for flag, value in (("partition", spec.partition), ("cpus-per-task", spec.cpus_per_task), ("mem", spec.mem),
@@ -144,8 +146,8 @@ class SlurmExecutor:
                 "while :; do wait $stage; rc=$?; kill -0 $stage 2>/dev/null || break; done\n"
                 "exit $rc\n")
 
-    def submit(self, name: str, script: Path, output: Path, log) -> str:
-        command = ["sbatch", *self.sbatch_options(name, output), str(script)]
+    def submit(self, name: str, script: Path, output: Path, log, state_dir: Path | None = None) -> str:
+        command = ["sbatch", *self.sbatch_options(name, output, state_dir), str(script)]
         log.write(f"# {shlex.join(command)}\n")
         log.flush()
         try:
@@ -181,7 +183,7 @@ class SlurmExecutor:
     # ---- one stage -----------------------------------------------------------------------------------------------
     def run(self, stage: str, payload_path: Path, log_path: Path, job_name: str, where: dict,
             on_line: Callable[[str], None] = lambda line: None,
-            on_note: Callable[[str], None] = lambda text: None) -> dict | None:
+            on_note: Callable[[str], None] = lambda text: None, state_dir: Path | None = None) -> dict | None:
         """Submit, stream the job's output into `log_path` (and `on_line`), wait, and map the final state.
 
         Raises StageError naming the job id when the job does not complete; resubmits (at most `max_resubmits`
@@ -198,7 +200,7 @@ class SlurmExecutor:
                 output = staging / f"slurm-{attempts}.out"
                 output.unlink(missing_ok=True)
                 try:
-                    job_id = self.submit(job_name, script, output, log)
+                    job_id = self.submit(job_name, script, output, log, state_dir)
                 except VlflowError as exc:
                     raise StageError(f"stage {stage}: {exc.message}", **where) from None
                 on_note(f"submitted Slurm job {job_id}")
@@ -291,3 +293,34 @@ class SlurmExecutor:
         tail = "\n".join(lines[-LOG_TAIL_LINES:])
         return (f"stage {stage}: Slurm job {job_id} {what}{headline}\n"
                 f"--- last {min(len(lines), LOG_TAIL_LINES)} lines of {log_path} ---\n{tail}")
+
+
+def job_name(workflow: str, stage: str) -> str:
+    return f"vlflow-{workflow}-{stage}"
+
+
+def state_tag(state_dir: Path) -> str:
+    """The --comment of the jobs of runs with this state dir (a digest: a path may hold spaces)."""
+    import hashlib
+
+    return "vlflow-" + hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:16]
+
+
+def active_jobs(names: list[str], state_dir: Path, timeout_s: float = 10.0) -> dict[str, list[str]]:
+    """Job name -> ["<id> <STATE> <nodes or reason>", ...] of this user's queued or running jobs with those names,
+    submitted by runs with this state dir; empty when Slurm is not installed or does not answer within `timeout_s`
+    (status must never hang)."""
+    if not names or shutil.which("squeue") is None:
+        return {}
+    try:
+        done = subprocess.run(["timeout", "-k", "2", str(timeout_s), "squeue", "-h", "--me", f"--name={','.join(names)}",
+                               "-o", "%j|%i|%T|%k|%R"], capture_output=True, text=True, timeout=timeout_s + 5)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    found: dict[str, list[str]] = {}
+    for line in done.stdout.splitlines() if done.returncode == 0 else []:
+        name, job_id, state, comment, where = (line.split("|", 4) + ["", "", "", ""])[:5]
+        if comment != state_tag(state_dir):
+            continue
+        found.setdefault(name, []).append(f"job {job_id} {state} {where}".strip())
+    return found
