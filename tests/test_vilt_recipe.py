@@ -27,6 +27,7 @@ def test_params_need_a_length_and_fine_tuning_defaults_are_vilts():
     with pytest.raises(pydantic.ValidationError, match="max_steps or max_epochs"):
         ViltPretrainParams(max_steps=None)
     assert ViltPretrainParams().max_steps == 200_000 and ViltPretrainParams().max_image_len == 200
+    assert ViltPretrainParams().warmup_steps == 2500  # ViLT's config default (not 10% of 200k)
     for params in (ViltFinetuneRetrievalParams(), ViltFinetuneVqaParams()):
         assert (params.max_steps, params.max_epochs, params.batch_size, params.max_image_len) == (None, 10, 256, -1)
     assert ViltFinetuneRetrievalParams().false_texts == 15
@@ -37,6 +38,7 @@ def test_coco_vilt_workflow_fine_tunes_as_the_paper():
     workflow = load_workflow(ROOT / "workflows" / "coco_vilt.yaml")
     pretrain = workflow.stages["pretrain"].params
     assert (pretrain["max_steps"], pretrain["batch_size"], pretrain["max_image_len"]) == (200_000, 4096, 200)
+    assert pretrain["warmup_steps"] == 2500 and pretrain["whole_word_masking"] and pretrain["itm_wpa"]
     for name in ("finetune", "finetune_vqa"):
         params = workflow.stages[name].params
         assert (params["max_steps"], params["max_epochs"], params["batch_size"], params["max_image_len"]) == \

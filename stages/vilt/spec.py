@@ -66,6 +66,8 @@ class ViltTrainParams(ViltModelParams):
 
 
 class ViltPretrainParams(ViltTrainParams):
+    warmup_steps: int | float = Field(2500, ge=0, description="steps (int) or a fraction of the run's steps "
+                                                              "(float < 1); ViLT pretrains with 2,500")
     tasks: list[Literal["mlm", "itm"]] = Field(default_factory=lambda: ["mlm", "itm"], min_length=1)
     whole_word_masking: bool = False
     mlm_prob: float = Field(0.15, gt=0, lt=1)
