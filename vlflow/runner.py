@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-import networkx as nx
-
 from vlflow.errors import StageError, VlflowError
 from vlflow.procs import die_with_parent
+from vlflow import dag  # not networkx: its import cost a third of a no-op run
 from vlflow.code_digest import CodeDigest
 from vlflow.environment import current_environment, environment_changes
 from vlflow.matrix import expand_selection, storage_name
@@ -38,8 +37,8 @@ STAGING_OWNER = ".owner.lock"  # flock-ed by the run that stages there, released
 STAGING_GRACE_S = 10.0  # a dot-named staging dir this young is being claimed (mkdir, flock, rename)
 
 
-def build_graph(workflow: Workflow) -> nx.DiGraph:
-    graph = nx.DiGraph()
+def build_graph(workflow: Workflow) -> dag.DiGraph:
+    graph = dag.DiGraph()
     for name, decl in workflow.stages.items():
         graph.add_node(name)
         for dep in decl.deps():
@@ -47,7 +46,7 @@ def build_graph(workflow: Workflow) -> nx.DiGraph:
     return graph
 
 
-def select_stages(graph: nx.DiGraph, until: Iterable[str] = (), only: Iterable[str] = ()) -> list[str]:
+def select_stages(graph: dag.DiGraph, until: Iterable[str] = (), only: Iterable[str] = ()) -> list[str]:
     """Stages to consider, in a deterministic topological order."""
     until, only = expand_selection(until, graph.nodes), expand_selection(only, graph.nodes)  # a sweep: all entries
     for name in until + only:
@@ -58,18 +57,18 @@ def select_stages(graph: nx.DiGraph, until: Iterable[str] = (), only: Iterable[s
     elif until:
         chosen = set(until)
         for name in until:
-            chosen |= nx.ancestors(graph, name)
+            chosen |= dag.ancestors(graph, name)
     else:
         chosen = set(graph.nodes)
-    return [n for n in nx.lexicographical_topological_sort(graph) if n in chosen]
+    return [n for n in dag.lexicographical_topological_sort(graph) if n in chosen]
 
 
-def forced_stages(graph: nx.DiGraph, force: Iterable[str]) -> set[str]:
+def forced_stages(graph: dag.DiGraph, force: Iterable[str]) -> set[str]:
     forced: set[str] = set()
     for name in expand_selection(force, graph.nodes):
         if name not in graph:
             raise VlflowError(f"--force: no stage named {name!r}")
-        forced |= {name} | nx.descendants(graph, name)
+        forced |= {name} | dag.descendants(graph, name)
     return forced
 
 
@@ -326,7 +325,7 @@ class Runner:
         return plans
 
     def _add_cached_upstreams(self, plans, selected, artifacts, forced) -> None:
-        outside = [n for n in nx.lexicographical_topological_sort(self.graph) if n not in selected]
+        outside = [n for n in dag.lexicographical_topological_sort(self.graph) if n not in selected]
         for name in outside:
             plan = self.plan_stage(name, artifacts, set())
             if plan.action in ("cached", "damaged"):
@@ -358,7 +357,7 @@ class Runner:
             self.on_event("", "note", f"removed {len(swept)} staging dir(s) left by killed runs")
         artifacts: dict[str, Manifest] = {}
         if only:  # upstream stages outside the selection must already be cached
-            for name in nx.lexicographical_topological_sort(self.graph):
+            for name in dag.lexicographical_topological_sort(self.graph):
                 if name not in selected:
                     plan = self.plan_stage(name, artifacts, set(), check=False)
                     if plan.action == "cached":

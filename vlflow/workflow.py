@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
-import networkx as nx
 import pydantic
 import yaml
 
+from vlflow import dag
 from vlflow.errors import WorkflowError
 from vlflow.executors.spec import ExecutorSpec
 from vlflow.extend import merge_own_file
@@ -1003,17 +1003,17 @@ class _Loader:
                             path)
 
     def check_graph(self, stages: dict[str, StageDecl]) -> None:
-        graph = nx.DiGraph()
+        graph = dag.DiGraph()
         graph.add_nodes_from(stages)
         for name, decl in stages.items():
             graph.add_edges_from((dep, name) for dep in decl.deps())
         try:
-            cycle = nx.find_cycle(graph)
-        except nx.NetworkXNoCycle:
+            cycle = dag.find_cycle(graph)
+        except dag.NoCycle:
             return
         names = [edge[0] for edge in cycle]
         order = list(stages)
-        start = min(range(len(names)), key=lambda i: order.index(names[i]))  # same message whatever nx picks
+        start = min(range(len(names)), key=lambda i: order.index(names[i]))  # one message whichever cycle is met
         names = names[start:] + names[:start] + [names[start]]
         raise self.fail("dependency cycle: " + " -> ".join(names), ("stages", names[0]))
 
