@@ -180,8 +180,8 @@ def cmd_export(args) -> int:
 
     runner, config = _runner(args)
     manifest = current_manifest(runner, args.stage)
-    done = export_artifact(runner.store, manifest, str(args.dest), args.path or "", link=args.link, force=args.overwrite,
-                           storage_options=config.storage_options or None)
+    done = export_artifact(runner.store, manifest, str(args.dest), args.path or "", link=args.link,
+                           force=args.overwrite, storage_options=config.storage_options or None)
     verb = "linked" if args.link else "copied"
     print(f"{verb} {done.files} file(s), {_size(done.bytes)} of {args.stage} (key {manifest.key[:12]}) to "
           f"{done.destination}")
