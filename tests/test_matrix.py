@@ -195,3 +195,15 @@ def test_tiny_vilt_sweep_plans_one_pretrain_and_one_finetune_and_evaluation_per_
     assert rc == 0, err
     flat = out.replace("\n", "").replace("│", "").replace(" ", "")
     assert "evaluate@lr=0.001" in flat and "finetune@lr=0.0005" in flat
+
+
+def test_check_takes_a_sweeps_name_for_all_its_entries(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_project_config(tmp_path)
+    wf = write(tmp_path, """
+        stages:
+          w: {uses: testing.write, matrix: {n: [1, 2]}, with: {files: "${matrix.n}"}}
+    """)
+    assert run_cli(capsys, "run", wf)[0] == 0
+    rc, out, _ = run_cli(capsys, "check", wf, "w")
+    assert rc == 0 and "w@n=1" in out and "w@n=2" in out and "all 2 checked stages reproduce" in out

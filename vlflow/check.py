@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from vlflow.errors import VlflowError
+from vlflow.matrix import expand_selection
 from vlflow.runner import Runner, StagePlan, claim_staging
 from vlflow.store import META_DIR, FileEntry
 
@@ -100,7 +101,7 @@ def check_stages(runner: Runner, stages: Iterable[str] = (),
 
     A rerun that differs is kept in `<state dir>/check/<workflow>/<stage>` (replacing an earlier one) to diff by
     hand; the others are removed."""
-    stages = list(stages)
+    stages = expand_selection(list(stages), runner.workflow.stages)  # a sweep's name: all its entries
     plans = runner.plan(until=stages)  # the named stages and their upstreams, or all
     # a damaged artifact (files missing) still has its manifest: its file list to compare, its key for downstream
     committed = ("cached", "damaged")
