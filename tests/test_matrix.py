@@ -207,3 +207,5 @@ def test_check_takes_a_sweeps_name_for_all_its_entries(tmp_path, monkeypatch, ca
     assert run_cli(capsys, "run", wf)[0] == 0
     rc, out, _ = run_cli(capsys, "check", wf, "w")
     assert rc == 0 and "w@n=1" in out and "w@n=2" in out and "all 2 checked stages reproduce" in out
+    rc, out, _ = run_cli(capsys, "verify", wf, "w")
+    assert rc == 0 and "w@n=1" in out and "w@n=2" in out and "verified 2 artifact(s)" in out

@@ -459,8 +459,11 @@ def cmd_verify(args) -> int:
     else:
         from vlflow.runner import Runner
 
+        from vlflow.matrix import expand_selection
+
         workflow, config = _load(args)
         store = _store(config)
+        args.stages = expand_selection(args.stages, workflow.stages)  # a sweep's name: all its entries
         unknown = [s for s in args.stages if s not in workflow.stages]
         if unknown:
             raise VlflowError(f"no stage named {unknown[0]!r} in {args.workflow} "
