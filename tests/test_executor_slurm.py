@@ -270,3 +270,23 @@ def test_preemption_and_scancel_resume_to_the_weights_of_an_uninterrupted_run(tm
     weights = [load_file(next((p.parent / "cache").rglob("model.safetensors"))) for p in (path, local)]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_distributed_stage_runs_as_a_two_node_job_with_one_rank_per_node(tmp_path, cluster_env):
+    path = project(tmp_path, """\
+        name: twonodes
+        stages:
+          train:
+            uses: testing.train
+            with: {steps: 4, checkpoint_every: 2}
+            launch: {backend: gloo}
+            executor: {type: slurm, nodes: 2}
+        """)
+    done = vlflow(path, env=cluster_env, timeout=240)
+    assert done.returncode == 0, done.stderr + done.stdout
+    log = next((tmp_path / "state" / "logs" / "twonodes").glob("train-*.log")).read_text()
+    assert re.search(r"# sbatch .*--nodes=2 ", log)
+    assert re.search(r"# srun --nodes 2 --ntasks-per-node 1 --ntasks 2 .*--launcher slurm", log), log[-3000:]
+    assert "world size: 2" in log
+    manifest = json.loads(next((tmp_path / "cache").rglob("manifest.json")).read_text())
+    assert manifest["meta"]["metrics"]["world_size"] == 2

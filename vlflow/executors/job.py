@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     payload_path = Path(argv[0])
     payload = json.loads(payload_path.read_text())
-    from vlflow.stage import LaunchSpec, get_spec
+    from vlflow.stage import get_spec
 
     spec = get_spec(payload["uses"])
     if not spec.distributed:
@@ -73,18 +72,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return execute([str(payload_path)])
     from vlflow.errors import VlflowError
-    from vlflow.launch import free_port, run_distributed
+    from vlflow.launch import run_distributed
 
-    launch = LaunchSpec(**(payload.get("launch") or {}))
-    if launch.nnodes > 1 and launch.master_addr == "127.0.0.1":
-        # this batch shell runs on the allocation's first node, where Slurm also places rank 0
-        launch.master_addr = socket.gethostbyname(socket.gethostname())
-    if launch.master_port == 0:
-        launch.master_port = free_port("0.0.0.0")
+    # Inside the allocation: srun/mpirun take rank 0's address from its first node (vlflow.launch.command)
     relay = WarningRelay()
     try:
-        run_distributed(spec, payload_path, launch, Path(os.devnull), env={PREEMPTIBLE_ENV: "1"},
-                        on_line=lambda line: print(line, flush=True))
+        sys.stdout.flush()  # the launcher's lines go to the same file (the job's output), after ours
+        run_distributed(spec, payload_path, None, Path("/dev/stdout"), env={PREEMPTIBLE_ENV: "1"})
     except VlflowError as exc:
         if relay.signalled:  # the ranks stopped at a checkpoint (or died before one): resume from the latest
             print(f"vlflow: stopped on Slurm's warning signal; exit code {RESUBMIT_EXIT_CODE} asks for a "

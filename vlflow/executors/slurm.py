@@ -9,6 +9,7 @@ coreutils' `timeout`, so a dead controller is an error after `controller_timeout
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -229,8 +230,6 @@ class SlurmExecutor:
                     continue
                 raise StageError(self.failure_message(stage, job_id, final, log_path, resubmit), **where)
         result = result_path(Path(payload_path))
-        import json
-
         return json.loads(result.read_text()) if result.exists() else None
 
     def wait(self, job_id: str, output: Path, log, on_line: Callable[[str], None]) -> JobState:
@@ -313,7 +312,8 @@ def active_jobs(names: list[str], state_dir: Path, timeout_s: float = 10.0) -> d
     if not names or shutil.which("squeue") is None:
         return {}
     try:
-        done = subprocess.run(["timeout", "-k", "2", str(timeout_s), "squeue", "-h", "--me", f"--name={','.join(names)}",
+        done = subprocess.run(["timeout", "-k", "2", str(timeout_s), "squeue", "-h", "--me",
+                               f"--name={','.join(names)}",
                                "-o", "%j|%i|%T|%k|%R"], capture_output=True, text=True, timeout=timeout_s + 5)
     except (OSError, subprocess.TimeoutExpired):
         return {}
