@@ -1,10 +1,12 @@
 """Arrow conversions: ViLT schema/rows/order, bad images, annotation errors, grounding boxes and spans."""
+import io
 import json
 import shutil
 from collections import defaultdict
 
 import pyarrow as pa
 import pytest
+from PIL import Image
 
 from vlflow.errors import VlflowError
 from vlflow.stages.data.arrow_coco import convert_coco_karpathy
@@ -223,9 +225,28 @@ def test_truncated_jpeg_is_a_bad_image(coco_root, tmp_path):
                  if im["split"] == "train")
     path = root / entry["filepath"] / entry["filename"]
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # headers intact: PIL's verify() passes it
-    report = convert_coco_karpathy(root, tmp_path / "out", ArrowParams())
+    report = convert_coco_karpathy(root, tmp_path / "out", ArrowParams())  # the default: structure
+    assert [(b["path"], b["reason"]) for b in report.bad_images] == \
+        [(f"{entry['filepath']}/{entry['filename']}", "corrupt image: the JPEG has no end-of-image marker (truncated)")]
+    report = convert_coco_karpathy(root, tmp_path / "decoded", ArrowParams(image_check="decode"))
     assert [(b["path"], b["reason"].split(" (")[0]) for b in report.bad_images] == \
         [(f"{entry['filepath']}/{entry['filename']}", "corrupt image: image file is truncated")]
+
+
+def test_structure_check_keeps_jpegs_with_bytes_after_their_end_and_pngs(coco_root, tmp_path):
+    """Bytes after the end-of-image marker (padding, appended metadata) are no truncation; a PNG is checked by its
+    chunk CRCs (verify()), so a cut PNG is a bad image."""
+    root = tmp_path / "coco"
+    shutil.copytree(coco_root, root)
+    images = json.loads((root / "karpathy" / "dataset_coco.json").read_text())["images"]
+    padded = root / images[0]["filepath"] / images[0]["filename"]
+    padded.write_bytes(padded.read_bytes() + b"\x00" * 100)
+    png = root / images[1]["filepath"] / images[1]["filename"]
+    buffer = io.BytesIO()
+    Image.open(png).save(buffer, format="PNG")
+    png.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    report = convert_coco_karpathy(root, tmp_path / "out", ArrowParams())
+    assert [b["path"] for b in report.bad_images] == [f"{images[1]['filepath']}/{images[1]['filename']}"]
 
 
 def test_a_split_whose_every_image_is_bad_is_an_error(coco_root, tmp_path):

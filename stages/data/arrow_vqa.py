@@ -21,6 +21,7 @@ COCO image folders (train2014/, val2014/, test2015/, e.g. the COCO download), se
 """
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .arrow_common import ConversionReport, ImageRow, check_unique, convert, load_json, require
+from .arrow_common import ConversionReport, ImageRow, check_unique, convert, load_json, require, write_rows_of
 from .errors import DataError
 
 VQA_SCHEMA = pa.schema([
@@ -105,6 +106,7 @@ def process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(word, word) for word in words if word not in ARTICLES)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # VQA's answers repeat ("yes", "2", ...): normalise each string once
 def normalize_answer(answer: str) -> str:
     """ViLT's normalize_word (glossary.py): the official normalisation, then commas dropped. Makes the vocabulary."""
     return process_digit_article(process_punctuation(answer)).replace(",", "")
@@ -133,9 +135,31 @@ def answer_score(count: int) -> float:
     return (0.0, 0.3, 0.6, 0.9)[count] if count < 4 else 1.0
 
 
+def _well_formed_questions(items: list) -> bool:
+    """The common case in one pass (the field-by-field walk below names the first problem when this is False)."""
+    try:
+        return (all(isinstance(q["image_id"], int) and isinstance(q["question_id"], int)
+                    and isinstance(q["question"], str) for q in items)
+                and len({q["question_id"] for q in items}) == len(items))
+    except (KeyError, TypeError):
+        return False
+
+
+def _well_formed_annotations(items: list) -> bool:
+    try:
+        return (all(isinstance(a["question_id"], int) and isinstance(a["multiple_choice_answer"], str)
+                    and isinstance(a["answers"], list) and all(isinstance(g["answer"], str) for g in a["answers"])
+                    for a in items)
+                and len({a["question_id"] for a in items}) == len(items))
+    except (KeyError, TypeError):
+        return False
+
+
 def _questions(root: Path, subtype: str) -> tuple[Path, list[dict]]:
     path = root / f"v2_OpenEnded_mscoco_{subtype}_questions.json"
     items = require(load_json(path), "questions", path, "", list)
+    if _well_formed_questions(items):
+        return path, items
     seen: dict = {}
     for i, q in enumerate(items):
         for key, kind in (("image_id", int), ("question_id", int), ("question", str)):
@@ -148,6 +172,8 @@ def _questions(root: Path, subtype: str) -> tuple[Path, list[dict]]:
 def _annotations(root: Path, subtype: str) -> tuple[Path, list[dict]]:
     path = root / f"v2_mscoco_{subtype}_annotations.json"
     items = require(load_json(path), "annotations", path, "", list)
+    if _well_formed_annotations(items):
+        return path, items
     seen: dict = {}
     for i, a in enumerate(items):
         require(a, "question_id", path, f"annotations[{i}]", int)
@@ -230,9 +256,6 @@ def vqa_rows(root: Path, params, images: Path | None = None
             }))
     for split in SOURCES:  # ViLT's data module opens every one of them: 0 rows rather than no file
         rows.setdefault(split, [])
-    # ViLT's held-out val: the last rest_val_images images of val; the rest is trainable
-    cut = max(0, len(rows["val"]) - params.rest_val_images)
-    rows["trainable_val"], rows["rest_val"] = rows["val"][:cut], rows["val"][cut:]
     raw = {a["question_id"]: [given["answer"] for given in a["answers"]] for a in annotations["val"][1]}
     return rows, answers, annotations["train"][0], raw
 
@@ -242,13 +265,22 @@ def gt_file(split: str) -> str:
 
 
 def convert_vqav2(root: Path, out_dir: Path, params, images: Path | None = None) -> ConversionReport:
+    out_dir = Path(out_dir)
     rows, answers, source, raw = vqa_rows(Path(root), params, Path(images) if images is not None else None)
     report = convert(Path(root), out_dir, source, rows, lambda split: f"vqav2_{split}.arrow", VQA_SCHEMA, params)
-    (Path(out_dir) / ANSWERS_FILE).write_text(json.dumps({"label2answer": answers,
-                                                          "min_answer_count": params.min_answer_count}, indent=1))
+    # ViLT's held-out val: the last rest_val_images rows of the written val; the rest is trainable
+    val = out_dir / "vqav2_val.arrow"
+    val_rows = report.splits["val"]["rows"]
+    cut = max(0, val_rows - params.rest_val_images)
+    for split, (start, stop) in (("trainable_val", (0, cut)), ("rest_val", (cut, val_rows))):
+        write_rows_of(val, out_dir / f"vqav2_{split}.arrow", start, stop, split=split, report=report)
+    report.write(out_dir)
+    (out_dir / ANSWERS_FILE).write_text(json.dumps({"label2answer": answers,
+                                                    "min_answer_count": params.min_answer_count}, indent=1))
     for split in ("val", "trainable_val", "rest_val"):
-        question_ids = [qid for row in rows[split] for qid in row.values["question_id"]]
-        (Path(out_dir) / gt_file(split)).write_text(json.dumps({str(qid): raw[qid] for qid in question_ids}))
+        with pa.memory_map(str(out_dir / f"vqav2_{split}.arrow")) as mapped:
+            question_ids = pa.ipc.open_file(mapped).read_all().column("question_id").to_pylist()
+        (out_dir / gt_file(split)).write_text(json.dumps({str(q): raw[q] for ids in question_ids for q in ids}))
     return report
 
 

@@ -180,9 +180,11 @@ class DownloadParams(Params):
 
 class ArrowParams(Params):
     on_bad_image: Literal["skip", "fail"] = "skip"
-    image_check: Literal["decode", "headers"] = Field(
-        "decode", description="decode: every image is decoded (a truncated JPEG is a bad image); headers: only "
-                              "PIL's verify() of the headers, ~20x cheaper, lets truncated files through")
+    image_check: Literal["structure", "decode", "headers"] = Field(
+        "structure", description="structure: PIL's verify() of the headers (PNG: chunk CRCs) and a JPEG must end in "
+                                 "its end-of-image marker (a truncated JPEG is a bad image), ~0.1 ms vs ~4 ms "
+                                 "per JPEG for decode; decode: every image is decoded (also a corrupted middle); "
+                                 "headers: verify() only, lets truncated JPEGs through")
     batch_rows: int = Field(256, ge=1, le=100_000, description="rows per Arrow record batch (bounds memory)")
     read_threads: int = Field(4, ge=1, le=64)
 
