@@ -14,11 +14,11 @@ from pathlib import Path
 
 from vlflow.errors import VlflowError
 from vlflow.procs import die_with_parent
-from vlflow.stage import LaunchSpec, StageContext, get_spec
+from vlflow.stage import LaunchSpec, StageContext, load_spec
 
 
 def context_from_payload(payload: dict, **distributed) -> StageContext:
-    spec = get_spec(payload["uses"])
+    spec = load_spec(payload["uses"], payload.get("spec_source"))  # one spec module, not the registry
     launch = payload.get("launch")
     return StageContext(
         stage=payload["stage"],
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ctx = context_from_payload(payload)
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
-        metrics = get_spec(payload["uses"]).load()(ctx)
+        metrics = load_spec(payload["uses"], payload.get("spec_source")).load()(ctx)
     except VlflowError as exc:  # a user-facing error: one paragraph, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2

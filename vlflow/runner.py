@@ -26,7 +26,7 @@ from vlflow import dag  # not networkx: its import cost a third of a no-op run
 from vlflow.code_digest import CodeDigest
 from vlflow.environment import current_environment, environment_changes
 from vlflow.matrix import expand_selection, storage_name
-from vlflow.stage import StageSpec, get_spec
+from vlflow.stage import StageSpec, get_spec, spec_source
 from vlflow.store import META_DIR, ArtifactStore, Manifest  # META_DIR: stage.log, metrics.json of a run
 from vlflow.workflow import StageDecl, Workflow
 
@@ -531,6 +531,7 @@ class Runner:
             "stage": decl.name, "uses": decl.uses, "params": params, "inputs": inputs,
             "output_dir": str(output_dir), "work_dir": str(work_dir) if work_dir else None,
             "launch": decl.launch.model_dump() if decl.launch else None, "log_level": "INFO",
+            "spec_source": spec_source(decl.uses),  # the stage process imports this spec module only
         }
         payload_path = staging / "payload.json"
         payload_path.write_text(json.dumps(payload, indent=1))

@@ -115,6 +115,7 @@ BUILTIN_SPEC_MODULES = (
 )
 
 _registry: dict[str, StageSpec] | None = None
+_sources: dict[str, str] = {}  # stage type -> where its spec is defined: "module" (its STAGES) or "module:attr"
 
 
 def _collect(obj: Any, out: dict[str, StageSpec], origin: str) -> None:
@@ -140,12 +141,39 @@ def registry() -> dict[str, StageSpec]:
                     continue  # that stage package is not present in this build
                 raise
             _collect(getattr(module, "STAGES"), found, module_name)
+            _sources.update({name: module_name for name in found if name not in _sources})
         from importlib.metadata import entry_points
 
         for ep in entry_points(group="vlflow.stages"):
             _collect(ep.load(), found, f"entry point {ep.name}")
+            _sources.update({name: ep.value for name in found if name not in _sources})
         _registry = found
     return _registry
+
+
+def spec_source(name: str) -> str | None:
+    """Where stage type `name` is defined ("module" holding STAGES, or an entry point's "module:attr"), for
+    `load_spec` in a stage process."""
+    registry()
+    return _sources.get(name)
+
+
+def load_spec(name: str, source: str | None) -> StageSpec:
+    """The spec of stage type `name`, importing only `source` (from `spec_source`) when given: a stage process needs
+    one spec, not every package's (nor the entry-point scan). Falls back to the whole registry."""
+    if _registry is None and source:
+        module_name, _, attr = source.partition(":")
+        try:
+            target: Any = importlib.import_module(module_name)
+            for part in (attr or "STAGES").split("."):
+                target = getattr(target, part)
+        except (ImportError, AttributeError):
+            return get_spec(name)
+        found: dict[str, StageSpec] = {}
+        _collect(target, found, source)
+        if name in found:
+            return found[name]
+    return get_spec(name)
 
 
 def get_spec(name: str) -> StageSpec:
