@@ -6,8 +6,9 @@ stages/data/arrow_vqa.py) wherever arrow.vqav2 wrote the split's annotator answe
 trainable_val, rest_val). `vqa_score` is what ViLT's validation reports: the soft score of the predicted answer over
 the vocabulary targets (min(1, annotators who gave it / 3), in ViLT's steps). Both are means over the split's
 questions, which (as in ViLT) exclude questions none of whose annotators gave a vocabulary answer, so neither is the
-official score of the whole val split; test-dev predictions scored by the challenge server are. Reported beside it: the best constant answer's score on the same questions
-(what ignoring the image and the question would get) and the vocabulary's ceiling (the mean best target score).
+official score of the whole val split; test-dev predictions scored by the challenge server are. Reported beside
+them: the best constant answer's soft score on the same questions (what ignoring the image and the question would
+get) and the vocabulary's ceiling (the mean best target score).
 `predictions.json` is in the VQA challenge's submission format ([{question_id, answer}]), so a test-dev run can be
 uploaded as is. Under the launcher each rank answers its share of the questions on its device in the launch's
 precision, with every image patch (deterministic); rank 0 gathers the answers.

@@ -313,8 +313,9 @@ def load_vit_weights(vilt, source: str) -> None:
     Which weights: ViLT (timm 0.4.5) started from `jx_vit_base_p32_384-830016f5.pth`, Google's original ViT-B/32
     (ImageNet-21k pretraining, ImageNet-1k fine-tuning at 384, mean/std 0.5). timm >= 0.9 resolves the name
     `vit_base_patch32_384` to `augreg_in21k_ft_in1k` (Steiner et al. 2021, "How to train your ViT": stronger
-    augmentation and regularisation: other weights, other features) and no longer lists the original. Both are timm-layout state dicts of the same shapes, so either loads here; to start
-    from what ViLT started from, give the jx file's path. LayerNorm: timm's ViT uses eps 1e-6 (ViltModelParams
+    augmentation and regularisation: other weights, other features) and no longer lists the original. Both are
+    timm-layout state dicts of the same shapes, so either loads here; to start from what ViLT started from, give the
+    jx file's path. LayerNorm: timm's ViT uses eps 1e-6 (ViltModelParams
     `layer_norm_eps`, default 1e-6); transformers' ViltConfig defaults to 1e-12."""
     import timm
     from timm.layers import resample_abs_pos_embed
