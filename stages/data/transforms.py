@@ -49,13 +49,13 @@ def min_max_size(width: int, height: int, size: int, max_size: int) -> tuple[int
 
 def normalize_pixels(pixel_values, pixel_mask=None):
     """uint8 pixels [..., 3, H, W] -> ViLT's floats: ToTensor (x / 255) then Normalize(0.5, 0.5), the same float32
-    operations in the same order, so equal bit for bit on any device. Where `pixel_mask` (bool [..., H, W]) is False
+    operations in the same order, so equal bit for bit on any device; contiguous whatever the input's layout. Where `pixel_mask` (bool [..., H, W]) is False
     (batch padding) the value is 0, as ViLT's collate pads after normalising. Float input is returned as is."""
     import torch
 
     if pixel_values.dtype != torch.uint8:
         return pixel_values
-    values = pixel_values.to(torch.float32).div_(255).sub_(0.5).div_(0.5)
+    values = pixel_values.to(torch.float32, memory_format=torch.contiguous_format).div_(255).sub_(0.5).div_(0.5)
     if pixel_mask is not None:
         values.masked_fill_(~pixel_mask.bool().unsqueeze(-3), 0.0)
     return values

@@ -5,6 +5,7 @@ evaluation stages read a training stage's output (`load_trained_run`)."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,23 +87,37 @@ class CaptionPairs(Dataset):
                 "image_index": image_index}
 
 
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; in a DataLoader worker, allocated in shared memory (as torch's default_collate does),
+    so sending the batch to the main process does not copy it there first."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * torch.empty((), dtype=dtype).element_size())
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
 def collate_images(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """CHW images (uint8 or float) -> (pixel_values [B, C, H, W] of their dtype, pixel_mask bool [B, H, W]), padded
     to the batch's largest height and width. One allocation each; every image is written in place and only the
-    padding strips are zeroed (ViLT's collate zero-fills the whole float batch, then overwrites it)."""
+    padding strips are zeroed (ViLT's collate zero-fills the whole float batch, then overwrites it).
+
+    pixel_values is stored channels-last (a [B, H, W, C] buffer seen as [B, C, H, W]): the decoded images are
+    height x width x channel arrays (PixelBertTransform.pixels' CHW is a view of them), so each image is copied row
+    by row instead of element by element. `normalize_pixels` returns ordinary contiguous floats."""
     height = max(img.shape[1] for img in images)
     width = max(img.shape[2] for img in images)
-    pixel_values = torch.empty(len(images), images[0].shape[0], height, width, dtype=images[0].dtype)
-    pixel_mask = torch.empty(len(images), height, width, dtype=torch.bool)
+    channels = images[0].shape[0]
+    buffer = _batch_tensor((len(images), height, width, channels), images[0].dtype)
+    pixel_mask = _batch_tensor((len(images), height, width), torch.bool)
     for i, img in enumerate(images):
         h, w = img.shape[1], img.shape[2]
-        pixel_values[i, :, :h, :w] = img
-        pixel_values[i, :, h:, :] = 0
-        pixel_values[i, :, :h, w:] = 0
+        buffer[i, :h, :w] = img.permute(1, 2, 0)
+        buffer[i, h:] = 0
+        buffer[i, :h, w:] = 0
         pixel_mask[i, :h, :w] = True
-        pixel_mask[i, h:, :] = False
+        pixel_mask[i, h:] = False
         pixel_mask[i, :h, w:] = False
-    return pixel_values, pixel_mask
+    return buffer.permute(0, 3, 1, 2), pixel_mask
 
 
 def pad_images(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,9 +137,9 @@ def device_pixels(batch: dict) -> dict:
 
 def tokenize(tokenizer, texts: list[str], max_text_len: int, pad_to_max_length: bool = False) -> dict:
     """Batch tokenisation; padded to the longest text, or to max_text_len as ViLT's datasets pad."""
+    # no offset mapping: nothing reads it, and its nested lists cost transformers' tensor conversion ~1 ms a batch
     return tokenizer(texts, padding="max_length" if pad_to_max_length else "longest", truncation=True,
-                     max_length=max_text_len, return_tensors="pt", return_special_tokens_mask=True,
-                     return_offsets_mapping=tokenizer.is_fast)
+                     max_length=max_text_len, return_tensors="pt", return_special_tokens_mask=True)
 
 
 class PairCollator:
