@@ -242,6 +242,8 @@ class SlurmExecutor:
             nonlocal offset, partial
             try:
                 with open(output, "rb") as f:
+                    if os.fstat(f.fileno()).st_size < offset:  # requeued by Slurm: the file starts again
+                        offset, partial = 0, ""
                     f.seek(offset)
                     data = f.read()
             except FileNotFoundError:  # not started yet
