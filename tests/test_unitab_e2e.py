@@ -40,6 +40,8 @@ def test_tiny_unitab_workflow_grounds_phrases(tmp_path):
     recall, random_recall = metrics["anybox_oracle_recall@1"], metrics["random_box_recall@1"]
     assert recall >= 0.3, metrics
     assert recall >= 3 * random_recall and recall > metrics["center_box_recall@1"] + 0.2, metrics
+    # the paper's protocol (free decoding, MERGED box): 0.509 measured (anybox 0.511) after issue 14's changes
+    assert metrics["merged_recall@1"] >= 0.3 and metrics["merged_recall@1"] >= 3 * random_recall, metrics
     assert 0.0 <= metrics["bleu4"] <= 1.0 and metrics["cider"] >= 0.0
     assert elapsed <= TIME_LIMIT_S, f"tiny workflow took {elapsed:.0f}s (> {TIME_LIMIT_S}s)"
 
