@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlflow.errors import VlflowError
 from vlflow.executors.slurm import SlurmExecutor, parse_job
 from vlflow.executors.spec import ExecutorSpec
 
@@ -290,3 +291,23 @@ def test_a_distributed_stage_runs_as_a_two_node_job_with_one_rank_per_node(tmp_p
     assert "world size: 2" in log
     manifest = json.loads(next((tmp_path / "cache").rglob("manifest.json")).read_text())
     assert manifest["meta"]["metrics"]["world_size"] == 2
+
+
+def test_a_controller_that_stops_answering_while_a_job_runs_is_a_bounded_error(tmp_path, cluster_env):
+    conf = Path(cluster_env["SLURM_CONF"]).read_text()
+    dead = tmp_path / "slurm.conf"
+    dead.write_text(re.sub(r"(?m)^SlurmctldPort=\d+", "SlurmctldPort=9", conf))
+    executor = SlurmExecutor(ExecutorSpec(type="slurm", controller_timeout_s=2), env=cluster_env)
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\nsleep 30\n")
+    with open(tmp_path / "log", "w") as log:
+        job_id = executor.submit("vlflow-test-sleep", script, tmp_path / "out", log)
+        try:
+            executor.env["SLURM_CONF"] = str(dead)  # from now on the controller does not answer
+            started = time.monotonic()
+            with pytest.raises(VlflowError, match=rf"did not answer for 2s while waiting for job {job_id}"):
+                executor.wait(job_id, tmp_path / "out", log, lambda line: None)
+            assert time.monotonic() - started < 20
+        finally:
+            executor.env["SLURM_CONF"] = cluster_env["SLURM_CONF"]
+            executor.cancel(job_id)

@@ -209,6 +209,9 @@ class SlurmExecutor:
                 log.flush()
                 try:
                     final = self.wait(job_id, output, log, on_line)
+                except VlflowError as exc:  # the controller stopped answering
+                    self.cancel(job_id)
+                    raise StageError(f"stage {stage}: {exc.message}", **where) from None
                 except BaseException:
                     self.cancel(job_id)  # an error while waiting, or the thread told to stop: no orphan job
                     raise
