@@ -337,8 +337,10 @@ def make_arrows(workdir: Path, images: int, image_size: int) -> Path:
         return arrows
     shutil.rmtree(workdir / "coco", ignore_errors=True)
     shutil.rmtree(arrows, ignore_errors=True)
+    threads = max(1, min(16, (os.cpu_count() or 2) - 1))  # the images do not depend on it
     generate_coco(workdir / "coco", SyntheticCocoParams(num_images=images, image_size=image_size, jpeg_quality=92,
-                                                        noise=22.0, noisy_fraction=1.0, vary_aspect=True))
+                                                        noise=22.0, noisy_fraction=1.0, vary_aspect=True,
+                                                        threads=threads))
     convert_coco_karpathy(workdir / "coco", arrows, ArrowParams())
     marker.write_text(json.dumps(wanted))
     return arrows

@@ -14,6 +14,8 @@ Parts, each guarded (a failure is reported and the rest still runs) and skipped 
   unitab_step  UniTAB train step: plain fp32 loop vs bf16 autocast + torch's fused AdamW (SDPA attention is what
                nn.Transformer already uses; Colossal-AI's FusedAdam/HybridAdam need kernels compiled, so not used)
   eval         retrieval scoring pairs/s in bf16 (vilt.evaluate_retrieval's batched path) vs the old per-image path
+  loader       ViLT-B/32 step samples/s fed by the real input pipeline (8 workers, 1,000 512-px JPEGs) vs one
+               in-memory batch: whether the loader keeps the GPU fed
 
 FLOPs per sample are counted by torch.utils.flop_counter.FlopCounterMode over one forward + backward of the step
 (matrix multiplies, convolutions, attention; element-wise ops not counted). MFU = samples/s x FLOPs per sample / peak
@@ -42,8 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 H200_BF16_PEAK_FLOPS = 989e12
-GOALS = {"stage_speedup": 1.3, "stage_memory_ratio": 0.65, "mfu": 0.45, "eval_pairs_per_s": 2000.0}
-PARTS = ("e2e", "vilt_step", "unitab_step", "eval")
+GOALS = {"stage_speedup": 1.3, "stage_memory_ratio": 0.65, "mfu": 0.45, "eval_pairs_per_s": 2000.0,
+         "loader_vs_in_memory": 0.95}
+PARTS = ("e2e", "vilt_step", "unitab_step", "eval", "loader")
 BENCHMARK_RESERVE_S = 200.0  # of the budget, kept for the benchmark parts when the e2e part runs first
 
 
@@ -503,6 +506,92 @@ def part_eval(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# e. the input pipeline: does the real loader keep the ViLT-B/32 step fed?
+
+def part_loader(args) -> dict:
+    """The ViLT-B/32 MLM+ITM step (plain loop, bf16 autocast) fed by the real input pipeline (arrows of 512-px JPEGs,
+    CaptionPairs + PairCollator with uint8 pixels, DataLoader workers, pinned memory, the task's host-side prepare,
+    one move to the device, normalisation there) vs the same step on one prepared batch already on the device.
+    A ratio near 1 means the loader is not the bottleneck with that many workers."""
+    import dataloader as loader_bench  # benchmarks/dataloader.py (arrows as its benchmark makes them)
+    from torch.utils.data import DataLoader
+
+    from vlflow.stages.common.device import autocast, stage_device
+    from vlflow.stages.common.fit import to_device
+    from vlflow.stages.common.training import ResumableSampler
+    from vlflow.stages.data.reader import CaptionArrowDataset
+    from vlflow.stages.text.tokenizer import train_wordpiece
+    from vlflow.stages.vilt.data import CaptionPairs, PairCollator, image_dataset
+    from vlflow.stages.vilt.model import ViltPretrainingModel, build_config
+    from vlflow.stages.vilt.spec import ViltPretrainParams
+    from vlflow.stages.vilt.train import decay_groups, pretrain_task
+
+    device = stage_device()
+    if args.cpu_dry_run:
+        params = ViltPretrainParams(hidden_size=64, num_layers=2, num_heads=4, patch_size=16, image_size=64,
+                                    max_image_size=96, max_text_len=16, dropout=0.0)
+        images, image_px, batch, workers, steps, precision = 24, 96, 4, 2, 2, "fp32"
+    else:
+        params = ViltPretrainParams(dropout=0.0)  # ViLT-B/32: 384 px (longer <= 639), 40 tokens, 200 patches
+        images, image_px, batch, workers, steps, precision = 1000, 512, 64, min(8, os.cpu_count() or 1), 20, "bf16"
+    out: dict = {"batch": batch, "workers": workers, "precision": precision, "timed_steps": steps,
+                 "images": f"{images} synthetic COCO-layout JPEGs, longer side {image_px} px"}
+    with tempfile.TemporaryDirectory(prefix="gpu-check-loader-") as tmp:
+        started = time.perf_counter()
+        arrows = loader_bench.make_arrows(Path(tmp), images, image_px)
+        captions = CaptionArrowDataset([arrows / f"coco_caption_karpathy_{s}.arrow" for s in ("train", "restval")])
+        tokenizer = train_wordpiece((c for i in range(len(captions)) for c in captions.captions(i)),
+                                    vocab_size=400, lowercase=True, min_frequency=1)
+        out["arrows_seconds"] = time.perf_counter() - started
+        pairs = CaptionPairs(image_dataset(arrows, "train", params.image_size, params.max_image_size))
+        vocab = len(tokenizer) if args.cpu_dry_run else max(len(tokenizer), 30522)  # ViLT's MLM head size on GPU
+        torch.manual_seed(0)
+        model = ViltPretrainingModel(build_config(params, vocab, tokenizer.pad_token_id)).to(device).train()
+        optimizer = torch.optim.AdamW(decay_groups(model, 0.01, 1e-4), lr=1e-4)
+        task = pretrain_task(tokenizer, ["mlm", "itm"], 0.15, True, 0.0)
+
+        def step(device_batch) -> None:
+            with autocast(precision, device):
+                loss = task.losses(model, device_batch)["loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        loader = DataLoader(pairs, batch_sampler=ResumableSampler(len(pairs), batch, seed=0),
+                            collate_fn=PairCollator(tokenizer, params.max_text_len, normalize=False),
+                            num_workers=workers, pin_memory=device.type == "cuda")
+        batches = iter(loader)
+
+        def next_device_batch(index: int):
+            prepared = task.prepare(next(batches), torch.Generator().manual_seed(index))
+            return to_device(prepared, device)
+
+        fixed = next_device_batch(0)
+        step(next_device_batch(1))  # warm-up: workers started, kernels chosen
+        sync()
+        started = time.perf_counter()
+        for index in range(steps):
+            step(next_device_batch(index + 2))
+        sync()
+        out["real_loader_samples_per_s"] = steps * batch / (time.perf_counter() - started)
+        step(fixed)
+        sync()
+        started = time.perf_counter()
+        for _ in range(steps):
+            step(fixed)
+        sync()
+        out["in_memory_batch_samples_per_s"] = steps * batch / (time.perf_counter() - started)
+        started = time.perf_counter()
+        for index in range(steps):  # the loader alone (+ prepare + copy to the device): its ceiling
+            next_device_batch(index + 100)
+        sync()
+        out["loader_alone_samples_per_s"] = steps * batch / (time.perf_counter() - started)
+        del batches, loader
+    out["real_vs_in_memory"] = out["real_loader_samples_per_s"] / out["in_memory_batch_samples_per_s"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # report
 
 def goal_line(label: str, value, goal: float, higher: bool = True) -> str:
@@ -529,6 +618,8 @@ def markdown(report: dict) -> str:
         lines.append(goal_line(f"ViLT {name} MFU", entry.get("mfu"), GOALS["mfu"]))
     lines.append(goal_line("retrieval pairs/s", parts.get("eval", {}).get("batched_pairs_per_s"),
                            GOALS["eval_pairs_per_s"]))
+    lines.append(goal_line("ViLT step fed by the real loader vs an in-memory batch",
+                           parts.get("loader", {}).get("real_vs_in_memory"), GOALS["loader_vs_in_memory"]))
     for name, part in parts.items():
         lines += ["", f"## {name}", "", "```json", json.dumps(part, indent=1, default=str)[:6000], "```"]
     return "\n".join(lines) + "\n"
@@ -572,7 +663,8 @@ def main(argv=None) -> int:
                                                                                       time.gmtime()),
               "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
               "torch": torch.__version__, "goals": GOALS, "parts": {}}
-    functions = {"e2e": part_e2e, "vilt_step": part_vilt_step, "unitab_step": part_unitab_step, "eval": part_eval}
+    functions = {"e2e": part_e2e, "vilt_step": part_vilt_step, "unitab_step": part_unitab_step, "eval": part_eval,
+                 "loader": part_loader}
     for name in parts:
         part_started = time.time()
         if part_started > args.deadline:

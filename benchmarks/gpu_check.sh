@@ -3,7 +3,7 @@
 # path per plugin (samples/s, peak memory, MFU), UniTAB step plain vs fused, retrieval pairs/s. Needs nothing but
 # scripts/install.sh (run here when .venv is missing). Writes gpu_check.md + gpu_check.json to $OUT (or OUT_DIR).
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR] [--cpu-dry-run] [--parts e2e,vilt_step,unitab_step,eval]
+#   bash benchmarks/gpu_check.sh [OUT_DIR] [--cpu-dry-run] [--parts e2e,vilt_step,unitab_step,eval,loader]
 #
 # Finishes within 8 minutes: the Python side has a 450 s budget (parts not started by then are reported as skipped)
 # and the whole run is cut at 480 s.

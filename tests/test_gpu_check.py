@@ -20,7 +20,8 @@ def test_gpu_check_dry_run_reports_every_part_with_measured_figures(tmp_path):
                             capture_output=True, text=True, timeout=480, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["cpu_dry_run"] is True and set(report["parts"]) == {"e2e", "vilt_step", "unitab_step", "eval"}
+    assert report["cpu_dry_run"] is True and set(report["parts"]) == {"e2e", "vilt_step", "unitab_step", "eval",
+                                                                       "loader"}
     parts = report["parts"]
     assert "skipped" in parts["e2e"]  # the e2e tests run the workflows on CPU; the dry run says so
     vilt = parts["vilt_step"]
@@ -34,6 +35,10 @@ def test_gpu_check_dry_run_reports_every_part_with_measured_figures(tmp_path):
     assert all(_number(unitab[name]["samples_per_s"]) for name in ("plain", "fused")), unitab
     evaluation = parts["eval"]
     assert _number(evaluation["batched_pairs_per_s"]) and _number(evaluation["per_image_baseline_pairs_per_s"])
+    loader = parts["loader"]
+    assert "error" not in loader, loader
+    assert all(_number(loader[name]) for name in ("real_loader_samples_per_s", "in_memory_batch_samples_per_s",
+                                                   "loader_alone_samples_per_s", "real_vs_in_memory"))
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert "## Goals" in markdown and "retrieval pairs/s" in markdown and "CPU dry run" in markdown
     assert (tmp_path / "gpu_check.log").is_file()
