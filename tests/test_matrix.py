@@ -209,3 +209,5 @@ def test_check_takes_a_sweeps_name_for_all_its_entries(tmp_path, monkeypatch, ca
     assert rc == 0 and "w@n=1" in out and "w@n=2" in out and "all 2 checked stages reproduce" in out
     rc, out, _ = run_cli(capsys, "verify", wf, "w")
     assert rc == 0 and "w@n=1" in out and "w@n=2" in out and "verified 2 artifact(s)" in out
+    rc, _, err = run_cli(capsys, "show", wf, "w")
+    assert rc == 2 and "stage 'w' is a sweep of 2 entries; name one: w@n=1, w@n=2" in err

@@ -389,6 +389,9 @@ def _stage_manifest(args):
                 raise VlflowError(f"stage {args.stage} has no cached artifact for the current workflow "
                                   f"({'; '.join(plan.reasons)})")
             return runner, plan.manifest
+    from vlflow.export import find_stage
+
+    find_stage(runner.workflow, args.stage)  # names a sweep's entries when given its name
     raise VlflowError(f"no stage named {args.stage!r} in {args.workflow}")
 
 
