@@ -197,7 +197,7 @@ def test_tiny_vilt_sweep_plans_one_pretrain_and_one_finetune_and_evaluation_per_
     assert "evaluate@lr=0.001" in flat and "finetune@lr=0.0005" in flat
 
 
-def test_check_takes_a_sweeps_name_for_all_its_entries(tmp_path, monkeypatch, capsys):
+def test_check_and_verify_take_a_sweeps_name_for_all_its_entries_show_lists_them(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     write_project_config(tmp_path)
     wf = write(tmp_path, """
