@@ -1,25 +1,25 @@
-"""The stage graph: the few directed-graph operations the engine needs, on the standard library.
+"""The stage graph, on the standard library's `graphlib` (ordering, cycle detection).
 
 networkx did this before; importing it cost about a third of a no-op `vlflow run` (it pulls in its whole algorithm
-package), for a graph of a few dozen nodes. Names and results follow networkx's (`DiGraph`, `ancestors`,
-`descendants`, `lexicographical_topological_sort`, `find_cycle`), so the callers read the same.
+package), for a graph of a few dozen nodes. The names follow networkx's (`DiGraph`, `ancestors`, `descendants`,
+`lexicographical_topological_sort`, `find_cycle`), and tests/test_dag.py checks the answers against networkx.
 """
 from __future__ import annotations
 
 import heapq
 from collections.abc import Hashable, Iterable, Iterator
+from graphlib import CycleError, TopologicalSorter
+
+__all__ = ["CycleError", "DiGraph", "NoCycle", "ancestors", "descendants", "find_cycle",
+           "lexicographical_topological_sort"]
 
 
 class NoCycle(Exception):
     """`find_cycle` found none (networkx's NetworkXNoCycle)."""
 
 
-class CycleError(ValueError):
-    """A topological order was asked of a graph with a cycle."""
-
-
 class DiGraph:
-    """Nodes and edges in insertion order (iteration is deterministic, like networkx's)."""
+    """Nodes and edges in insertion order: successors and predecessors of each node."""
 
     def __init__(self) -> None:
         self._succ: dict[Hashable, dict[Hashable, None]] = {}
@@ -69,8 +69,8 @@ class DiGraph:
     def in_degree(self, node: Hashable) -> int:
         return len(self._pred[node])
 
-    def out_degree(self, node: Hashable) -> int:
-        return len(self._succ[node])
+    def sorter(self) -> TopologicalSorter:
+        return TopologicalSorter({node: list(preds) for node, preds in self._pred.items()})
 
 
 def _reachable(neighbours: dict, start: Hashable) -> set:
@@ -96,49 +96,25 @@ def descendants(graph: DiGraph, node: Hashable) -> set:
 
 
 def lexicographical_topological_sort(graph: DiGraph) -> Iterator:
-    """Kahn's algorithm taking the smallest ready node first: one order for a graph, whatever its insertion order."""
-    remaining = {node: len(preds) for node, preds in graph._pred.items()}
-    ready = [node for node, count in remaining.items() if count == 0]
+    """graphlib's order, taking the smallest ready node first: one order for a graph, whatever its insertion order
+    (networkx's lexicographical_topological_sort). Raises graphlib.CycleError on a cycle."""
+    sorter = graph.sorter()
+    sorter.prepare()
+    ready = list(sorter.get_ready())
     heapq.heapify(ready)
-    emitted = 0
     while ready:
         node = heapq.heappop(ready)
-        emitted += 1
         yield node
-        for succ in graph._succ[node]:
-            remaining[succ] -= 1
-            if remaining[succ] == 0:
-                heapq.heappush(ready, succ)
-    if emitted != len(graph):
-        raise CycleError("the graph has a cycle")
-
-
-_END = object()
+        sorter.done(node)
+        for successor in sorter.get_ready():
+            heapq.heappush(ready, successor)
 
 
 def find_cycle(graph: DiGraph) -> list[tuple]:
-    """The edges of a cycle (the first a depth-first search over the nodes in order meets), else NoCycle."""
-    done: set = set()
-    for root in graph._succ:
-        if root in done:
-            continue
-        path = [root]
-        on_path = {root: 0}
-        iterators = [iter(graph._succ[root])]
-        while iterators:
-            nxt = next(iterators[-1], _END)
-            if nxt is _END:
-                node = path.pop()
-                del on_path[node]
-                done.add(node)
-                iterators.pop()
-                continue
-            if nxt in on_path:
-                cycle = path[on_path[nxt]:]
-                return list(zip(cycle, cycle[1:] + [nxt]))
-            if nxt in done:
-                continue
-            on_path[nxt] = len(path)
-            path.append(nxt)
-            iterators.append(iter(graph._succ[nxt]))
+    """The edges of one cycle (as graphlib reports it), else NoCycle."""
+    try:
+        graph.sorter().prepare()
+    except CycleError as exc:
+        nodes = exc.args[1]  # along the edges, first node repeated last: [a, b, ..., a]
+        return list(zip(nodes, nodes[1:]))
     raise NoCycle("no cycle")
