@@ -66,7 +66,8 @@ def test_unitab_evaluation_on_two_ranks_predicts_like_one(tmp_path):
     assert one_metrics["phrases"] > 9 and one_metrics["images"] == 9
     assert two_metrics == pytest.approx(one_metrics)
     one_predictions, two_predictions = ((d / "predictions.jsonl").read_text().splitlines() for d in (one, two))
-    assert len(one_predictions) == one_metrics["phrases"] + 9  # one line per phrase, one per image caption
-    boxes = {tuple(json.loads(line)["box"]) for line in one_predictions if "box" in line}
+    # one line per phrase and grounding protocol (anybox_oracle, merged_free_decoding), one per image caption
+    assert len(one_predictions) == 2 * one_metrics["phrases"] + 9
+    boxes = {tuple(json.loads(line)["box"]) for line in one_predictions if "anybox_oracle" in line}
     assert len(boxes) > 1  # the model's boxes differ between phrases: the order is checked, not just the count
     assert two_predictions == one_predictions

@@ -83,7 +83,7 @@ def test_phrase_spans_and_sequence(tokenizer):
                 + ids[s1.token_start:s1.token_end] + layout.box_to_tokens([.5, .5, .9, .9])
                 + layout.box_to_tokens([.1, .1, .2, .2]) + [layout.obj_end] + ids[s1.token_end:] + [eos])
     assert seq == expected
-    # text-only target (no_detection) is exactly the framed caption
+    # the text-only sequence (with_boxes=False) is exactly the framed caption
     assert build_sequence(ids, spans, layout, bos, eos, with_boxes=False) == tokenizer(caption)["input_ids"]
 
 
