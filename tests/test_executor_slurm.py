@@ -311,3 +311,29 @@ def test_a_controller_that_stops_answering_while_a_job_runs_is_a_bounded_error(t
         finally:
             executor.env["SLURM_CONF"] = cluster_env["SLURM_CONF"]
             executor.cancel(job_id)
+
+
+@pytest.mark.slow
+def test_tiny_vilt_with_its_pretrain_stage_as_a_two_node_slurm_job_retrieves_above_chance(tmp_path, cluster_env):
+    """tiny_vilt's pretrain as a 2-node x 1-rank Slurm job (srun, one rank per fake node), then finetune and
+    evaluate locally on its artifact: the retrieval thresholds of tests/test_vilt_e2e.py hold."""
+    root = Path(__file__).resolve().parents[1]
+    project(tmp_path, f"""\
+        extends: {root / 'workflows' / 'tiny_vilt.yaml'}
+        name: tiny_vilt_slurm
+        stages:
+          pretrain:
+            launch: {{nproc_per_node: 1}}
+            executor: {{type: slurm, nodes: 2, time: "30:00"}}
+        """, toml=SHARED_TOML + f'[workflow]\ninclude_paths = ["{root / "workflows"}"]\n')
+    done = vlflow(tmp_path / "wf.yaml", "--until", "evaluate", env=cluster_env, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert len(job_ids(done.stdout)) == 1  # only pretrain went to Slurm
+    log = next((tmp_path / "state" / "logs" / "tiny_vilt_slurm").glob("pretrain-*.log")).read_text()
+    assert re.search(r"# srun --nodes 2 --ntasks-per-node 1 --ntasks 2 ", log) and "world size: 2" in log
+    found = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("metrics.json")
+             if p.parent.name != "_vlflow"]
+    (metrics,) = [m for m in found if isinstance(m.get("all"), dict) and "chance_r1" in m["all"]]
+    test = metrics["all"]
+    assert test["ir_r1"] >= 5 * test["chance_r1"], test
+    assert test["tr_r1"] >= 5 * test["chance_r1"], test
