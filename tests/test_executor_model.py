@@ -3,6 +3,7 @@ stage runs is not part of its cache key."""
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -109,11 +110,13 @@ def test_sbatch_options_carry_every_setting():
     spec = ExecutorSpec(type="slurm", partition="gpu", nodes=2, gpus_per_node=8, cpus_per_task=10, mem="64G",
                         time="2:00:00", account="a1", qos="high", constraint="v100", extra_args=["--exclusive"],
                         signal_seconds=300)
-    options = SlurmExecutor(spec).sbatch_options("job", tmp_out := __import__("pathlib").Path("/x/out"))
+    output = Path("/x/out")
+    options = SlurmExecutor(spec).sbatch_options("job", output, state_dir=Path("/x/state"))
     for option in ("--partition=gpu", "--nodes=2", "--gpus-per-node=8", "--cpus-per-task=10", "--mem=64G",
                    "--time=2:00:00", "--account=a1", "--qos=high", "--constraint=v100", "--exclusive",
-                   "--signal=B:USR1@300", f"--output={tmp_out}", "--parsable"):
+                   "--signal=B:USR1@300", f"--output={output}", "--parsable"):
         assert option in options
+    assert any(o.startswith("--comment=vlflow-") for o in options)  # how vlflow status finds the run's jobs
 
 
 def test_scontrol_answer_is_parsed():
