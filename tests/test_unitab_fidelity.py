@@ -415,3 +415,13 @@ def test_flickr30k_unitab_workflow_is_the_papers_recipe():
     assert pretrain.params["backbone_weights"] == "/weights/pretrained_resnet101_checkpoint.pth"
     assert pretrain.launch.precision == "fp32"  # UniTAB trains in fp32
     assert workflow.stages["arrows"].params["annotations"] == "separateGT"  # merged at training, both at evaluation
+
+
+def test_unreadable_backbone_weights_are_one_error_naming_the_file(tmp_path):
+    from vlflow.stages.unitab.model import BackboneWeightsError
+
+    missing, garbage = tmp_path / "absent.pth", tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    for path in (missing, garbage):
+        with pytest.raises(BackboneWeightsError, match=f"backbone_weights {path}: cannot read"):
+            Backbone("resnet18", weights=str(path))

@@ -13,6 +13,7 @@ cross-attention to the joint image+text memory, decoder positions as `query_pos`
 from __future__ import annotations
 
 import math
+import pickle
 from dataclasses import dataclass
 from functools import partial
 
@@ -70,18 +71,23 @@ MDETR_BACKBONE_PREFIX = "backbone.0.body."  # MDETR/UniTAB checkpoints: model.ba
 FROZEN_BY_UNITAB = ("conv1.", "bn1.", "layer1.")  # MDETR's BackboneBase trains only layer2..layer4
 
 
+class BackboneWeightsError(ValueError):
+    """A backbone_weights file that cannot be read or does not fit the backbone."""
+
+
 def backbone_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The ResNet trunk tensors of a local checkpoint file: a torchvision / timm ResNet state dict, or an MDETR /
     UniTAB checkpoint (`{"model": ...}` with `backbone.0.body.` keys, e.g. MDETR's pretrained_resnet101_checkpoint.pth).
-    Raises ValueError naming the file when it cannot be read."""
+    Raises BackboneWeightsError naming the file when it cannot be read."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:  # pickle/zip errors arrive as RuntimeError
-        raise ValueError(f"backbone_weights {path}: cannot read a torch checkpoint ({exc})") from None
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # zip errors: RuntimeError
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackboneWeightsError(f"backbone_weights {path}: cannot read a torch checkpoint ({reason})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
-        raise ValueError(f"backbone_weights {path}: expected a state dict, got {type(state).__name__}")
+        raise BackboneWeightsError(f"backbone_weights {path}: expected a state dict, got {type(state).__name__}")
     if any(key.startswith(MDETR_BACKBONE_PREFIX) for key in state):
         state = {key[len(MDETR_BACKBONE_PREFIX):]: value for key, value in state.items()
                  if key.startswith(MDETR_BACKBONE_PREFIX)}
@@ -114,13 +120,14 @@ class Backbone(nn.Module):
         expected = self.body.state_dict()
         missing = [key for key in expected if key not in state and not key.endswith("num_batches_tracked")]
         if missing:
-            raise ValueError(f"backbone_weights {path}: {len(missing)} of {len(expected)} tensors of the "
-                             f"{type(self.body).__name__} trunk are missing (e.g. {missing[0]}); expected a "
-                             f"torchvision/timm ResNet state dict or an MDETR/UniTAB checkpoint")
+            raise BackboneWeightsError(f"backbone_weights {path}: {len(missing)} of {len(expected)} tensors of the "
+                                       f"{type(self.body).__name__} trunk are missing (e.g. {missing[0]}); expected a "
+                                       f"torchvision/timm ResNet state dict or an MDETR/UniTAB checkpoint")
         wrong = [key for key in expected if key in state and state[key].shape != expected[key].shape]
         if wrong:
-            raise ValueError(f"backbone_weights {path}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, the "
-                             f"model expects {tuple(expected[wrong[0]].shape)} (another ResNet depth?)")
+            raise BackboneWeightsError(f"backbone_weights {path}: {wrong[0]} has shape "
+                                       f"{tuple(state[wrong[0]].shape)}, the model expects "
+                                       f"{tuple(expected[wrong[0]].shape)} (another ResNet depth?)")
         self.body.load_state_dict({key: state[key] for key in expected if key in state}, strict=False)
 
     def freeze_stem_and_layer1(self) -> None:
@@ -275,7 +282,8 @@ class Transformer(nn.Module):
 
 
 class UniTAB(nn.Module):
-    def __init__(self, config: UniTABConfig, backbone_weights: str | None = None, text_encoder: nn.Module | None = None):
+    def __init__(self, config: UniTABConfig, backbone_weights: str | None = None,
+                 text_encoder: nn.Module | None = None):
         super().__init__()
         self.config = config
         d = config.d_model

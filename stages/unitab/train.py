@@ -23,7 +23,7 @@ from vlflow.stages.common.training import (ResumableSampler, accumulation_steps,
                                            load_tokenizer, seed_everything)
 
 from .data import GroundingSequenceDataset, collate, open_split
-from .model import UniTAB, UniTABConfig, sequence_loss
+from .model import BackboneWeightsError, UniTAB, UniTABConfig, sequence_loss
 
 MODEL_INPUTS = ("images", "image_mask", "text_ids", "text_mask", "prev_tokens", "token_padding")
 
@@ -113,7 +113,7 @@ def pretrain(ctx: StageContext) -> dict:
     config = model_config(p, tokenizer)
     try:
         model = UniTAB(config, backbone_weights=p.backbone_weights)
-    except ValueError as exc:  # unreadable or mismatching backbone_weights
+    except BackboneWeightsError as exc:
         raise StageError(str(exc), file=p.backbone_weights, field="with.backbone_weights") from None
     hooks = [Ema(model, p.ema_decay)] if p.ema else []
     optimizer = make_adamw(ctx, parameter_groups(model, p), lr=p.lr, betas=(0.9, 0.999), weight_decay=p.weight_decay)
