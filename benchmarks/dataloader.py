@@ -12,12 +12,14 @@ a core delivers, robust on a shared machine) and per wall second:
    DataCollatorForWholeWordMask; vlflow: PairCollator + the pretraining step's host-side `prepare`, i.e. MLM masks
    and ITM negative indices, exactly what the training loop runs before moving the batch to the device);
 3. through a DataLoader with N worker processes (vlflow's `prepare` runs in the main process, as in training).
+Plus, for reference, measurement 2 with ViLT's dataset as its pretraining configures it for ITM (draw_false_image=1:
+a second image decoded per item), against the same vlflow pipeline (its ITM negatives are in-batch swaps).
 
 The baseline reimplements ViLT's steps (dandelin/ViLT vilt/datasets/base_dataset.py, vilt/transforms/pixelbert.py)
 without pytorch-lightning, as benchmarks/arrow_convert.py does for make_arrow: caption pairs from the index mapper
-(captions de-duplicated with list(set(...)) as ViLT does), draw_false_image=0 (ViLT's ITM would decode a second image per
-item; vlflow swaps images within the batch on the device). Both use the same fast WordPiece tokenizer (trained on the
-captions here: no network; ViLT itself uses the slower Python BertTokenizer). Before timing, the outputs are compared
+(captions de-duplicated with list(set(...)) as ViLT does), draw_false_image=0 except in the reference line. Both use
+the same fast WordPiece tokenizer (trained on the captions here: no network; ViLT itself uses the slower Python
+BertTokenizer). Before timing, the outputs are compared
 batch by batch: vlflow's uint8 batch normalised (as the training step does on the device) equals ViLT's float image
 batch bit for bit, the pixel mask marks exactly each item's resized image, and token ids and attention masks are
 equal. MLM masks are random draws from different generators in the two (python `random` vs a torch.Generator), so
@@ -82,8 +84,11 @@ class ViltBaseDataset(torch.utils.data.Dataset):
     """ViLT's BaseDataset for caption arrows (image + text, no false images/texts), the steps of its
     __init__, get_raw_image, get_image, get_text and collate."""
 
-    def __init__(self, data_dir: Path, names: list[str], tokenizer, image_size=384, max_text_len=40):
+    def __init__(self, data_dir: Path, names: list[str], tokenizer, image_size=384, max_text_len=40,
+                 draw_false_image=0):
         import pyarrow as pa
+
+        self.draw_false_image = draw_false_image
 
         self.transforms = [vilt_pixelbert_transform(size=image_size)]
         self.tokenizer, self.max_text_len = tokenizer, max_text_len
@@ -116,6 +121,12 @@ class ViltBaseDataset(torch.utils.data.Dataset):
         return {"image": image_tensor, "img_index": self.index_mapper[index][0],
                 "cap_index": self.index_mapper[index][1], "raw_index": index}
 
+    def get_false_image(self, rep, image_key="image"):
+        random_index = random.randint(0, len(self.index_mapper) - 1)
+        image = self.get_raw_image(random_index, image_key=image_key)
+        image_tensor = [tr(image) for tr in self.transforms]
+        return {f"false_image_{rep}": image_tensor}
+
     def get_text(self, raw_index):
         index, caption_index = self.index_mapper[raw_index]
         text = self.all_texts[index][caption_index]
@@ -123,12 +134,14 @@ class ViltBaseDataset(torch.utils.data.Dataset):
                                   return_special_tokens_mask=True)
         return {"text": (text, encoding), "img_index": index, "cap_index": caption_index, "raw_index": raw_index}
 
-    def __getitem__(self, index):  # get_suite without false images/texts
+    def __getitem__(self, index):  # get_suite without false texts
         ret = dict()
         ret.update(self.get_image(index))
         txt = self.get_text(index)
         ret.update({"replica": True if txt["cap_index"] > 0 else False})
         ret.update(txt)
+        for i in range(self.draw_false_image):
+            ret.update(self.get_false_image(i))
         return ret
 
     @staticmethod
@@ -206,6 +219,9 @@ class Pipelines:
         self.vilt = ViltBaseDataset(arrows, [f"coco_caption_karpathy_{s}" for s in ARROW_SPLITS], tokenizer,
                                     image_size, max_text_len)
         self.vilt_collate = partial(ViltBaseDataset.collate, mlm_collator=vilt_mlm_collator(tokenizer))
+        # ViLT's pretraining configuration (MLM + ITM): a false image decoded per item for ITM
+        self.vilt_itm = ViltBaseDataset(arrows, [f"coco_caption_karpathy_{s}" for s in ARROW_SPLITS], tokenizer,
+                                        image_size, max_text_len, draw_false_image=1)
         self.ours = CaptionPairs(image_dataset(arrows, "train", image_size, None))
         self.ours_collate = PairCollator(tokenizer, max_text_len, normalize=False, pad_to_max_length=True)
         self.prepare = pretrain_task(tokenizer, ["mlm", "itm"], 0.15, True, 0.0).prepare
@@ -284,6 +300,17 @@ def collate_runs(p: Pipelines, vilt_batches, our_batches):
 
     items = sum(len(b) for b in vilt_batches)
     return {"vilt": (vilt, items), "vlflow": (ours, items)}
+
+
+def pretraining_runs(p: Pipelines, vilt_batches, our_batches):
+    """As collate_runs, with ViLT's dataset as its pretraining configures it (draw_false_image=1: ITM negatives are
+    a second decoded image per item; vlflow swaps images within the batch on the device)."""
+    def vilt():
+        for batch in vilt_batches:
+            p.vilt_collate([p.vilt_itm[i] for i in batch])
+
+    runs = collate_runs(p, vilt_batches, our_batches)
+    return {"vilt": (vilt, runs["vilt"][1]), "vlflow": runs["vlflow"]}
 
 
 def loader_runs(p: Pipelines, vilt_batches, our_batches, workers: int, pin_memory: bool):
@@ -389,6 +416,9 @@ def main() -> None:
                                      best_of(getitem_runs(pipelines, vilt_batches, our_batches), args.repeat)),
                    "collate": report("+ collate, whole-word MLM, ITM",
                                      best_of(collate_runs(pipelines, vilt_batches, our_batches), args.repeat))}
+        figures["pretraining_itm"] = report("+ collate, ViLT draw_false_image=1",
+                                           best_of(pretraining_runs(pipelines, vilt_batches, our_batches),
+                                                   args.repeat))
         for workers in args.workers:
             runs = loader_runs(pipelines, vilt_batches, our_batches, workers, args.pin_memory)
             figures[f"loader_{workers}"] = report(f"DataLoader, {workers} workers", best_of(runs, args.repeat))

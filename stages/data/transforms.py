@@ -49,8 +49,9 @@ def min_max_size(width: int, height: int, size: int, max_size: int) -> tuple[int
 
 def normalize_pixels(pixel_values, pixel_mask=None):
     """uint8 pixels [..., 3, H, W] -> ViLT's floats: ToTensor (x / 255) then Normalize(0.5, 0.5), the same float32
-    operations in the same order, so equal bit for bit on any device; contiguous whatever the input's layout. Where `pixel_mask` (bool [..., H, W]) is False
-    (batch padding) the value is 0, as ViLT's collate pads after normalising. Float input is returned as is."""
+    operations in the same order, so equal bit for bit on any device; contiguous whatever the input's layout.
+    Where `pixel_mask` (bool [..., H, W]) is False (batch padding) the value is 0, as ViLT's collate pads after
+    normalising. Float input is returned as is."""
     import torch
 
     if pixel_values.dtype != torch.uint8:
