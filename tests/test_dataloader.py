@@ -126,3 +126,15 @@ def test_pretraining_step_on_uint8_batch_equals_float_batch():
     assert set(losses[0]) == set(losses[1]) and {"mlm_loss", "itm_loss"} <= set(losses[0])
     for name in losses[0]:
         assert torch.equal(losses[0][name], losses[1][name]), name
+
+
+def test_evaluation_image_batch_normalises_uint8_on_its_device():
+    from vlflow.stages.vilt.evaluate import image_batch
+
+    data = [noisy_jpeg(w, 64, seed=w) for w in (64, 96)]
+    uint8_batch = image_batch([pixelbert_pixels(64, 96)(d) for d in data], patch_size=32)
+    assert uint8_batch.pixel_values.dtype == torch.uint8  # what crosses to the device
+    moved = uint8_batch.to(torch.device("cpu"))
+    expected = image_batch([vilt_image(d, 64, 96) for d in data], patch_size=32)
+    assert torch.equal(moved.pixel_values, expected.pixel_values) and moved.pixel_values.is_contiguous()
+    assert torch.equal(moved.pixel_mask, expected.pixel_mask) and moved.grids == expected.grids == [(2, 2), (2, 3)]

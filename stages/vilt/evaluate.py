@@ -25,7 +25,8 @@ from transformers import AutoConfig, ViltForImageAndTextRetrieval
 from vlflow.stage import StageContext
 from vlflow.stages.common.device import autocast, launch_precision, limit_cpu_threads, stage_device
 from vlflow.stages.common.evaluation import rank_and_world, share
-from vlflow.stages.vilt.data import image_dataset, load_trained_run, pad_images, tokenize
+from vlflow.stages.data.transforms import normalize_pixels
+from vlflow.stages.vilt.data import collate_images, image_dataset, load_trained_run, tokenize
 from vlflow.stages.vilt.model import ViltPretrainingModel, encode
 
 KS = (1, 5, 10)
@@ -73,8 +74,10 @@ class ImageBatch:
     grids: list[tuple[int, int]]
 
     def to(self, device: torch.device) -> "ImageBatch":
-        return ImageBatch(self.pixel_values.to(device, non_blocking=True),
-                          self.pixel_mask.to(device, non_blocking=True), self.grids)
+        """On `device`, uint8 pixels normalised there (ViLT's floats, bit for bit; float pixels as they are)."""
+        pixel_mask = self.pixel_mask.to(device, non_blocking=True)
+        return ImageBatch(normalize_pixels(self.pixel_values.to(device, non_blocking=True), pixel_mask), pixel_mask,
+                          self.grids)
 
 
 def patch_grids(pixel_mask: torch.Tensor, patch_size: int) -> list[tuple[int, int]]:
@@ -85,7 +88,8 @@ def patch_grids(pixel_mask: torch.Tensor, patch_size: int) -> list[tuple[int, in
 
 
 def image_batch(images: list[torch.Tensor], patch_size: int) -> ImageBatch:
-    pixel_values, pixel_mask = pad_images(images)
+    """Host-side batch: uint8 images stay uint8 (a quarter of the bytes to copy; `to` normalises on the device)."""
+    pixel_values, pixel_mask = collate_images(images)
     return ImageBatch(pixel_values, pixel_mask, patch_grids(pixel_mask, patch_size))
 
 

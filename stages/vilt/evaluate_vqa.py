@@ -99,7 +99,7 @@ def evaluate_vqa(ctx: StageContext) -> dict:
 
     _, world_size = rank_and_world()
     mine = Subset(questions, my_share(range(count)))
-    collate = QuestionCollator(run.tokenizer, max_text_len, len(answers))
+    collate = QuestionCollator(run.tokenizer, max_text_len, len(answers), normalize=False)  # normalised on device
     loader = DataLoader(mine, batch_size=p.batch_size, collate_fn=collate, num_workers=p.num_workers,
                         pin_memory=device.type == "cuda")
     ctx.log.info("answering %d %s questions over %d answers on %d rank(s), %s %s", count, p.split, len(answers),
