@@ -30,7 +30,9 @@ from vlflow.executors.spec import ExecutorSpec
 FINAL_STATES = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE"}
 RESUBMITTED_STATES = {"PREEMPTED", "NODE_FAIL", "BOOT_FAIL"}  # not the stage's fault: run it again (bounded)
-POLL_FIRST_S, POLL_MAX_S = 0.25, 3.0  # polling backs off from the first to the max interval
+# Polling: every POLL_FIRST_S during the first POLL_FAST_FOR_S of a job (short stages end quickly: the overhead per
+# stage stays small), then backing off to POLL_MAX_S (long jobs: few requests to the controller).
+POLL_FIRST_S, POLL_FAST_FOR_S, POLL_MAX_S = 0.25, 10.0, 3.0
 LOG_TAIL_LINES = 15
 
 _submitted: set[str] = set()  # job ids of this process still running, cancelled on Ctrl-C / SIGTERM
@@ -239,7 +241,7 @@ class SlurmExecutor:
         """Poll until the job is in a final state, copying new lines of its output file to the log meanwhile."""
         offset, partial = 0, ""
         interval = POLL_FIRST_S
-        last_answer = time.monotonic()
+        submitted = last_answer = time.monotonic()
 
         def copy_output() -> None:
             nonlocal offset, partial
@@ -276,7 +278,8 @@ class SlurmExecutor:
                         on_line(partial)
                     return state
             time.sleep(interval)
-            interval = min(interval * 1.5, POLL_MAX_S)
+            if time.monotonic() - submitted > POLL_FAST_FOR_S:
+                interval = min(interval * 1.5, POLL_MAX_S)
 
     def failure_message(self, stage: str, job_id: str, final: JobState, log_path: Path, resubmitted: bool) -> str:
         lines = log_path.read_text(errors="replace").splitlines()
