@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -56,6 +57,9 @@ class WarningRelay:
                     os.kill(pid, WARNING_SIGNAL)
                 except ProcessLookupError:
                     pass
+            if os.environ.get("SLURM_JOB_ID"):  # ranks started by srun are slurmstepd's children, on every node
+                subprocess.run(["timeout", "10", "scancel", f"--signal={WARNING_SIGNAL.name.removeprefix('SIG')}",
+                                os.environ["SLURM_JOB_ID"]], capture_output=True)
 
 
 def main(argv: list[str] | None = None) -> int:
