@@ -343,7 +343,7 @@ from vlflow.errors import VlflowError  # noqa: E402
     ("[run]\njobs = 0\n", 2, "jobs: input should be greater than or equal to 1, got 0"),
     ("[cache]\nurl = 3\n", 2, "url: input should be a valid string, got 3"),
     ("[cache]\nurl = \"s3://AKIA:S3CRET@bucket/x\"\n", 2, "credentials in the cache URL (s3://***@...)"),
-    ("[bogus]\nx = 1\n", 1, "unknown section [bogus] (known: cache, state, launch, run, workflow)"),
+    ("[bogus]\nx = 1\n", 1, "unknown section [bogus] (known: cache, state, launch, executor, run, workflow)"),
     ("# top\n[cache]\nurll = \"x\"\n", 3, "unknown key 'urll' in [cache]"),
     ("[launch]\nnproc_per_node = true\n", 2, "nproc_per_node: expected an integer, got a boolean true"),
     ("[launch]\nplugin = \"deepspeed\"\n", 2, "plugin: input should be 'torch_ddp', 'low_level_zero', 'gemini' or"),
