@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 import uuid
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from vlflow.errors import StageError, VlflowError
-from vlflow.procs import die_with_parent
 from vlflow import dag  # not networkx: its import cost a third of a no-op run
 from vlflow.code_digest import CodeDigest
 from vlflow.environment import current_environment, environment_changes
@@ -565,21 +563,10 @@ class Runner:
 
     def _run_local(self, decl: StageDecl, payload_path: Path, log_path: Path) -> dict | None:
         from vlflow.execute import result_path
+        from vlflow.executors.forked import run_stage_process  # forked from a warm server, or a fresh interpreter
 
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(log_path, "w") as log, subprocess.Popen(
-                [self.python, "-m", "vlflow.execute", str(payload_path)], stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
-                preexec_fn=die_with_parent) as proc:
-            try:
-                for line in proc.stdout:
-                    log.write(line)
-                    log.flush()
-                    self.on_event(decl.name, "log", line.rstrip("\n"))
-                rc = proc.wait()
-            except BaseException:
-                os.killpg(proc.pid, 9)
-                raise
+        rc = run_stage_process(payload_path, log_path, lambda line: self.on_event(decl.name, "log", line),
+                               python=self.python)
         if rc != 0:
             tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
             raise StageError(f"stage {decl.name} ({decl.uses}) failed with exit code {rc}; log: {log_path}\n{tail}",
