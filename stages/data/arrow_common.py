@@ -143,15 +143,24 @@ def write_split(out_path: Path, schema: pa.Schema, rows: list[ImageRow], *, spli
 def write_rows_of(source: Path, out_path: Path, start: int, stop: int, *, split: str,
                   report: ConversionReport) -> int:
     """Rows [start, stop) of an arrow this conversion wrote, as another split's file (as ViLT cuts rest_val out of
-    val): the images are not read or checked again, the record batches are sliced from the memory-mapped source."""
+    val): the images are not read or checked again. One record batch at a time is read (not memory-mapped: mapped
+    pages would count as resident), so memory stays bounded by batch_rows."""
     out_path = Path(out_path)
     tmp_path = out_path.with_name(out_path.name + ".tmp")
+    written = 0
     try:
-        with pa.memory_map(str(source)) as mapped:
-            table = pa.ipc.open_file(mapped).read_all().slice(start, max(0, stop - start))
-            with pa.OSFile(str(tmp_path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table)
-            written = len(table)
+        with pa.OSFile(str(source)) as source_file:
+            reader = pa.ipc.open_file(source_file)
+            with pa.OSFile(str(tmp_path), "wb") as sink, pa.ipc.new_file(sink, reader.schema) as writer:
+                offset = 0
+                for index in range(reader.num_record_batches):
+                    batch = reader.get_batch(index)
+                    first, last = max(start, offset), min(stop, offset + batch.num_rows)
+                    if first < last:
+                        writer.write_batch(batch.slice(first - offset, last - first))
+                        written += last - first
+                    offset += batch.num_rows
+                    del batch
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

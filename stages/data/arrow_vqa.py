@@ -278,7 +278,7 @@ def convert_vqav2(root: Path, out_dir: Path, params, images: Path | None = None)
     (out_dir / ANSWERS_FILE).write_text(json.dumps({"label2answer": answers,
                                                     "min_answer_count": params.min_answer_count}, indent=1))
     for split in ("val", "trainable_val", "rest_val"):
-        with pa.memory_map(str(out_dir / f"vqav2_{split}.arrow")) as mapped:
+        with pa.memory_map(str(out_dir / f"vqav2_{split}.arrow")) as mapped:  # only this column's pages are read
             question_ids = pa.ipc.open_file(mapped).read_all().column("question_id").to_pylist()
         (out_dir / gt_file(split)).write_text(json.dumps({str(q): raw[q] for ids in question_ids for q in ids}))
     return report
