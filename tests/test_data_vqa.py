@@ -122,7 +122,7 @@ def test_answer_normalisation_and_scores():
 ])
 def test_official_vqa_accuracy_on_worked_cases(predicted, annotators, accuracy):
     """Each case as GT-Vision-Lab/VQA vqaEval.py scores it (checked against it on 20,000 random cases: see
-    docs/FIDELITY_vilt.md)."""
+    docs/FIDELITY.md)."""
     assert official_accuracy(predicted, annotators) == pytest.approx(accuracy)
 
 
