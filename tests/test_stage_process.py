@@ -105,13 +105,15 @@ def test_a_crashing_stage_reports_the_interpreters_exit_code_and_the_server_surv
 
 
 def test_interrupting_the_runner_kills_the_stage_and_what_it_started(tmp_path, mode):
-    pid_file = tmp_path / "pids"
+    pid_file, command_lines = tmp_path / "pids", []
 
     def interrupt_once_started(line: str) -> None:
         if line.startswith("env="):
             deadline = time.time() + 20
             while not pid_file.exists() and time.time() < deadline:
                 time.sleep(0.05)
+            stage = int(pid_file.read_text().split()[0])
+            command_lines.append(Path(f"/proc/{stage}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip())
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -122,6 +124,8 @@ def test_interrupting_the_runner_kills_the_stage_and_what_it_started(tmp_path, m
     while (alive(stage) or alive(grandchild)) and time.time() < deadline:
         time.sleep(0.05)
     assert not alive(stage) and not alive(grandchild)
+    # the stage's command line reads as a fresh interpreter's did: ps and leftover-process checks find it
+    assert command_lines[0].endswith(f"-m vlflow.execute {tmp_path / 'staging-hang' / 'payload.json'}")
 
 
 def test_stage_processes_skip_the_callers_main_script(tmp_path):

@@ -10,6 +10,7 @@ as clean as before. The child keeps every guarantee of the fresh interpreter:
 - it dies with its parent (PR_SET_PDEATHSIG); the server exits as soon as the runner is gone (its pipe closes), so a
   killed runner leaves no stage behind;
 - its exit code means what the interpreter's meant: 0 done, 2 a user-facing error, 1 a traceback, -N killed by signal N;
+- its command line (setproctitle) reads `python -m vlflow.execute PAYLOAD`, as before;
 - it gets the runner's environment and working directory as they are when the stage starts.
 Stages whose spec imports torch pay that import in the child, as before; the runner process never imports it.
 
@@ -105,6 +106,12 @@ class _InheritedFd:
 def _stage_main(payload_path: str, output: _InheritedFd, environ: dict[str, str], cwd: str) -> None:
     """The forked child: become what `python -m vlflow.execute payload` was, then run it."""
     os.setsid()  # own process group: the runner's killpg reaches whatever the stage starts
+    try:  # the command line a fresh interpreter had: ps, and checks that no stage outlived its run, find it
+        from setproctitle import setproctitle
+
+        setproctitle(f"{sys.executable} -m vlflow.execute {payload_path}")
+    except ImportError:
+        pass
     die_with_parent()
     os.dup2(output.fd, 1)
     os.dup2(output.fd, 2)
