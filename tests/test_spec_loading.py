@@ -10,9 +10,21 @@ from vlflow.stage import get_spec, spec_source
 
 
 def test_spec_source_names_the_module_defining_each_built_in_type():
-    assert spec_source("testing.write") == "vlflow.stages.testing.spec"
-    assert spec_source("synthetic.coco") == "vlflow.stages.data.spec"
+    assert spec_source("testing.write") == "vlflow.stages.testing.spec:STAGES"
+    assert spec_source("synthetic.coco") == "vlflow.stages.data.spec:STAGES"
     assert spec_source("no.such.type") is None
+
+
+def test_built_in_stage_packages_register_through_the_entry_point_group_third_parties_use():
+    """The engine lists no stage package: vlflow's own register in pyproject's "vlflow.stages" entry points."""
+    from importlib.metadata import entry_points
+
+    import vlflow.stage
+
+    ours = {ep.name: ep.value for ep in entry_points(group="vlflow.stages") if ep.dist.name == "vlflow"}
+    assert ours == {name: f"vlflow.stages.{name}.spec:STAGES" for name in ("data", "text", "vilt", "unitab", "testing")}
+    assert not hasattr(vlflow.stage, "BUILTIN_SPEC_MODULES")
+    assert {get_spec(t).name for t in ("download", "tokenizer.train", "vilt.pretrain", "unitab.pretrain")}
 
 
 def test_stage_process_imports_only_its_spec_module_and_falls_back_to_the_registry(tmp_path):

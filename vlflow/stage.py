@@ -104,18 +104,10 @@ class StageContext:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Registry: built-in spec modules + the "vlflow.stages" entry-point group.
-
-BUILTIN_SPEC_MODULES = (
-    "vlflow.stages.data.spec",
-    "vlflow.stages.text.spec",
-    "vlflow.stages.vilt.spec",
-    "vlflow.stages.unitab.spec",
-    "vlflow.stages.testing.spec",
-)
+# Registry: the "vlflow.stages" entry-point group (vlflow's own stage packages register there too, in pyproject.toml).
 
 _registry: dict[str, StageSpec] | None = None
-_sources: dict[str, str] = {}  # stage type -> where its spec is defined: "module" (its STAGES) or "module:attr"
+_sources: dict[str, str] = {}  # stage type -> where its spec is defined: an entry point's "module:attr"
 
 
 def _collect(obj: Any, out: dict[str, StageSpec], origin: str) -> None:
@@ -129,23 +121,14 @@ def _collect(obj: Any, out: dict[str, StageSpec], origin: str) -> None:
 
 
 def registry() -> dict[str, StageSpec]:
-    """All known stage types by name (loaded once)."""
+    """All known stage types by name (loaded once), from every installed package's "vlflow.stages" entry points."""
     global _registry
     if _registry is None:
-        found: dict[str, StageSpec] = {}
-        for module_name in BUILTIN_SPEC_MODULES:
-            try:
-                module = importlib.import_module(module_name)
-            except ModuleNotFoundError as exc:
-                if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
-                    continue  # that stage package is not present in this build
-                raise
-            _collect(getattr(module, "STAGES"), found, module_name)
-            _sources.update({name: module_name for name in found if name not in _sources})
         from importlib.metadata import entry_points
 
-        for ep in entry_points(group="vlflow.stages"):
-            _collect(ep.load(), found, f"entry point {ep.name}")
+        found: dict[str, StageSpec] = {}
+        for ep in sorted(entry_points(group="vlflow.stages"), key=lambda ep: (ep.dist.name != "vlflow", ep.name)):
+            _collect(ep.load(), found, f"entry point {ep.name} ({ep.value})")
             _sources.update({name: ep.value for name in found if name not in _sources})
         _registry = found
     return _registry
