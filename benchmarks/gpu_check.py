@@ -586,7 +586,7 @@ def part_loader(args) -> dict:
             next_device_batch(index + 100)
         sync()
         out["loader_alone_samples_per_s"] = steps * batch / (time.perf_counter() - started)
-        del batches, loader
+        batches = loader = None  # stop the workers before the next part
     out["real_vs_in_memory"] = out["real_loader_samples_per_s"] / out["in_memory_batch_samples_per_s"]
     return out
 

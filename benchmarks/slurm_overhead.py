@@ -59,7 +59,7 @@ def main() -> None:
     for _ in range(args.repeats):
         local.append(one_run(args.stages, "local"))
         slurm.append(one_run(args.stages, "slurm"))
-    per_stage = [(s - l) / args.stages for s, l in zip(slurm, local)]
+    per_stage = [(on_slurm - here) / args.stages for on_slurm, here in zip(slurm, local)]
     print(f"{args.stages} chained stages, {args.repeats} repeat(s), on {os.cpu_count()} CPUs")
     print(f"local: median {statistics.median(local):.2f} s ({statistics.median(local) / args.stages:.2f} s/stage)")
     print(f"slurm: median {statistics.median(slurm):.2f} s ({statistics.median(slurm) / args.stages:.2f} s/stage)")
