@@ -74,7 +74,8 @@ def alive(pid: int) -> bool:
 def mode(request, monkeypatch) -> str:
     monkeypatch.setenv(forked.STAGE_PROCESS_ENV, request.param)
     # a fresh interpreter finds this module (the probe's spec) the way any interpreter would: on its path
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    repo = str(Path(__file__).parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
     return request.param
 
 

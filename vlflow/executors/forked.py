@@ -3,8 +3,9 @@
 A fresh `python -m vlflow.execute` costs ~100 ms of interpreter start and imports per stage. By default the stage
 process is instead forked from Python's multiprocessing forkserver: one clean server process, started once per run
 with the vlflow modules a stage process needs and every stage spec module already imported (never torch, never a
-stage's entry module), forks a child per stage in a few ms. The server holds no runner state (it is a fresh interpreter, not a fork of the runner), so a stage starts
-as clean as before. The child keeps every guarantee of the fresh interpreter:
+stage's entry module), forks a child per stage in a few ms. The server holds no runner state (it is a fresh
+interpreter, not a fork of the runner), so a stage starts as clean as before. The child keeps every guarantee of the
+fresh interpreter:
 - its stdout and stderr go to a pipe the runner copies into the stage log, line by line, as before;
 - it leads its own process group (`os.setsid`), so the runner's kill reaches everything the stage started;
 - it dies with its parent (PR_SET_PDEATHSIG); the server exits as soon as the runner is gone (its pipe closes), so a
@@ -147,7 +148,8 @@ def run_stage_process(payload_path: Path, log_path: Path, on_line: Callable[[str
                 _kill_group(proc.pid)
                 raise
     read_fd, write_fd = os.pipe()
-    process = _forkserver().Process(target=_stage_main, name=f"{STAGE_PROCESS_NAME}:{Path(payload_path).parent.name}",
+    process = _forkserver().Process(target=_stage_main,
+                                    name=f"{STAGE_PROCESS_NAME}:{Path(payload_path).parent.name}",
                                     args=(str(payload_path), _InheritedFd(write_fd), env, os.getcwd()))
     try:
         with open(read_fd, "rb") as output:
