@@ -14,7 +14,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 DIR=$1
 NODES=${VLFLOW_CLUSTER_NODES:-2}
-CPUS=${VLFLOW_CLUSTER_CPUS:-$(nproc)}
+# nproc honours OMP_NUM_THREADS (tests run with 1): count the cores this host really offers
+CPUS=${VLFLOW_CLUSTER_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}
 TIMEOUT=${VLFLOW_CLUSTER_TIMEOUT:-60}
 log() { echo "[cluster $(date +%T)] $*" >&2; }
 fail() { log "error: $*"; exit 1; }
