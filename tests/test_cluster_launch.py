@@ -1,10 +1,11 @@
-"""Real mpirun and srun launches of a distributed stage (testing.train, 2 gloo ranks), through `vlflow run`, against
-the one-host Slurm test cluster (scripts/cluster/, 2 fake nodes) and Open MPI. Each trains, commits, and ends with
-weights identical to the torchrun launch of the same stage. Also: the cluster scripts themselves, and the launch
+"""Real mpirun, srun, and srun-started torchrun launches of a distributed stage (testing.train, 2 gloo ranks), through
+`vlflow run`, against the one-host Slurm test cluster (scripts/cluster/, 2 fake nodes) and Open MPI. Each trains,
+commits, and ends with weights identical to the single-node torchrun launch of the same stage. Also: the cluster scripts themselves, and the launch
 settings the launcher adds (allow-run-as-root, oversubscribe, master address from the allocation)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import CLUSTER_SCRIPTS, missing_cluster_piece, write_project_config
 from vlflow.errors import LaunchError
-from vlflow.launch.command import build_command, launcher_env, resolve_master_addr
+from vlflow.launch.command import JOIN_DIR_ENV, build_command, launcher_env, resolve_master_addr
 from vlflow.stage import LaunchSpec
 
 VLFLOW = str(Path(sys.executable).with_name("vlflow"))
@@ -100,6 +101,49 @@ def test_srun_inside_salloc_trains_one_rank_per_node_like_torchrun(tmp_path, slu
     assert_identical(weights, torchrun_weights)
 
 
+@pytest.mark.dist
+def test_torchrun_inside_salloc_starts_one_agent_per_node_like_single_node_torchrun(tmp_path, slurm_cluster,
+                                                                                  torchrun_weights):
+    weights, logs = run_workflow(tmp_path, "torchrun", per_node=1, nodes=2, env=slurm_cluster,
+                                 prefix=("salloc", "--nodes=2", "--quiet", "--time=5"))
+    assert "# srun --nodes 2 --ntasks-per-node 1 --ntasks 2 --kill-on-bad-exit=1 bash -c " in logs
+    assert "--nnodes 2 --master_addr 127.0.0.1 --master_port " in logs  # n1's address, a port every node shares
+    assert_identical(weights, torchrun_weights)
+
+
+def test_torchrun_across_nodes_is_started_by_srun_only_inside_an_allocation(tmp_path, monkeypatch, slurm_cluster):
+    launch = LaunchSpec(launcher="torchrun", nproc_per_node=4, nnodes=2)
+    for name, value in slurm_cluster.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv(JOIN_DIR_ENV, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "n[1-2]")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "10")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    command = build_command(launch, tmp_path / "p.json", python="py")
+    script = command[command.index("-c") + 1]
+    assert command[:command.index("-c") + 2] == ["srun", "--nodes", "2", "--ntasks-per-node", "1", "--ntasks", "2",
+                                                 "--kill-on-bad-exit=1", "--cpus-per-task=10", "bash", "-c", script]
+    # one agent per node, the node's rank from Slurm; the same arguments otherwise on every node
+    assert re.search(r'exec "\$0" -m torch.distributed.run --node_rank "\$SLURM_NODEID" "\$@"', script)
+    arguments = command[command.index(script) + 1:]
+    assert arguments[0] == "py" and "--node_rank" not in arguments
+    assert arguments[arguments.index("--master_addr") + 1] == "127.0.0.1"  # the first node (n1) hosts rank 0
+    assert int(arguments[arguments.index("--master_port") + 1]) > 0  # master_port 0: one free port for all nodes
+    on_node_2 = subprocess.run(["bash", "-c", script, "echo", "--nnodes", "2"], capture_output=True, text=True,
+                               env=dict(os.environ, SLURM_NODEID="1"), timeout=30)
+    assert on_node_2.stdout == "-m torch.distributed.run --node_rank 1 --nnodes 2\n"
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1")
+    with pytest.raises(LaunchError, match=r"nnodes 2, but the Slurm allocation \(job 7\) has 1 node\(s\)"):
+        build_command(launch, tmp_path / "p.json", python="py")
+    # torchrun started by hand on each node (the join recipe, or outside Slurm): no srun
+    monkeypatch.setenv(JOIN_DIR_ENV, str(tmp_path / "join"))
+    assert build_command(launch.model_copy(update={"master_port": 29500}), tmp_path / "p.json", python="py")[0] == "py"
+    monkeypatch.delenv(JOIN_DIR_ENV)
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert build_command(launch.model_copy(update={"master_port": 29500}), tmp_path / "p.json", python="py")[0] == "py"
+
+
 def test_master_address_comes_from_the_allocation(monkeypatch, slurm_cluster):
     launch = LaunchSpec(launcher="slurm", nnodes=2)
     monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
@@ -151,15 +195,31 @@ def test_cluster_scripts_start_two_nodes_and_stop_leaves_nothing_running(tmp_pat
 # ---------------------------------------------------------------------------------------------------------------
 # Interrupts leave no rank behind
 
+def two_node_allocation(cluster_env: dict) -> dict:
+    """An allocation of both fake nodes held without a shell (salloc --no-shell), as the environment a process
+    inside it sees; the caller scancels SLURM_JOB_ID."""
+    granted = subprocess.run(["salloc", "--no-shell", "--nodes=2", "--time=5"], env=dict(os.environ, **cluster_env),
+                             capture_output=True, text=True, timeout=60)
+    job = re.search(r"Granted job allocation (\d+)", granted.stderr)
+    assert job, granted.stderr
+    return {**cluster_env, "SLURM_JOB_ID": job[1], "SLURM_JOB_NODELIST": "n[1-2]"}
+
+
 @pytest.mark.dist
-@pytest.mark.parametrize("launcher", ["mpirun", "slurm"])
-def test_interrupt_stops_every_mpirun_and_srun_rank(tmp_path, launcher, request):
+@pytest.mark.parametrize("launcher", ["mpirun", "slurm", "torchrun"])
+def test_interrupt_stops_every_mpirun_srun_and_torchrun_rank(tmp_path, launcher, request):
+    """Also torchrun across both nodes inside an allocation: no agent (srun's task) nor rank is left behind."""
     from tests.test_launch import make_payload, processes_mentioning
     from vlflow.launch import run_distributed
     from vlflow.stage import get_spec
 
     cluster_env = request.getfixturevalue("mpirun_available" if launcher == "mpirun" else "slurm_cluster") or {}
     launch = LaunchSpec(launcher=launcher, nproc_per_node=2, backend="gloo")
+    if launcher == "torchrun":
+        cluster_env = two_node_allocation(cluster_env)
+        request.addfinalizer(lambda: subprocess.run(["scancel", cluster_env["SLURM_JOB_ID"]], timeout=60,
+                                                    env=dict(os.environ, **cluster_env)))
+        launch = LaunchSpec(launcher="torchrun", nnodes=2, backend="gloo")
     payload = make_payload(tmp_path, launch, {"steps": 200, "checkpoint_every": 2, "sleep": 0.2})
 
     def interrupt_after_first_checkpoint(line: str) -> None:
@@ -176,3 +236,5 @@ def test_interrupt_stops_every_mpirun_and_srun_rank(tmp_path, launcher, request)
     while processes_mentioning(str(payload)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert processes_mentioning(str(payload)) == []
+    if launcher == "torchrun":
+        assert "# srun --nodes 2 --ntasks-per-node 1 --ntasks 2 " in (tmp_path / "log.txt").read_text()

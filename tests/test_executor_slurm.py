@@ -273,21 +273,26 @@ def test_preemption_and_scancel_resume_to_the_weights_of_an_uninterrupted_run(tm
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-def test_a_distributed_stage_runs_as_a_two_node_job_with_one_rank_per_node(tmp_path, cluster_env):
-    path = project(tmp_path, """\
+@pytest.mark.parametrize("launcher, started", [
+    (None, r"--kill-on-bad-exit=1 \S+ -m vlflow.launch.worker --launcher slurm"),  # srun, one task per rank
+    ("torchrun", r"--kill-on-bad-exit=1 bash -c .* -m torch.distributed.run --node_rank .*--nnodes 2 "),  # per node
+], ids=["srun", "torchrun"])
+def test_a_distributed_stage_runs_as_a_two_node_job_with_one_rank_per_node(tmp_path, cluster_env, launcher, started):
+    launch = f"{{backend: gloo, launcher: {launcher}}}" if launcher else "{backend: gloo}"
+    path = project(tmp_path, f"""\
         name: twonodes
         stages:
           train:
             uses: testing.train
-            with: {steps: 4, checkpoint_every: 2}
-            launch: {backend: gloo}
-            executor: {type: slurm, nodes: 2}
+            with: {{steps: 4, checkpoint_every: 2}}
+            launch: {launch}
+            executor: {{type: slurm, nodes: 2}}
         """)
     done = vlflow(path, env=cluster_env, timeout=240)
     assert done.returncode == 0, done.stderr + done.stdout
     log = next((tmp_path / "state" / "logs" / "twonodes").glob("train-*.log")).read_text()
     assert re.search(r"# sbatch .*--nodes=2 ", log)
-    assert re.search(r"# srun --nodes 2 --ntasks-per-node 1 --ntasks 2 .*--launcher slurm", log), log[-3000:]
+    assert re.search(r"# srun --nodes 2 --ntasks-per-node 1 --ntasks 2 " + started, log), log[-3000:]
     assert "world size: 2" in log
     manifest = json.loads(next((tmp_path / "cache").rglob("manifest.json")).read_text())
     assert manifest["meta"]["metrics"]["world_size"] == 2

@@ -954,11 +954,7 @@ class _Loader:
                 settings.setdefault("nnodes", executor.nodes)
                 settings.setdefault("nproc_per_node", max(1, executor.gpus_per_node))
                 if executor.nodes > 1:  # the batch script runs on the first node only: srun starts every rank
-                    settings.setdefault("launcher", "slurm")
-                    if settings["launcher"] == "torchrun":
-                        raise self.fail("launcher torchrun starts the ranks of one node only; a Slurm job of "
-                                        f"executor.nodes {executor.nodes} needs launcher: slurm (srun, one task per "
-                                        "GPU) or mpirun", (*launch_path, "launcher"))
+                    settings.setdefault("launcher", "slurm")  # (torchrun: srun starts one agent per node)
             launch = self.validate_launch(settings, launch_path, origin_paths=[launch_path, ("defaults", "launch")],
                                           spec=spec)
 

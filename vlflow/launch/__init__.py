@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -18,7 +19,7 @@ from typing import Callable
 from vlflow.procs import die_with_parent
 from vlflow.errors import LaunchError
 from vlflow.execute import result_path
-from vlflow.launch.command import build_command, free_port, launcher_env
+from vlflow.launch.command import JOIN_DIR_ENV, build_command, free_port, launcher_env
 from vlflow.stage import LaunchSpec, StageSpec
 
 __all__ = ["run_distributed", "build_command", "free_port", "LaunchError"]
@@ -26,7 +27,6 @@ __all__ = ["run_distributed", "build_command", "free_port", "LaunchError"]
 LOG_TAIL_LINES = 40
 WORKER_ERROR_PREFIX = "error: "  # what the worker prints for a user-facing (VlflowError) failure
 TERMINATE_GRACE_SECONDS = 10
-JOIN_DIR_ENV = "VLFLOW_JOIN_DIR"  # where node 0 announces multi-node torchrun launches (shared with every node)
 
 
 def run_distributed(spec: StageSpec, payload_path: Path, launch: LaunchSpec | None, log_path: Path,
@@ -38,8 +38,10 @@ def run_distributed(spec: StageSpec, payload_path: Path, launch: LaunchSpec | No
     Raises LaunchError with the end of the log when any rank fails. On KeyboardInterrupt the whole process group
     (launcher and every rank) is stopped before the interrupt propagates.
 
-    torchrun across machines (nnodes > 1): only node 0 runs stages and commits them (`vlflow run`); with
-    VLFLOW_JOIN_DIR set, node 0 announces each launch there for the other nodes' `python -m vlflow.launch.join`.
+    torchrun across machines (nnodes > 1): only node 0 runs stages and commits them (`vlflow run`). Inside a Slurm
+    allocation srun starts torchrun's agent on every node itself (see command.srun_starts_torchrun). Otherwise the
+    other nodes join: with VLFLOW_JOIN_DIR set, node 0 announces each launch there for their
+    `python -m vlflow.launch.join`.
     `joining=True` is such a node's agent (node_rank > 0): node 0's payload stays as it is and the result is node 0's,
     so it returns None. Without it a node_rank > 0 is refused, since the caller would commit a stage node 0 commits.
     """
@@ -99,7 +101,7 @@ def _launch(spec: StageSpec, payload: dict, payload_path: Path, launch: LaunchSp
     tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
     first_user_error = None  # workers print user-facing errors as one "error: ..." line
     with open(log_path, "a") as log:
-        log.write(f"# {' '.join(command)}\n")
+        log.write(f"# {shlex.join(command)}\n")
         log.flush()
         try:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -2,7 +2,8 @@
 
 Every launcher starts `python -m vlflow.launch.worker` once per rank; the worker then calls the matching
 `colossalai.launch_from_*` function. torchrun passes rank/world size/master address through its own environment
-variables; for mpirun and srun the master address and port go on the worker's command line.
+variables; for mpirun and srun the master address and port go on the worker's command line. torchrun across nodes
+inside a Slurm allocation is started on every node at once by srun (one agent per node).
 """
 from __future__ import annotations
 
@@ -19,6 +20,13 @@ from vlflow.stage import LaunchSpec
 WORKER_MODULE = "vlflow.launch.worker"
 # Exported to every rank by mpirun (`-x NAME` forwards the caller's value); srun forwards the whole environment.
 MPI_EXPORTED_ENV = ("PATH", "PYTHONPATH", "PYTHONUNBUFFERED", "OMP_NUM_THREADS", "VIRTUAL_ENV")
+
+
+JOIN_DIR_ENV = "VLFLOW_JOIN_DIR"  # where node 0 announces multi-node torchrun launches (shared with every node)
+# torchrun's agent on each node, started by srun: bash only puts that node's SLURM_NODEID in as --node_rank, then
+# becomes the agent (exec). It ignores Slurm's warning signal (USR1), whose default action would kill the agent and
+# with it the ranks; the training loop of each rank installs its own handler (vlflow.executors.preempt).
+TORCHRUN_PER_NODE_SCRIPT = 'trap "" USR1; exec "$0" -m torch.distributed.run --node_rank "$SLURM_NODEID" "$@"'
 
 
 # Open MPI refuses to start as root without both (CI containers run as root).
@@ -39,13 +47,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def srun_starts_torchrun(launch: LaunchSpec) -> bool:
+    """torchrun across nodes from inside a Slurm allocation (salloc, sbatch, the Slurm executor's job): srun starts
+    one torchrun agent on every node of it. Not when node 0 announces the launch to joining nodes (VLFLOW_JOIN_DIR),
+    nor for a node other than node 0, which only ever joins."""
+    return (launch.launcher == "torchrun" and launch.nnodes > 1 and launch.node_rank == 0
+            and bool(os.environ.get("SLURM_JOB_ID")) and not os.environ.get(JOIN_DIR_ENV))
+
+
 def resolve_port(launch: LaunchSpec) -> int:
-    """`launch.master_port`, or when it is 0 a port free here: on a single node, and for mpirun/srun, which start
-    every rank from this one command (rank 0 then listens on a port that was free on this host; set master_port
-    when that may not hold on the first node). Separate torchrun agents on several nodes must agree on it."""
+    """`launch.master_port`, or when it is 0 a port free here: on a single node, and for mpirun/srun (also srun
+    starting torchrun agents), which start every rank from this one command (rank 0 then listens on a port that was
+    free on this host; set master_port when that may not hold on the first node). Separate torchrun agents started
+    by hand on several nodes must agree on it."""
     if launch.master_port:
         return launch.master_port
-    if launch.nnodes > 1 and launch.launcher == "torchrun":
+    if launch.nnodes > 1 and launch.launcher == "torchrun" and not srun_starts_torchrun(launch):
         raise LaunchError("master_port must be set (not 0) when nnodes > 1: every node has to agree on it",
                           field="launch.master_port")
     return free_port()
@@ -56,10 +73,12 @@ SCONTROL_TIMEOUT_SECONDS = 30
 
 
 def resolve_master_addr(launch: LaunchSpec) -> str:
-    """Where rank 0 listens. mpirun and srun across nodes inside a Slurm allocation (salloc, sbatch): the address of
-    the allocation's first node (where Slurm and Open MPI place rank 0) unless master_addr names one; outside an
-    allocation master_addr must be given."""
-    if launch.launcher == "torchrun" or launch.nnodes == 1 or launch.master_addr not in LOOPBACK_ADDRESSES:
+    """Where rank 0 listens. mpirun, srun, and srun starting torchrun agents, across nodes inside a Slurm allocation
+    (salloc, sbatch): the address of the allocation's first node (where Slurm and Open MPI place rank 0, and node
+    rank 0 of torchrun is SLURM_NODEID 0) unless master_addr names one; outside an allocation master_addr must be
+    given. torchrun started by hand on each node: master_addr as given."""
+    if (launch.launcher == "torchrun" and not srun_starts_torchrun(launch)) or launch.nnodes == 1 \
+            or launch.master_addr not in LOOPBACK_ADDRESSES:
         return launch.master_addr
     nodelist = os.environ.get("SLURM_JOB_NODELIST")
     if not nodelist:
@@ -115,6 +134,15 @@ def build_command(launch: LaunchSpec, payload_path: Path, python: str = sys.exec
         # (the stage's staging dir) rather than a /tmp/torchelastic_* dir that a killed agent would leave behind.
         log_dir = [] if {"--log-dir", "--log_dir"} & {a.split("=")[0] for a in launch.extra_args} else \
             ["--log-dir", str(Path(payload).parent / "torchelastic")]
+        if srun_starts_torchrun(launch):
+            _check_allocation_size(launch)
+            # The same static rendezvous, each node's rank from Slurm: the same global ranks on the same nodes as
+            # srun's and mpirun's (rank r on node r // nproc_per_node), rank 0 on the first node.
+            return [*srun_one_task_per_node(launch.nnodes), "bash", "-c", TORCHRUN_PER_NODE_SCRIPT, python,
+                    "--nproc_per_node", str(launch.nproc_per_node), "--nnodes", str(launch.nnodes),
+                    "--master_addr", resolve_master_addr(launch), "--master_port", port,
+                    *log_dir, *launch.extra_args,
+                    "-m", WORKER_MODULE, payload]
         return [python, "-m", "torch.distributed.run",
                 "--nproc_per_node", str(launch.nproc_per_node), "--nnodes", str(launch.nnodes),
                 "--node_rank", str(launch.node_rank), "--master_addr", launch.master_addr, "--master_port", port,
@@ -133,6 +161,23 @@ def build_command(launch: LaunchSpec, payload_path: Path, python: str = sys.exec
                 *launch.extra_args,
                 python, "-m", WORKER_MODULE, "--launcher", "slurm", *worker_address, payload]
     raise LaunchError(f"unknown launcher {launch.launcher!r}", field="launch.launcher")
+
+
+def _check_allocation_size(launch: LaunchSpec) -> None:
+    allocated = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or ""
+    if allocated.isdigit() and int(allocated) < launch.nnodes:
+        raise LaunchError(f"nnodes {launch.nnodes}, but the Slurm allocation (job {os.environ['SLURM_JOB_ID']}) has "
+                          f"{allocated} node(s): ask salloc/sbatch for --nodes={launch.nnodes} or lower nnodes",
+                          field="launch.nnodes")
+
+
+def srun_one_task_per_node(nnodes: int) -> list[str]:
+    """srun of one task on each of `nnodes` nodes of the current allocation. The task gets the CPUs the job asked
+    per task (SLURM_CPUS_PER_TASK: the executor's cpus_per_task, with one task per node), which Slurm 22.05's srun
+    no longer takes from the environment by itself; a node's GPUs go to the step whole (Slurm's default for GRES)."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return ["srun", "--nodes", str(nnodes), "--ntasks-per-node", "1", "--ntasks", str(nnodes),
+            "--kill-on-bad-exit=1", *([f"--cpus-per-task={cpus}"] if cpus.isdigit() else [])]
 
 
 def _mpirun_placement(launch: LaunchSpec) -> list[str]:
