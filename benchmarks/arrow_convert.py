@@ -76,7 +76,6 @@ def convert_vqa_in_memory(root: Path, out: Path) -> None:
     from collections import Counter
 
     import pyarrow as pa
-
     from vlflow.stages.data.arrow_vqa import normalize_answer  # = ViLT's glossary.normalize_word (tested)
 
     questions = {split: json.loads(path.read_text())["questions"] for split, folder in VQA_SPLITS.items()
@@ -139,7 +138,6 @@ CONVERTERS = {("coco", "streaming"): lambda a: convert_streaming(a.root, a.out, 
 
 def child(args) -> None:
     import pyarrow  # noqa: F401 - imports are not part of the measured conversion time
-
     import vlflow.stages.data.arrow_coco  # noqa: F401
     import vlflow.stages.data.arrow_vqa  # noqa: F401
     import vlflow.stages.data.spec  # noqa: F401

@@ -134,7 +134,8 @@ def training_rates(cache: Path) -> dict[str, float]:
 
 
 def part_e2e(args) -> dict:
-    """Both tiny workflows at once (separate caches, one GPU): their stages are launch-bound on a GPU, so they overlap."""
+    """Both tiny workflows at once (separate caches, one GPU): their stages are launch-bound on a GPU, so they
+    overlap."""
     if args.cpu_dry_run:
         return {"skipped": "CPU dry run: the suite's tests/test_vilt_e2e.py and tests/test_unitab_e2e.py run these "
                            "workflows on CPU (2 gloo ranks, fp32)"}
@@ -265,11 +266,12 @@ def largest_batch(args, params, vocab, template, device, precision) -> int:
 
 def part_vilt_step(args) -> dict:
     import vilt_step as bench
-    from vlflow.launch.booster import make_booster
-    from vlflow.stage import LaunchSpec
     from vlflow.stages.common.device import stage_device
     from vlflow.stages.common.fit import adamw_choice
     from vlflow.stages.vilt.train import decay_groups
+
+    from vlflow.launch.booster import make_booster
+    from vlflow.stage import LaunchSpec
 
     device = stage_device()
     params, vocab, template = vilt_setup(args)
@@ -515,7 +517,6 @@ def part_loader(args) -> dict:
     A ratio near 1 means the loader is not the bottleneck with that many workers."""
     import dataloader as loader_bench  # benchmarks/dataloader.py (arrows as its benchmark makes them)
     from torch.utils.data import DataLoader
-
     from vlflow.stages.common.device import autocast, stage_device
     from vlflow.stages.common.fit import to_device
     from vlflow.stages.common.training import ResumableSampler

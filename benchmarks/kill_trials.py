@@ -21,9 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+from vlflow.stages.testing.http_files import RangeFileHandler, serve
+
 from vlflow.procs import processes_mentioning
 from vlflow.runner import content_digest
-from vlflow.stages.testing.http_files import RangeFileHandler, serve
 from vlflow.store import ArtifactStore
 
 VLFLOW = str(Path(sys.executable).with_name("vlflow"))

@@ -29,11 +29,13 @@ def write_vlflow_project(root: Path, files_per_stage: int) -> None:
     stages = []
     for i in range(5):
         needs = f", needs: [s{i - 1}]" if i else ""
-        stages.append(f"  s{i}: {{uses: testing.write, with: {{files: {files_per_stage}, size: 64, text: s{i}}}{needs}}}")
+        spec = f"{{files: {files_per_stage}, size: 64, text: s{i}}}"
+        stages.append(f"  s{i}: {{uses: testing.write, with: {spec}{needs}}}")
     (root / "wf.yaml").write_text("name: noop\nstages:\n" + "\n".join(stages) + "\n")
 
 
-MAKE_FILES = "import os; os.makedirs('{d}', exist_ok=True); [open(f'{d}/f{{j}}', 'w').write('x'*64) for j in range({n})]"
+MAKE_FILES = ("import os; os.makedirs('{d}', exist_ok=True); "
+              "[open(f'{d}/f{{j}}', 'w').write('x'*64) for j in range({n})]")
 
 
 def write_dvc_project(root: Path, files_per_stage: int, dvc: str) -> list[str]:

@@ -5,7 +5,8 @@ launch settings, booster.backward) against a plain PyTorch loop on the same tran
     python benchmarks/vilt_step.py --small    # hidden 128, 2 layers, 64x64 images (quick, CPU)
 
 Both paths run the same MLM + ITM step (two backbone passes, as ViLT) on the same fixed batch; rounds alternate
-between the paths (and which goes first) so that machine noise hits both. Prints samples/s of each and the ratio (goal >= 0.97).
+between the paths (and which goes first) so that machine noise hits both. Prints samples/s of each and the ratio
+(goal >= 0.97).
 """
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ import time
 import colossalai
 import torch
 from colossalai.accelerator import get_accelerator, set_accelerator
+from vlflow.stages.vilt.model import ViltPretrainingModel, build_config
+from vlflow.stages.vilt.spec import ViltPretrainParams
+from vlflow.stages.vilt.train import decay_groups
 
 from vlflow.launch.booster import make_booster
 from vlflow.launch.command import free_port
 from vlflow.stage import LaunchSpec
-from vlflow.stages.vilt.model import ViltPretrainingModel, build_config
-from vlflow.stages.vilt.spec import ViltPretrainParams
-from vlflow.stages.vilt.train import decay_groups
 
 
 def make_batch(params, vocab_size: int, batch_size: int, device, generator) -> tuple[dict, dict]:

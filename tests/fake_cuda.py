@@ -27,8 +27,12 @@ from unittest import mock
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import (FakeTensor, FakeTensorDeviceMismatchError, FakeTensorMode,
-                                          unset_fake_temporarily)
+from torch._subclasses.fake_tensor import (
+    FakeTensor,
+    FakeTensorDeviceMismatchError,
+    FakeTensorMode,
+    unset_fake_temporarily,
+)
 from torch.utils import _pytree as pytree
 
 aten = torch.ops.aten

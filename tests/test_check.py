@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_project_config
 from vlflow.check import compare
 from vlflow.cli import main as vlflow_main
 from vlflow.store import FileEntry
-from tests.conftest import write_project_config
 
 WORKFLOWS = Path(__file__).parent / "data" / "workflows"
 
@@ -91,9 +91,11 @@ def test_uncached_stages_have_nothing_to_check_until_built(project, capsys):
 
 
 def test_compare_names_differences_in_path_order_and_ignores_the_runner_metadata():
-    cached = [FileEntry("b.txt", 3, "1" * 64), FileEntry("a.txt", 2, "2" * 64), FileEntry("_vlflow/stage.log", 9, "3" * 64),
+    cached = [FileEntry("b.txt", 3, "1" * 64), FileEntry("a.txt", 2, "2" * 64),
+              FileEntry("_vlflow/stage.log", 9, "3" * 64),
               FileEntry("gone.txt", 1, "4" * 64)]
-    rerun = [FileEntry("a.txt", 2, "2" * 64), FileEntry("b.txt", 4, "5" * 64), FileEntry("_vlflow/stage.log", 7, "6" * 64),
+    rerun = [FileEntry("a.txt", 2, "2" * 64), FileEntry("b.txt", 4, "5" * 64),
+             FileEntry("_vlflow/stage.log", 7, "6" * 64),
              FileEntry("new.txt", 1, "7" * 64)]
     differences = compare(cached, rerun)
     assert [d.path for d in differences] == ["b.txt", "gone.txt", "new.txt"]

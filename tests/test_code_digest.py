@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 import vlflow.stage
+from tests.conftest import write_project_config
 from vlflow.cli import main as vlflow_main
 from vlflow.code_digest import clear_cache, code_digest
 from vlflow.stage import get_spec
-from tests.conftest import write_project_config
 
 # A third-party stage package, registered through the real "vlflow.stages" entry-point group (a dist-info dir on
 # sys.path), so the stage also runs in vlflow's child process.

@@ -7,14 +7,14 @@ from collections import defaultdict
 import pyarrow as pa
 import pytest
 from PIL import Image
-
-from vlflow.errors import VlflowError
 from vlflow.stages.data.arrow_coco import convert_coco_karpathy
 from vlflow.stages.data.arrow_f30k import convert_f30k_karpathy
 from vlflow.stages.data.arrow_grounding import convert_grounding
 from vlflow.stages.data.errors import DataError
 from vlflow.stages.data.spec import ArrowParams, GroundingArrowParams, SyntheticCocoParams, SyntheticFlickrParams
 from vlflow.stages.data.synthetic import generate_coco, generate_flickr30k
+
+from vlflow.errors import VlflowError
 
 
 @pytest.fixture(scope="module")

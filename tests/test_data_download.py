@@ -8,7 +8,6 @@ import time
 import zipfile
 
 import pytest
-
 from vlflow.stages.data.archive import safe_extract
 from vlflow.stages.data.download import download_files
 from vlflow.stages.data.errors import DataError

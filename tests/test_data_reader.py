@@ -4,7 +4,6 @@ import pickle
 import pytest
 import torch
 from PIL import Image
-
 from vlflow.stages.data.arrow_coco import convert_coco_karpathy
 from vlflow.stages.data.arrow_grounding import convert_grounding
 from vlflow.stages.data.errors import DataError

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from vlflow.stages.data.spec import STAGES, SyntheticCocoParams, SyntheticFlickrParams
 from vlflow.stages.data.synthetic import generate_coco, generate_flickr30k, split_counts
 

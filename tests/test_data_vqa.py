@@ -9,9 +9,14 @@ from collections import Counter
 import pyarrow as pa
 import pytest
 from PIL import Image
-
-from vlflow.stages.data.arrow_vqa import (VQA_SCHEMA, answer_score, convert_vqav2, normalize_answer, official_accuracy,
-                                          question_targets)
+from vlflow.stages.data.arrow_vqa import (
+    VQA_SCHEMA,
+    answer_score,
+    convert_vqav2,
+    normalize_answer,
+    official_accuracy,
+    question_targets,
+)
 from vlflow.stages.data.errors import DataError
 from vlflow.stages.data.spec import SyntheticCocoParams, VqaArrowParams
 from vlflow.stages.data.synthetic import ANSWER_POOLS, COLOURS, SHAPES, generate_coco

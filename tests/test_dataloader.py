@@ -8,9 +8,13 @@ import pytest
 import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
-
-from vlflow.stages.data.transforms import (min_max_size, normalize_pixels, pixelbert_pixels, pixelbert_transform,
-                                           vilt_max_size)
+from vlflow.stages.data.transforms import (
+    min_max_size,
+    normalize_pixels,
+    pixelbert_pixels,
+    pixelbert_transform,
+    vilt_max_size,
+)
 from vlflow.stages.text.tokenizer import train_wordpiece
 from vlflow.stages.vilt.data import PairCollator, collate_images, device_pixels, pad_images
 from vlflow.stages.vilt.model import ViltPretrainingModel, build_config

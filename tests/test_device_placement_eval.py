@@ -11,22 +11,21 @@ import logging
 import pyarrow as pa
 import pytest
 import torch
+from fake_cuda import FakeTensorDeviceMismatchError, fake_cuda
 from PIL import Image
 from transformers import ViltForImageAndTextRetrieval, ViltForQuestionAnswering
-
-from fake_cuda import FakeTensorDeviceMismatchError, fake_cuda
-from vlflow.stage import LaunchSpec, StageContext
 from vlflow.stages.common.device import cpu_threads_per_rank, stage_device
 from vlflow.stages.text.tokenizer import train_bpe, train_wordpiece
 from vlflow.stages.unitab.evaluate import caption_images, ground_rows
 from vlflow.stages.unitab.evaluate import evaluate as unitab_evaluate
 from vlflow.stages.unitab.model import UniTAB, UniTABConfig
 from vlflow.stages.vilt.data import QuestionCollator, tokenize
-from vlflow.stages.vilt.evaluate import (evaluate_retrieval, image_batches, load_scorer, score_all_pairs,
-                                         text_batches)
+from vlflow.stages.vilt.evaluate import evaluate_retrieval, image_batches, load_scorer, score_all_pairs, text_batches
 from vlflow.stages.vilt.evaluate_vqa import answer_questions, evaluate_vqa
 from vlflow.stages.vilt.model import ViltPretrainingModel, build_config
 from vlflow.stages.vilt.spec import ViltEvaluateRetrievalParams, ViltEvaluateVqaParams, ViltPretrainParams
+
+from vlflow.stage import LaunchSpec, StageContext
 
 torch.set_num_threads(1)
 

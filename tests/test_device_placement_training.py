@@ -11,19 +11,23 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import ViltForImageAndTextRetrieval, ViltForQuestionAnswering
-
 from fake_cuda import CUDA, fake_cuda, to_fake_cuda
-from vlflow.stage import StageContext
+from transformers import ViltForImageAndTextRetrieval, ViltForQuestionAnswering
 from vlflow.stages.common.fit import Ema, _mean_over_ranks, device_losses, host_batch
 from vlflow.stages.text.tokenizer import train_bpe, train_wordpiece
 from vlflow.stages.unitab.data import collate as unitab_collate
 from vlflow.stages.unitab.model import UniTAB, UniTABConfig
 from vlflow.stages.vilt.data import CaptionPairs, PairCollator, QuestionCollator
-from vlflow.stages.vilt.model import (ViltPretrainingModel, ViltRetrievalTrainingModel, ViltVqaTrainingModel,
-                                      build_config)
+from vlflow.stages.vilt.model import (
+    ViltPretrainingModel,
+    ViltRetrievalTrainingModel,
+    ViltVqaTrainingModel,
+    build_config,
+)
 from vlflow.stages.vilt.spec import ViltPretrainParams
 from vlflow.stages.vilt.train import pretrain_task, retrieval_task, vqa_task
+
+from vlflow.stage import StageContext
 
 torch.set_num_threads(1)
 

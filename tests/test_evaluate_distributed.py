@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlflow.store import ArtifactStore
 from tests.conftest import write_project_config
+from vlflow.store import ArtifactStore
 
 VLFLOW = str(Path(sys.executable).with_name("vlflow"))
 

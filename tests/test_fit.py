@@ -11,10 +11,10 @@ import textwrap
 
 import pytest
 import torch
+from vlflow.stages.common.fit import first_dim, to_device, warmup_steps
 
 from tests.conftest import run_on_two_ranks
 from vlflow.launch.command import free_port
-from vlflow.stages.common.fit import first_dim, to_device, warmup_steps
 
 LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

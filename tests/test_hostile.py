@@ -14,7 +14,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from vlflow.stages.data.archive import safe_extract
 from vlflow.stages.data.errors import DataError
 
@@ -471,7 +470,7 @@ def test_lock_messages_and_records_never_carry_credentials(tmp_path):
     command = "vlflow run wf.yaml --cache s3://AKIAID:hunter2hunter2@bucket/c --set params.api_token=tok123456"
     holder = subprocess.Popen(  # another process holds the lock, as another `vlflow run` would
         [sys.executable, "-c", "import sys; from vlflow.lock import CacheLock; "
-         f"lock = CacheLock(sys.argv[1], name='c', command=sys.argv[2]); lock.acquire(); print('held', flush=True); "
+         "lock = CacheLock(sys.argv[1], name='c', command=sys.argv[2]); lock.acquire(); print('held', flush=True); "
          "sys.stdin.read()", str(tmp_path / "c.lock"), command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         text=True)
     try:
@@ -492,9 +491,9 @@ def test_lock_messages_and_records_never_carry_credentials(tmp_path):
 def test_store_url_and_download_errors_are_masked(tmp_path):
     from vlflow.stages.data.download import download_files
     from vlflow.stages.data.spec import DownloadParams
-    from vlflow.store import ArtifactStore
 
     from tests.conftest import free_port
+    from vlflow.store import ArtifactStore
 
     assert repr(ArtifactStore("memory://me:pw-secret-1@/vlflow-hostile")) == "ArtifactStore('memory:///vlflow-hostile')"
 
@@ -526,7 +525,6 @@ def test_store_url_and_download_errors_are_masked(tmp_path):
 ])
 def test_download_params_refuse_ambiguous_targets_and_bad_checksums(files, message):
     from pydantic import ValidationError
-
     from vlflow.stages.data.spec import DownloadParams
 
     with pytest.raises(ValidationError) as info:

@@ -3,20 +3,27 @@ checkpoint commit/prune/recovery, and the launch checks of vlflow.launch.booster
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
-import logging
 from pathlib import Path
 
 import pytest
 import torch
+from vlflow.stages.common.training import (
+    MetricsLogger,
+    ResumableSampler,
+    accumulation_steps,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
 
 from vlflow.errors import LaunchError, StageError
 from vlflow.stage import LaunchSpec, StageContext
-from vlflow.stages.common.training import (MetricsLogger, ResumableSampler, accumulation_steps, latest_checkpoint,
-                                           load_checkpoint, save_checkpoint, seed_everything)
 
 
 def test_accumulation_steps():

@@ -165,7 +165,7 @@ def test_runs_with_other_state_dirs_and_cache_spellings_wait_for_each_other(tmp_
     out1, out2 = finish(first), finish(second)
 
     assert "✓ done slow" in out1 and "1 ran, 0 cached" in out1
-    assert f"waiting for " in out2 and f"(pid {first.pid}, started" in out2  # it says for whom it waits
+    assert "waiting for " in out2 and f"(pid {first.pid}, started" in out2  # it says for whom it waits
     assert "✓ cached slow" in out2 and "0 ran, 1 cached" in out2
     assert len(attempts(cache)) == 1  # one execution, one commit
 

@@ -11,11 +11,11 @@ import textwrap
 
 import pytest
 import torch
+from vlflow.stages.common.fit import adamw_choice, make_adamw
 
 from tests.conftest import run_on_two_ranks
 from vlflow.errors import StageError, WorkflowError
 from vlflow.stage import LaunchSpec, StageContext
-from vlflow.stages.common.fit import adamw_choice, make_adamw
 from vlflow.workflow import load_workflow
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_project_config
 from vlflow.cli import main as vlflow_main
 from vlflow.store import META_DIR, ArtifactStore
-from tests.conftest import write_project_config
 
 WORKFLOWS = Path(__file__).parent.parent / "workflows"
 

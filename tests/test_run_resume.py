@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from vlflow.procs import processes_mentioning
 from tests.conftest import write_project_config
+from vlflow.procs import processes_mentioning
 
 VLFLOW = str(Path(sys.executable).with_name("vlflow"))
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from vlflow.cli import main as vlflow_main
 from tests.conftest import write_project_config
+from vlflow.cli import main as vlflow_main
 
 PIPELINE = """
 name: toy

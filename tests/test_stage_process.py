@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_project_config
 from vlflow.errors import StageError
 from vlflow.executors import forked
 from vlflow.executors.forked import run_stage_process
 from vlflow.stage import Params, StageSpec
-from tests.conftest import write_project_config
 
 
 class ProbeParams(Params):

@@ -6,11 +6,11 @@ import sys
 import pyarrow as pa
 import pytest
 from transformers import AutoTokenizer, BertTokenizerFast, RobertaTokenizerFast
+from vlflow.stages.text.spec import TOKENIZER_TRAIN
+from vlflow.stages.text.tokenizer import BERT_SPECIALS
 
 from vlflow.errors import StageError
 from vlflow.stage import StageContext
-from vlflow.stages.text.spec import TOKENIZER_TRAIN
-from vlflow.stages.text.tokenizer import BERT_SPECIALS
 
 CAPTIONS = [
     ["A red circle on a white background", "a small red circle"],

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlflow.store import ArtifactStore
 from tests.conftest import write_project_config
+from vlflow.store import ArtifactStore
 
 VLFLOW = str(Path(sys.executable).with_name("vlflow"))
 
@@ -46,7 +46,8 @@ def _run(project: Path, *args: str, kill_when=None, timeout: float = 400) -> sub
     """`vlflow run wf.yaml --until pretrain ARGS` in `project`; with `kill_when`, SIGKILL the whole tree once it
     holds (returns None)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([VLFLOW, "run", "wf.yaml", "--until", "pretrain", *args], cwd=project, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([VLFLOW, "run", "wf.yaml", "--until", "pretrain", *args], cwd=project, env=env,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + timeout
     try:

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torchvision
 from pydantic import ValidationError
-
 from vlflow.stages.unitab.model import Backbone
 from vlflow.stages.unitab.spec import PretrainParams
 
@@ -248,12 +247,12 @@ def _evaluate(tmp_path, tokenizer, train_overrides: dict, **evaluate_params) -> 
 
     import pyarrow as pa
     from PIL import Image
-
-    from vlflow.stage import StageContext
     from vlflow.stages.data.arrow_grounding import GROUNDING_SCHEMA
     from vlflow.stages.unitab.evaluate import evaluate
     from vlflow.stages.unitab.spec import EvaluateParams
     from vlflow.stages.unitab.train import save_outputs
+
+    from vlflow.stage import StageContext
 
     arrows = tmp_path / "arrows"
     arrows.mkdir(parents=True, exist_ok=True)
@@ -351,7 +350,6 @@ def test_bleu4_and_cider_d_agree_with_pycocoevalcap():
 
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-
     from vlflow.stages.unitab import metrics
 
     rng = random.Random(0)
@@ -378,7 +376,6 @@ def test_box_iou_agrees_with_pycocotools():
 
     import numpy as np
     from pycocotools import mask as coco_mask
-
     from vlflow.stages.unitab import metrics
 
     rng = random.Random(1)

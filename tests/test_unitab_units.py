@@ -9,11 +9,15 @@ import random
 import pytest
 import torch
 from PIL import Image
-
 from vlflow.stages.text.tokenizer import train_bpe
 from vlflow.stages.unitab import metrics
 from vlflow.stages.unitab.data import (
-    GroundingSequenceDataset, build_sequence, collate, encoder_sees_text, open_split, phrase_token_spans,
+    GroundingSequenceDataset,
+    build_sequence,
+    collate,
+    encoder_sees_text,
+    open_split,
+    phrase_token_spans,
 )
 from vlflow.stages.unitab.model import TokenLayout, UniTAB, UniTABConfig, ema_update, sequence_loss
 

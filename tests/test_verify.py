@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_project_config
 from vlflow.cli import main as vlflow_main
 from vlflow.config import load_config
 from vlflow.errors import StageError
 from vlflow.runner import Runner
 from vlflow.store import ArtifactStore
 from vlflow.workflow import load_workflow
-from tests.conftest import write_project_config
 
 PIPELINE = """
 name: toy
@@ -64,16 +64,16 @@ def test_cheap_check_rebuilds_deleted_truncated_or_extended_files(project, capsy
     damage(a_dir / "file_001.txt")
 
     rc, out = cli(capsys, "plan", "wf.yaml")
-    assert rc == 0 and f"a testing.write damaged" in out and "c testing.concat cached" in out
+    assert rc == 0 and "a testing.write damaged" in out and "c testing.concat cached" in out
     assert f"of stage a is damaged: {problem}; vlflow run rebuilds it before a stage uses it" in out
     rc, out = cli(capsys, "status", "wf.yaml")
     assert "a testing.write damaged" in out
     rc, out = cli(capsys, "show", "wf.yaml", "a")
-    assert rc == 0 and f"damaged: artifact" in out and f"of stage a is damaged: {problem} (vlflow verify" in out
+    assert rc == 0 and "damaged: artifact" in out and f"of stage a is damaged: {problem} (vlflow verify" in out
 
     # c must run (its suffix changed) and consumes a: a is checked first, reported and rebuilt, never consumed
     rc, out = cli(capsys, "run", "wf.yaml", "--set", "stages.c.with.suffix=again")
-    assert rc == 0 and f"✗ damaged a artifact" in out and f"of stage a is damaged: {problem}; rebuilding it" in out
+    assert rc == 0 and "✗ damaged a artifact" in out and f"of stage a is damaged: {problem}; rebuilding it" in out
     assert "2 ran, 0 cached" in out
     assert (artifact_dir(project, "a") / "file_001.txt").read_text() == "hello 1\n" * 5
     assert cli(capsys, "verify", "wf.yaml")[0] == 0

@@ -6,7 +6,6 @@ from collections import Counter
 import pytest
 import torch
 from transformers import BertTokenizerFast
-
 from vlflow.stages.vilt.data import MlmMasker
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "circle", "blue", "squ", "##a", "##re", "top"]

@@ -5,19 +5,33 @@ import io
 import pyarrow as pa
 import pytest
 import torch
-from PIL import Image
 import torch.nn.functional as F
+from PIL import Image
 from transformers import ViltForImageAndTextRetrieval, ViltForMaskedLM, ViltForQuestionAnswering
-
 from vlflow.stages.text.tokenizer import train_wordpiece
-from vlflow.stages.vilt.data import (CaptionPairs, MlmMasker, PairCollator, QuestionCollator, image_dataset,
-                                     swap_images_for_itm)
+from vlflow.stages.vilt.data import (
+    CaptionPairs,
+    MlmMasker,
+    PairCollator,
+    QuestionCollator,
+    image_dataset,
+    swap_images_for_itm,
+)
 from vlflow.stages.vilt.evaluate import recall_at_k, subset_recall, subsets_for
-from vlflow.stages.vilt.model import (ITM_HEAD_FILE, ViltPretrainingModel, ViltRetrievalTrainingModel,
-                                      ViltVqaTrainingModel, build_config, embed_images, encode, load_vit_weights,
-                                      retrieval_model_from_pretraining, vqa_model_from_pretraining)
-from vlflow.stages.vilt.train import decay_groups
+from vlflow.stages.vilt.model import (
+    ITM_HEAD_FILE,
+    ViltPretrainingModel,
+    ViltRetrievalTrainingModel,
+    ViltVqaTrainingModel,
+    build_config,
+    embed_images,
+    encode,
+    load_vit_weights,
+    retrieval_model_from_pretraining,
+    vqa_model_from_pretraining,
+)
 from vlflow.stages.vilt.spec import ViltPretrainParams
+from vlflow.stages.vilt.train import decay_groups
 
 torch.set_num_threads(1)
 
@@ -346,8 +360,9 @@ def test_coco_subsets_need_5000_images():
 
 
 def test_vqa_stages_name_a_wrong_arrows_input(arrows):
-    from vlflow.errors import StageError
     from vlflow.stages.vilt.data import load_answers, vqa_dataset
+
+    from vlflow.errors import StageError
 
     with pytest.raises(StageError, match="vqa_answers.json") as failure:
         load_answers(arrows)  # caption arrows, not arrow.vqav2's output

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pydantic
 import pytest
-
 from vlflow.stages.common.fit import training_steps
 from vlflow.stages.common.training import ResumableSampler
 from vlflow.stages.vilt.spec import ViltFinetuneRetrievalParams, ViltFinetuneVqaParams, ViltPretrainParams
+
 from vlflow.workflow import load_workflow
 
 ROOT = Path(__file__).resolve().parent.parent

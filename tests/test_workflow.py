@@ -43,7 +43,8 @@ def test_include_merges_base_and_including_file_wins():
     assert wf.params["text"] == "toy" and wf.params["files"] == 2
     source = wf.stages["source"]
     assert isinstance(source, StageDecl)
-    assert source.params == {"files": 2, "size": 32, "text": "toy", "sleep": 0.0, "fail": False}  # defaults made explicit
+    # defaults made explicit
+    assert source.params == {"files": 2, "size": 32, "text": "toy", "sleep": 0.0, "fail": False}
     assert (Path(source.file).name, source.line) == ("base.yaml", 9)
     assert (Path(wf.stages["train"].file).name, wf.stages["train"].line) == ("toy.yaml", 15)
 

@@ -35,7 +35,8 @@ def _add_workflow_args(p: argparse.ArgumentParser, selectors: bool = True) -> No
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value, e.g. --set stages.pretrain.with.max_steps=10 (repeatable)")
     if selectors:
-        p.add_argument("--until", action="append", default=[], metavar="STAGE", help="run up to STAGE (with its inputs)")
+        p.add_argument("--until", action="append", default=[], metavar="STAGE",
+                       help="run up to STAGE (with its inputs)")
         p.add_argument("--only", action="append", default=[], metavar="STAGE", help="run only STAGE (inputs cached)")
         p.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun STAGE and downstream")
 
@@ -460,9 +461,8 @@ def cmd_verify(args) -> int:
         store = _store(_config(args, None))
         targets = [(f"{m.meta.get('workflow', '?')}/{m.meta.get('stage', '?')}", m) for m in store.list()]
     else:
-        from vlflow.runner import Runner
-
         from vlflow.matrix import expand_selection
+        from vlflow.runner import Runner
 
         workflow, config = _load(args)
         store = _store(config)
@@ -597,8 +597,9 @@ def cmd_stages(args) -> int:
     return 0
 
 
-COMMANDS = {"stages": cmd_stages, "run": cmd_run, "plan": cmd_plan, "validate": cmd_validate, "graph": cmd_graph, "status": cmd_status,
-            "ls": cmd_ls, "show": cmd_show, "gc": cmd_gc, "verify": cmd_verify, "check": cmd_check}
+COMMANDS = {"stages": cmd_stages, "run": cmd_run, "plan": cmd_plan, "validate": cmd_validate, "graph": cmd_graph,
+            "status": cmd_status, "ls": cmd_ls, "show": cmd_show, "gc": cmd_gc, "verify": cmd_verify,
+            "check": cmd_check}
 
 
 def _command_in(module: str, name: str):

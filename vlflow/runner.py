@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from vlflow.errors import StageError, VlflowError
 from vlflow import dag  # not networkx: its import cost a third of a no-op run
 from vlflow.code_digest import CodeDigest
 from vlflow.environment import current_environment, environment_changes
+from vlflow.errors import StageError, VlflowError
 from vlflow.matrix import expand_selection, storage_name
 from vlflow.stage import StageSpec, get_spec, spec_source
 from vlflow.store import META_DIR, ArtifactStore, Manifest  # META_DIR: stage.log, metrics.json of a run

@@ -31,9 +31,9 @@ from typing import Annotated, Callable, Iterator, Literal
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from vlflow.secrets import Masker, looks_secret, strip_userinfo
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 try:
     from vlflow.errors import StoreError

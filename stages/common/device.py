@@ -3,7 +3,8 @@
 - `stage_device()`: cuda:LOCAL_RANK when CUDA is available, else the CPU. Stages call it instead of building
   `torch.device("cuda")` themselves; `tests/fake_cuda.py` makes it (and everything behind it) take the CUDA path.
 - `autocast(precision, device)`: the launch's `precision` (bf16 / fp16 autocast; fp32: none) on `device`.
-- `limit_cpu_threads(requested=None)`: on a CPU machine, each rank of a launch gets its share of the cores, not all of them.
+- `limit_cpu_threads(requested=None)`: on a CPU machine, each rank of a launch gets its share of the cores, not all
+  of them.
 """
 from __future__ import annotations
 

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import nullcontext
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
@@ -40,13 +40,12 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
+from vlflow.stages.common.export import remember_untrained
+from vlflow.stages.common.training import MetricsLogger, latest_checkpoint, load_checkpoint, save_checkpoint, step_seed
 
 from vlflow.errors import StageError
 from vlflow.executors.preempt import Preempted, preemption_notice
 from vlflow.stage import StageContext
-from vlflow.stages.common.export import remember_untrained
-from vlflow.stages.common.training import (MetricsLogger, latest_checkpoint, load_checkpoint, save_checkpoint,
-                                           step_seed)
 
 EMA_FILE = "ema.pt"
 

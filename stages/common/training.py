@@ -26,11 +26,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+from vlflow.stages.common.device import cpu_threads_per_rank
+from vlflow.stages.common.export import master_weights, restore_master_weights
 
 from vlflow.errors import StageError
 from vlflow.stage import StageContext
-from vlflow.stages.common.device import cpu_threads_per_rank
-from vlflow.stages.common.export import master_weights, restore_master_weights
 from vlflow.store import META_DIR
 
 log = logging.getLogger(__name__)

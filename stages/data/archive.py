@@ -20,10 +20,10 @@ Modes are normalised (0o644, or 0o755 for executables; directories 0o755); owner
 """
 from __future__ import annotations
 
+import lzma
 import os
 import posixpath
 import shutil
-import lzma
 import stat
 import struct
 import tarfile

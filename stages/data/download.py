@@ -20,8 +20,7 @@ import aiohttp
 import fsspec
 from fsspec.exceptions import FSTimeoutError
 from fsspec.implementations.local import LocalFileSystem
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from vlflow.secrets import mask
 

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
-
-from vlflow.stage import StageContext
 from vlflow.stages.common.export import trained_module
 from vlflow.stages.common.fit import FitSettings, TrainTask, fit
 from vlflow.stages.common.training import ResumableSampler, configure_determinism, seed_everything
 from vlflow.stages.testing.toy import data_files
+
+from vlflow.stage import StageContext
+
 SEED = 0
 NUM_SAMPLES = 64
 NUM_FEATURES = 4

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from vlflow.stages.data.reader import GroundingArrowDataset
 
 from vlflow.errors import StageError
-from vlflow.stages.data.reader import GroundingArrowDataset
 
 from .model import TokenLayout
 
@@ -194,7 +194,8 @@ def pad_ids(rows: list[list[int]], value: int) -> torch.Tensor:
 class GroundingSequenceDataset(torch.utils.data.Dataset):
     """One sample per caption: image, encoder text ids (caption or empty), decoder input/target sequence."""
 
-    def __init__(self, source: GroundingArrowDataset, tokenizer, layout: TokenLayout, *, image_size: int, max_image_size: int,
+    def __init__(self, source: GroundingArrowDataset, tokenizer, layout: TokenLayout, *, image_size: int,
+                 max_image_size: int,
                  max_decoding_step: int, seqcrop: str = "mixed", do_caption: bool = False,
                  box_targets: str = "merged", augment: str = "none", seed: int = 0):
         self.source = source

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-
-from vlflow.stage import StageContext
 from vlflow.stages.common.device import autocast, launch_precision, limit_cpu_threads, stage_device
 from vlflow.stages.common.evaluation import gather_on_main, my_share, rank_and_world
+
+from vlflow.stage import StageContext
 
 from . import metrics
 from .data import image_tensor, open_split, pad_ids, pad_images, phrase_token_spans

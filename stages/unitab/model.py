@@ -23,9 +23,7 @@ import torch.nn.functional as F
 from timm.layers import GroupNorm, freeze_batch_norm_2d
 from torch import nn
 from transformers import RobertaConfig, RobertaModel
-
 from vlflow.stages.common.fit import ema_update  # noqa: F401  (MDETR/UniTAB `--ema`, shared by the training loop)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Vocabulary layout: [0, text_vocab) text tokens, then <obj>, </obj>, then num_bins coordinate bins.

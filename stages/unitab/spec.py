@@ -31,7 +31,8 @@ class ModelParams(Params):
     backbone_weights: str | None = Field(
         None, description="local file: a torchvision/timm ResNet state dict or an MDETR/UniTAB checkpoint (its "
         "backbone.0.body.* tensors, e.g. MDETR's pretrained_resnet101_checkpoint.pth); never downloaded")
-    backbone_feature_level: int = Field(-1, description="which ResNet feature map to use (-1: stride 32, -2: stride 16, -3: stride 8)")
+    backbone_feature_level: int = Field(
+        -1, description="which ResNet feature map to use (-1: stride 32, -2: stride 16, -3: stride 8)")
     backbone_norm: Literal["frozen_bn", "batch_norm", "group_norm"] = Field(
         "frozen_bn", description="frozen_bn: FrozenBatchNorm2d as UniTAB/MDETR (needs backbone_weights); group_norm: "
         "GroupNorm(8); batch_norm: trainable BatchNorm, for backbones trained from scratch (torch_ddp on GPUs makes it "

@@ -14,13 +14,18 @@ import torch
 from colossalai.accelerator import get_accelerator
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
+from vlflow.stages.common.export import trained_module
+from vlflow.stages.common.fit import Ema, FitSettings, TrainTask, cpu_state_dict, fit, make_adamw
+from vlflow.stages.common.training import (
+    ResumableSampler,
+    accumulation_steps,
+    configure_determinism,
+    load_tokenizer,
+    seed_everything,
+)
 
 from vlflow.errors import StageError
 from vlflow.stage import StageContext
-from vlflow.stages.common.export import trained_module
-from vlflow.stages.common.fit import Ema, FitSettings, TrainTask, cpu_state_dict, fit, make_adamw
-from vlflow.stages.common.training import (ResumableSampler, accumulation_steps, configure_determinism,
-                                           load_tokenizer, seed_everything)
 
 from .data import GroundingSequenceDataset, collate, open_split
 from .model import BackboneWeightsError, UniTAB, UniTABConfig, sequence_loss

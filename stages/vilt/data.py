@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
-
-from vlflow.errors import StageError
 from vlflow.stages.common.training import load_tokenizer  # noqa: F401  (one loader for every stage)
 from vlflow.stages.data.reader import CaptionArrowDataset, VqaArrowDataset
 from vlflow.stages.data.transforms import normalize_pixels, pixelbert_pixels, vilt_max_size
+
+from vlflow.errors import StageError
 
 SPLIT_FILES = {  # ViLT trains on train + restval
     "train": ("train", "restval"),

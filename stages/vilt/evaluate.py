@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoConfig, ViltForImageAndTextRetrieval
-
-from vlflow.stage import StageContext
 from vlflow.stages.common.device import autocast, launch_precision, limit_cpu_threads, stage_device
 from vlflow.stages.common.evaluation import rank_and_world, share
 from vlflow.stages.data.transforms import normalize_pixels
 from vlflow.stages.vilt.data import collate_images, image_dataset, load_trained_run, tokenize
 from vlflow.stages.vilt.model import ViltPretrainingModel, encode
+
+from vlflow.stage import StageContext
 
 KS = (1, 5, 10)
 

@@ -23,15 +23,15 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, Subset
 from transformers import ViltForQuestionAnswering
-
-from vlflow.errors import StageError
-from vlflow.stage import StageContext
-from vlflow.stages.data.arrow_vqa import gt_file, official_accuracy
 from vlflow.stages.common.device import autocast, launch_precision, limit_cpu_threads, stage_device
 from vlflow.stages.common.evaluation import gather_on_main, my_share, rank_and_world
+from vlflow.stages.data.arrow_vqa import gt_file, official_accuracy
 from vlflow.stages.vilt.data import QuestionCollator, QuestionPairs, load_trained_run, vqa_dataset
 from vlflow.stages.vilt.evaluate import ImageBatch, embed_all_patches, patch_grids
 from vlflow.stages.vilt.model import encode
+
+from vlflow.errors import StageError
+from vlflow.stage import StageContext
 
 
 def image_batch_of(batch: dict, patch_size: int) -> ImageBatch:

@@ -105,7 +105,8 @@ class ViltPretrainingModel(nn.Module):
             logits = self.mlm.mlm_score(enc.text_feats).float()  # the loss in fp32 from bf16/fp16 logits
             labels = mlm_batch["labels"]
             out["mlm_loss"] = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
-            predicted = labels != -100  # accuracy over masked tokens without boolean indexing (no sync, no dynamic shape)
+            # accuracy over masked tokens without boolean indexing (no sync, no dynamic shape)
+            predicted = labels != -100
             hits = ((logits.argmax(-1) == labels) & predicted).sum()
             out["mlm_acc"] = (hits / predicted.sum().clamp(min=1)).detach()
         if itm_batch is not None:

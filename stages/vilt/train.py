@@ -1,8 +1,8 @@
-"""`vilt.pretrain`, `vilt.finetune_retrieval` and `vilt.finetune_vqa`: each builds its model and a `TrainTask` (host-side
-random choices + device-side losses) and trains it with the shared `fit` loop (stages/common/fit.py): gradient
-accumulation to the global batch, clipping, checkpoints in ctx.work_dir every `checkpoint_every` steps, and a restarted
-run continues at the saved step with the same data order, masks and negatives (drawn from generators seeded by
-seed/step/micro-batch/rank).
+"""`vilt.pretrain`, `vilt.finetune_retrieval` and `vilt.finetune_vqa`: each builds its model and a `TrainTask`
+(host-side random choices + device-side losses) and trains it with the shared `fit` loop (stages/common/fit.py):
+gradient accumulation to the global batch, clipping, checkpoints in ctx.work_dir every `checkpoint_every` steps, and a
+restarted run continues at the saved step with the same data order, masks and negatives (drawn from generators seeded
+by seed/step/micro-batch/rank).
 """
 from __future__ import annotations
 
@@ -12,19 +12,35 @@ from typing import Callable
 import torch
 from colossalai.accelerator import get_accelerator
 from torch.utils.data import DataLoader
-
-from vlflow.stage import StageContext
-from vlflow.errors import StageError
 from vlflow.stages.common.export import trained_module
-from vlflow.stages.common.fit import (FitSettings, TrainTask, fit, make_adamw, training_steps,
-                                      warmup_linear_schedule)
+from vlflow.stages.common.fit import FitSettings, TrainTask, fit, make_adamw, training_steps, warmup_linear_schedule
 from vlflow.stages.common.training import ResumableSampler, accumulation_steps, configure_determinism
-from vlflow.stages.vilt.data import (CaptionPairs, MlmMasker, PairCollator, QuestionCollator, QuestionPairs,
-                                     device_pixels, image_dataset, itm_negatives, load_answers, load_tokenizer,
-                                     tokenize, vqa_dataset)
-from vlflow.stages.vilt.model import (ViltPretrainingModel, ViltRetrievalTrainingModel, ViltVqaTrainingModel,
-                                      build_config, load_vit_weights, retrieval_model_from_pretraining,
-                                      vqa_model_from_pretraining)
+from vlflow.stages.vilt.data import (
+    CaptionPairs,
+    MlmMasker,
+    PairCollator,
+    QuestionCollator,
+    QuestionPairs,
+    device_pixels,
+    image_dataset,
+    itm_negatives,
+    load_answers,
+    load_tokenizer,
+    tokenize,
+    vqa_dataset,
+)
+from vlflow.stages.vilt.model import (
+    ViltPretrainingModel,
+    ViltRetrievalTrainingModel,
+    ViltVqaTrainingModel,
+    build_config,
+    load_vit_weights,
+    retrieval_model_from_pretraining,
+    vqa_model_from_pretraining,
+)
+
+from vlflow.errors import StageError
+from vlflow.stage import StageContext
 
 IMAGE_KEYS = ("pixel_values", "pixel_mask")
 
