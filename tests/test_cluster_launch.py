@@ -1,7 +1,8 @@
 """Real mpirun, srun, and srun-started torchrun launches of a distributed stage (testing.train, 2 gloo ranks), through
 `vlflow run`, against the one-host Slurm test cluster (scripts/cluster/, 2 fake nodes) and Open MPI. Each trains,
-commits, and ends with weights identical to the single-node torchrun launch of the same stage. Also: the cluster scripts themselves, and the launch
-settings the launcher adds (allow-run-as-root, oversubscribe, master address from the allocation)."""
+commits, and ends with weights identical to the single-node torchrun launch of the same stage. Also: the cluster
+scripts themselves, and the launch settings the launcher adds (allow-run-as-root, oversubscribe, master address from
+the allocation)."""
 from __future__ import annotations
 
 import os

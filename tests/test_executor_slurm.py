@@ -176,7 +176,7 @@ def test_missing_sbatch_is_one_clear_error(tmp_path):
 
 @pytest.mark.parametrize("toml, what", [
     ('[cache]\nurl = "cache"\n[state]\ndir = "state"\n', "the state dir"),
-    (f'[cache]\nurl = "/tmp/vlflow-elsewhere-cache"\n[state]\ndir = "state"\n[executor]\nshared_dirs = ["."]\n',
+    ('[cache]\nurl = "/tmp/vlflow-elsewhere-cache"\n[state]\ndir = "state"\n[executor]\nshared_dirs = ["."]\n',
      "the cache /tmp/vlflow-elsewhere-cache is a local path that is not declared shared"),
 ])
 def test_a_cache_or_state_dir_not_declared_shared_is_refused_before_anything_runs(tmp_path, toml, what):

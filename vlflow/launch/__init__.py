@@ -16,10 +16,10 @@ from collections import deque
 from pathlib import Path
 from typing import Callable
 
-from vlflow.procs import die_with_parent
 from vlflow.errors import LaunchError
 from vlflow.execute import result_path
 from vlflow.launch.command import JOIN_DIR_ENV, build_command, free_port, launcher_env
+from vlflow.procs import die_with_parent
 from vlflow.stage import LaunchSpec, StageSpec
 
 __all__ = ["run_distributed", "build_command", "free_port", "LaunchError"]
