@@ -107,17 +107,24 @@ def free_decoding_top1(tokens: list[int], spans: list, layout, eos_token_id: int
     return top1
 
 
-def free_ground_rows(model: UniTAB, tokenizer, source, rows, batch_size: int, image_size: int, max_image_size: int,
-                     device: torch.device = torch.device("cpu"), precision: str = "fp32") -> list[dict]:
-    """The paper's protocol: one entry per scored phrase with the top-1 box of free greedy decoding (None: none)."""
-    config = model.config
-    out = []
+def caption_batches(model: UniTAB, tokenizer, source, rows, batch_size: int, image_size: int, max_image_size: int):
+    """Batches of caption rows: (rows, their phrase token spans, images, `<s> caption </s>` ids cut to the decoder's
+    length), for both grounding protocols."""
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         parsed = [phrase_token_spans(tokenizer, source.caption(i), source.phrases(i)) for i in chunk]
         images = [image_tensor(source.image(i), image_size, max_image_size) for i in chunk]
-        text = [[tokenizer.bos_token_id, *ids[:config.max_decoding_step - 2], tokenizer.eos_token_id]
+        text = [[tokenizer.bos_token_id, *ids[:model.config.max_decoding_step - 2], tokenizer.eos_token_id]
                 for ids, _ in parsed]
+        yield chunk, parsed, images, text
+
+
+def free_ground_rows(model: UniTAB, tokenizer, source, rows, batch_size: int, image_size: int, max_image_size: int,
+                     device: torch.device = torch.device("cpu"), precision: str = "fp32") -> list[dict]:
+    """The paper's protocol: one entry per scored phrase with the top-1 box of free greedy decoding (None: none)."""
+    out = []
+    for chunk, parsed, images, text in caption_batches(model, tokenizer, source, rows, batch_size, image_size,
+                                                       max_image_size):
         with autocast(precision, device):
             memory = encode_batch(model, images, text, tokenizer.pad_token_id, device)
             generated = model.generate(memory).cpu().tolist()
@@ -159,14 +166,9 @@ def ground_rows(model: UniTAB, tokenizer, source, rows, batch_size: int, image_s
                 max_image_size: int, device: torch.device = torch.device("cpu"), precision: str = "fp32") -> list[dict]:
     """One entry per annotated phrase of the given caption rows, in row order: row, phrase text, predicted box,
     gold boxes. The model runs on `device` (where its weights are) in `precision`."""
-    config = model.config
     out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        parsed = [phrase_token_spans(tokenizer, source.caption(i), source.phrases(i)) for i in chunk]
-        images = [image_tensor(source.image(i), image_size, max_image_size) for i in chunk]
-        text = [[tokenizer.bos_token_id, *ids[:config.max_decoding_step - 2], tokenizer.eos_token_id]
-                for ids, _ in parsed]
+    for chunk, parsed, images, text in caption_batches(model, tokenizer, source, rows, batch_size, image_size,
+                                                       max_image_size):
         with autocast(precision, device):
             memory = encode_batch(model, images, text, tokenizer.pad_token_id, device)
             boxes = ground_phrases(model, memory, [ids for ids, _ in parsed], [s for _, s in parsed])
