@@ -113,12 +113,19 @@ def test_status_shows_the_running_job_and_ctrl_c_cancels_it(tmp_path, cluster_en
             executor: {type: slurm}
         """)
     run = subprocess.Popen([sys.executable, "-m", "vlflow", "run", str(path)], cwd=tmp_path, env=cluster_env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_foreground)
     try:
         check_status_then_interrupt(run, path, cluster_env)
     finally:
         if run.poll() is None:
             run.kill()  # its job: scancel'ed by the test below or left to its 60 s
+
+
+def as_foreground() -> None:
+    """Ctrl-C reaches the run as it reaches a terminal's foreground process. A shell without job control starts
+    background commands (`.ci/run &`, a CI runner's script) with SIGINT ignored, and that is inherited: a test
+    sending SIGINT would otherwise depend on how pytest was started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def check_status_then_interrupt(run: subprocess.Popen, path: Path, cluster_env: dict) -> None:
