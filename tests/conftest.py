@@ -93,21 +93,15 @@ def s3_cache_url(s3_env):
 
 # ---------------------------------------------------------------------------------------------------------------
 # A real Slurm cluster and Open MPI (scripts/cluster/). CI (.ci/run) starts the cluster and sets
-# VLFLOW_TEST_SLURM_ENV to its env.sh; there, and wherever CI or VLFLOW_REQUIRE_CLUSTER is set, a missing cluster or
-# mpirun fails the tests that need it. Elsewhere they skip with the reason.
+# VLFLOW_TEST_SLURM_ENV to its env.sh; elsewhere the fixture starts its own. A missing cluster or mpirun fails the tests
+# that need it (never a skip), saying how to get it.
 
 CLUSTER_SCRIPTS = Path(__file__).resolve().parent.parent / "scripts" / "cluster"
 
 
-def cluster_required() -> bool:
-    return any(os.environ.get(name, "") not in ("", "0", "false") for name in ("CI", "VLFLOW_REQUIRE_CLUSTER"))
-
-
 def missing_cluster_piece(reason: str):
-    """Fail when CI needs the cluster, else skip; `reason` says what is missing and how to get it."""
-    if cluster_required():
-        pytest.fail(f"{reason} (required: CI or VLFLOW_REQUIRE_CLUSTER is set)", pytrace=False)
-    pytest.skip(reason)
+    """Fail the test that needs the cluster; `reason` says what is missing and how to get it."""
+    pytest.fail(f"{reason} (or run .ci/run, which installs and starts the test cluster)", pytrace=False)
 
 
 def read_env_file(path: Path) -> dict[str, str]:
