@@ -16,17 +16,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from noop_run import timed, warm_median  # benchmarks/ is on the path when this script runs
 
 VLFLOW = str(Path(sys.executable).with_name("vlflow"))
 TOUCH = "python3 -c \"open('{out}', 'w').write('x' * 16)\""
-
-
-def timed(cmd: list[str], cwd: Path, env: dict | None = None) -> float:
-    started = time.perf_counter()
-    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, env=env)
-    return time.perf_counter() - started
 
 
 def write_vlflow_project(root: Path, stages: int) -> None:
@@ -88,9 +83,7 @@ def main() -> int:
             baseline = Path(tmp) / tool
             baseline.mkdir()
             cmd = write(baseline, n, exe)
-            timed(cmd, baseline)
-            runs = [timed(cmd, baseline) for _ in range(args.repeats)]
-            theirs = statistics.median(runs) / n * 1000
+            theirs = warm_median(cmd, baseline, args.repeats) / n * 1000
             print(f"{tool}: forced {n}-stage chain {theirs:.1f} ms per stage; "
                   f"vlflow/{tool} = {figures['forkserver'] / theirs:.2f}x")
     return 0
