@@ -335,13 +335,12 @@ def fit(ctx: StageContext, model: nn.Module, optimizer: torch.optim.Optimizer, s
                 ctx.log.info("step %d/%d %s", step, settings.max_steps,
                              " ".join(f"{k}={v:.4g}" for k, v in last.items()))
                 window, window_start, window_samples = {}, time.perf_counter(), 0
-            if step % settings.checkpoint_every == 0 and step < settings.max_steps:
+            due = step % settings.checkpoint_every == 0 and step < settings.max_steps
+            preempted = notice is not None and step < settings.max_steps and notice.requested(device)
+            if due or preempted:  # one checkpoint at this step, whichever asks for it
                 save_checkpoint(ctx, model, optimizer, scheduler, step,
                                 write_files=(lambda directory: [hook.save(directory) for hook in hooks]))
-            if notice is not None and step < settings.max_steps and notice.requested(device):
-                if step % settings.checkpoint_every:
-                    save_checkpoint(ctx, model, optimizer, scheduler, step,
-                                    write_files=(lambda directory: [hook.save(directory) for hook in hooks]))
+            if preempted:
                 ctx.log.warning("stopping at step %d on Slurm's warning signal (checkpoint saved)", step)
                 raise Preempted()
     return FitResult(model, optimizer, step, resumed[0] if resumed else 0, last)
