@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlflow.errors import WorkflowError
-from vlflow.matrix import STAGE_OUTPUT_TEXT
+from vlflow.refs import STAGE_OUTPUT_TEXT
 
 REPLACE, DELETE = "replace", "delete"
 
@@ -73,7 +73,8 @@ def _references(raw: Any, target: str) -> list[tuple]:
 def merge_own_file(base: dict, base_locs: dict, own: dict, own_locs: dict, file: str) -> None:
     """Merge one file's own document `own` over what its bases gave (`base`, in place), honouring `replace: true`
     and `delete: true` on its stages."""
-    from vlflow.workflow import _deep_merge, _drop_under
+    from vlflow.workflow.yaml_lines import deep_merge as _deep_merge
+    from vlflow.workflow.yaml_lines import drop_under as _drop_under
 
     stages = own.get("stages")
     base_stages = base.get("stages") if isinstance(base.get("stages"), dict) else {}

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlflow.errors import WorkflowError
+from vlflow.refs import STAGE_OUTPUT_TEXT, stage_ref
 
 MATRIX_KEY = "matrix"
 GATHER, FOLLOW = "all", "follow"
@@ -35,9 +36,6 @@ AXIS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 LABEL = re.compile(r"[A-Za-z0-9_.+-]{1,40}")  # a value shown in a stage name as written
 MAX_ENTRIES = 1_000  # stages one matrix may expand into (a typo such as a 1000-value list should not plan for ages)
 MAX_EXPANDED_NAME = 200  # expanded names become file names (staging dirs, logs): well under 255 bytes
-# A stage name as other stages refer to it: a declared name, or an entry of a sweep (`finetune@lr=0.0001,seed=0`).
-STAGE_REF_NAME = r"[A-Za-z_][A-Za-z0-9_-]*(?:@[A-Za-z0-9_.+=,-]+)?"
-STAGE_OUTPUT_TEXT = re.compile(r"\$\{stages\.(" + STAGE_REF_NAME + r")\.output\}")
 # `$${` is an escaped literal; `${matrix...}` a matrix reference (anything after `matrix` is checked below)
 _MATRIX_TOKEN = re.compile(r"\$\$\{|\$\{\s*matrix\b([^{}]*)\}")
 _SAFE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -361,7 +359,7 @@ class _Expansion:
                 raise self.fail(f"stage {name!r} gathers {dep!r} (needs: {{{dep}: all}}), so ${{stages.{dep}.output}} "
                                 f"names no one artifact; name one entry, e.g. ${{stages.{self.entries[dep][0][0]}"
                                 ".output}", path)
-            return f"${{stages.{self.entry_of(dep, choice)}.output}}"
+            return stage_ref(self.entry_of(dep, choice))
 
         return STAGE_OUTPUT_TEXT.sub(replace, value)
 
