@@ -26,15 +26,29 @@ IGNORE = -100
 # ---------------------------------------------------------------------------------------------------------------
 # Reading the arrows
 
+def grounding_files(arrows: Path, split: str, field: str = "inputs.arrows") -> list[Path]:
+    """The `*grounding_{split}.arrow` files of an `arrow.grounding` (f30k_...) or `arrow.grounding_mixed` (mixed_...)
+    output, or that file itself."""
+    path = Path(arrows)
+    files = sorted(path.glob(f"*grounding_{split}.arrow")) if path.is_dir() else [path] if path.is_file() else []
+    if not files:
+        raise StageError(f"grounding arrow for split {split!r} not found (expected f30k_grounding_{split}.arrow or "
+                         f"mixed_grounding_{split}.arrow)", file=str(path), field=field)
+    return files
+
+
 def open_split(arrows: Path, split: str) -> GroundingArrowDataset:
     """The `f30k_grounding_{split}.arrow` of an `arrow.grounding` output (or that file itself)."""
-    path = Path(arrows)
-    if path.is_dir():
-        path = path / f"f30k_grounding_{split}.arrow"
-    if not path.is_file():
-        raise StageError(f"grounding arrow for split {split!r} not found (expected f30k_grounding_{split}.arrow)",
-                         file=str(path), field="inputs.arrows")
-    return GroundingArrowDataset([path])
+    return GroundingArrowDataset(grounding_files(arrows, split))
+
+
+def open_train_sources(arrows: Path, mixed: Path | None) -> GroundingArrowDataset:
+    """The train split of `arrows`, followed by that of MDETR's mixed data when given (UniTAB's combine_datasets
+    [flickr, mixed] is a ConcatDataset in this order)."""
+    files = grounding_files(arrows, "train")
+    if mixed is not None:
+        files += grounding_files(mixed, "train", field="inputs.mixed")
+    return GroundingArrowDataset(files)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -92,6 +92,126 @@ def backbone_state_dict(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+# MDETR / UniTAB checkpoint names (ashkamath/mdetr models/{mdetr,transformer}.py, microsoft/UniTAB
+# models/transformer_unitab.py) for ours, as (our prefix, their prefix); the first match wins. The decoder layer's
+# norm2/norm3 are MDETR's norm3/norm4 (its norm2 belonged to a text cross-attention it commented out).
+CHECKPOINT_NAMES = (
+    ("backbone.body.", "backbone.0.body."),
+    ("input_proj.", "input_proj."),
+    ("text_encoder.", "transformer.text_encoder."),
+    ("text_proj.0.", "transformer.resizer.fc."),
+    ("text_proj.1.", "transformer.resizer.layer_norm."),
+    ("transformer.encoder_layers.", "transformer.encoder.layers."),
+    ("transformer.decoder_norm.", "transformer.decoder.norm."),
+    ("token_embed.", "transformer.embedding.word_embeddings."),  # UniTAB only (MDETR decodes object queries)
+    ("decoder_pos.", "transformer.embedding.position_embeddings."),
+    ("embed_norm.", "transformer.embedding.LayerNorm."),
+)
+DECODER_LAYER_NAMES = {"cross_attn.": "cross_attn_image.", "norm2.": "norm3.", "norm3.": "norm4."}
+
+
+class CheckpointError(ValueError):
+    """An init_checkpoint that cannot be read or that initialises nothing of the model."""
+
+
+def checkpoint_name(ours: str) -> str | None:
+    """Our state-dict name -> the MDETR/UniTAB checkpoint's name for the same tensor (None: it has none)."""
+    if ours.startswith("transformer.decoder_layers."):
+        index, rest = ours[len("transformer.decoder_layers."):].split(".", 1)
+        for mine, theirs in DECODER_LAYER_NAMES.items():
+            if rest.startswith(mine):
+                rest = theirs + rest[len(mine):]
+                break
+        return f"transformer.decoder.layers.{index}.{rest}"
+    for mine, theirs in CHECKPOINT_NAMES:
+        if ours.startswith(mine):
+            return theirs + ours[len(mine):]
+    return None
+
+
+@dataclass
+class CheckpointReport:
+    """What `load_checkpoint` did: checkpoint name -> our name for loaded tensors, checkpoint name -> reason for
+    skipped ones, and our tensors the checkpoint did not initialise."""
+
+    path: str
+    loaded: dict[str, str]
+    skipped: dict[str, str]
+    not_initialised: list[str]
+
+    def covers(self, prefix: str) -> bool:
+        """Whether every tensor of ours under `prefix` came from the checkpoint (BN step counters aside)."""
+        return not any(name.startswith(prefix) for name in self.not_initialised)
+
+    def log_to(self, log) -> None:
+        counts: dict[str, int] = {}
+        for ours in self.loaded.values():
+            part = ours.split(".")[0] if not ours.startswith("transformer.") else ".".join(ours.split(".")[:2])
+            counts[part] = counts.get(part, 0) + 1
+        log.info("init_checkpoint %s: loaded %d tensors (%s), skipped %d, %d of ours keep their initialisation",
+                 self.path, len(self.loaded), ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+                 len(self.skipped), len(self.not_initialised))
+        for theirs, reason in self.skipped.items():
+            log.info("init_checkpoint: skipped %s: %s", theirs, reason)
+        for ours in self.not_initialised:
+            log.info("init_checkpoint: not in the checkpoint, keeps its initialisation: %s", ours)
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "loaded": self.loaded, "skipped": self.skipped,
+                "not_initialised": self.not_initialised}
+
+
+def read_checkpoint(path: str, what: str) -> dict[str, torch.Tensor]:
+    """A local state dict, or an MDETR/UniTAB training checkpoint: its `model_ema` when it has one (as UniTAB's
+    --load), else its `model`. Errors name the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # zip errors: RuntimeError
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{what} {path}: cannot read a torch checkpoint ({reason})") from None
+    if isinstance(state, dict):
+        for key in ("model_ema", "model"):
+            if isinstance(state.get(key), dict):
+                return state[key]
+        if all(isinstance(value, torch.Tensor) for value in state.values()):
+            return state
+    raise CheckpointError(f"{what} {path}: expected a state dict or an MDETR/UniTAB checkpoint "
+                          f"({{'model': state dict}}), got {type(state).__name__}")
+
+
+def load_checkpoint(model: nn.Module, path: str) -> CheckpointReport:
+    """UniTAB's `--load`: initialise every tensor of ours whose MDETR/UniTAB name is in the checkpoint with the same
+    shape (backbone, input_proj, text encoder, resizer, encoder/decoder layers, and UniTAB's decoder embeddings).
+    Tensors of another shape or of no part of this model (MDETR's detection heads, query embeddings, RoBERTa's
+    pooler) are skipped, each with its reason. Raises CheckpointError if nothing at all matches."""
+    state = read_checkpoint(path, "init_checkpoint")
+    ours = model.state_dict()
+    wanted = {checkpoint_name(name): name for name in ours}
+    wanted.pop(None, None)  # e.g. the output layer: tied to token_embed, which is loaded
+    loaded, skipped, values = {}, {}, {}
+    for theirs, tensor in state.items():
+        mine = wanted.get(theirs)
+        if mine is None:
+            skipped[theirs] = "no such tensor in this model"
+        elif tuple(tensor.shape) != tuple(ours[mine].shape):
+            skipped[theirs] = f"shape {tuple(tensor.shape)}, ours ({mine}) is {tuple(ours[mine].shape)}"
+        else:
+            loaded[theirs], values[mine] = mine, tensor
+    if not loaded:
+        example = next(iter(state), "(empty)")
+        raise CheckpointError(f"init_checkpoint {path}: none of its {len(state)} tensors fits this model (e.g. "
+                              f"{example}: {skipped.get(example, 'empty file')}); expected an MDETR/UniTAB "
+                              f"checkpoint (backbone.0.body.*, transformer.encoder.layers.*, ...) of the same sizes")
+    model.load_state_dict(values, strict=False)
+    storage = {ours[name].data_ptr() for name in values}  # a tied tensor is initialised with its twin
+    not_initialised = []
+    for name, tensor in ours.items():  # a tied pair is listed once (the output layer shares token_embed)
+        if name not in values and tensor.data_ptr() not in storage and not name.endswith("num_batches_tracked"):
+            not_initialised.append(name)
+            storage.add(tensor.data_ptr())
+    return CheckpointReport(path, loaded, skipped, not_initialised)
+
+
 class Backbone(nn.Module):
     """ResNet trunk (timm's ResNets have torchvision's layout and tensor names) returning one feature map.
 

@@ -56,10 +56,9 @@ class ModelParams(Params):
         return self
 
 
-class PretrainParams(ModelParams):
-    freeze_backbone_stem: bool = Field(
-        True, description="conv1/bn1 and layer1 get no gradient, as UniTAB/MDETR (only layer2..4 train); needs "
-        "backbone_weights")
+class SequenceTrainingParams(Params):
+    """Training fields shared by pretraining and grounding fine-tuning (defaults: UniTAB pretraining)."""
+
     batch_size: int = Field(128, ge=1, description="global batch (UniTAB: 64 GPUs x 2); accumulation = batch_size // "
                             "(per_device * world)")
     per_device_batch_size: int = Field(8, ge=1)
@@ -68,10 +67,6 @@ class PretrainParams(ModelParams):
     text_encoder_lr: float = Field(2e-5, ge=0, description="0 freezes the text encoder")
     weight_decay: float = Field(1e-4, ge=0)
     grad_clip: float = Field(0.1, ge=0, description="max global L2 norm of the gradients; 0 disables clipping")
-    do_caption: bool = False
-    no_detection: bool = Field(False, description="UniTAB's flag: evaluation of this model skips the grounding "
-                               "metrics (unitab.evaluate reads it); training targets keep their boxes")
-    pretrain_seqcrop: Literal["none", "mixed", "grounding", "caption"] = "mixed"
     box_targets: Literal["merged", "separate"] = Field(
         "merged", description="merged: one box per phrase, the smallest enclosing all its gold boxes (UniTAB trains "
         "on MDETR's final_flickr_mergedGT annotations); separate: every gold box of the phrase inside its <obj>")
@@ -97,18 +92,52 @@ class PretrainParams(ModelParams):
     num_workers: int = Field(0, ge=0)
     seed: int = Field(42, ge=0, le=2**32 - 1)  # torch and numpy take seeds in this range
 
+
+class PretrainParams(ModelParams, SequenceTrainingParams):
+    init_checkpoint: str | None = Field(
+        None, description="UniTAB's --load: a local MDETR/UniTAB checkpoint (e.g. MDETR's "
+        "pretrained_resnet101_checkpoint.pth; its model_ema if present, else model). Every tensor whose MDETR name "
+        "maps onto this model with the same shape is loaded (backbone, input_proj, text encoder, resizer, encoder and "
+        "decoder layers); the stage log and init_checkpoint.json list what was loaded and what skipped, and why")
+    freeze_backbone_stem: bool = Field(
+        True, description="conv1/bn1 and layer1 get no gradient, as UniTAB/MDETR (only layer2..4 train); needs "
+        "backbone_weights or init_checkpoint")
+    do_caption: bool = False
+    no_detection: bool = Field(False, description="UniTAB's flag: evaluation of this model skips the grounding "
+                               "metrics (unitab.evaluate reads it); training targets keep their boxes")
+    pretrain_seqcrop: Literal["none", "mixed", "grounding", "caption"] = "mixed"
+
     @model_validator(mode="after")
     def _frozen_backbone_needs_weights(self):
         # a frozen random layer never learns: frozen BN without weights is no normalisation at all
-        if not self.backbone_weights:
+        if self.backbone_weights and self.init_checkpoint:
+            raise ValueError("give backbone_weights or init_checkpoint, not both (init_checkpoint also holds the "
+                             "backbone: which file's backbone would win is not obvious)")
+        if not (self.backbone_weights or self.init_checkpoint):
             if self.backbone_norm == "frozen_bn":
                 raise ValueError("backbone_norm frozen_bn needs backbone_weights (a local ResNet or MDETR checkpoint "
-                                 "file): frozen BatchNorm of a randomly initialised ResNet normalises nothing. For a "
-                                 "backbone trained from scratch set backbone_norm: batch_norm (or group_norm)")
+                                 "file) or init_checkpoint: frozen BatchNorm of a randomly initialised ResNet "
+                                 "normalises nothing. For a backbone trained from scratch set backbone_norm: "
+                                 "batch_norm (or group_norm)")
             if self.freeze_backbone_stem and self.lr_backbone > 0:
                 raise ValueError("freeze_backbone_stem needs backbone_weights: a frozen random stem never learns; "
                                  "set freeze_backbone_stem: false to train a backbone from scratch")
         return self
+
+
+class FinetuneGroundingParams(SequenceTrainingParams):
+    """UniTAB's Flickr30k grounding fine-tuning (README "Flickr30k grounding", configs/flickr.json,
+    --do_flickrgrounding): mergedGT targets, the caption always in the encoder, 20 epochs with the transformer's lr
+    x0.1 at epoch 15, 8 GPUs x 2 = batch 16, lr 1e-4 / backbone 1e-5 / text encoder 5e-5, EMA."""
+
+    batch_size: int = Field(16, ge=1, description="global batch (UniTAB fine-tuning: 8 GPUs x 2)")
+    per_device_batch_size: int = Field(2, ge=1)
+    lr_backbone: float = Field(1e-5, ge=0, description="0 freezes the backbone")
+    text_encoder_lr: float = Field(5e-5, ge=0, description="0 freezes the text encoder")
+    epochs: int = Field(20, ge=1, description="UniTAB grounding fine-tuning: 20 (configs/flickr.json)")
+    start_from_ema: bool = Field(True, description="start from the pretrained EMA weights when saved (UniTAB's "
+                                 "--load takes a checkpoint's model_ema); false: the raw weights")
+    freeze_backbone_stem: bool | None = Field(None, description="default: as the pretrained model was trained")
 
 
 class EvaluateParams(Params):
@@ -130,10 +159,22 @@ STAGES = [
         entry="vlflow.stages.unitab.train:pretrain",
         params=PretrainParams,
         inputs=("arrows",),
-        optional_inputs=("tokenizer",),
+        # mixed: grounding arrows of MDETR's mixed COCO/VG data (arrow.grounding_mixed), whose train split is added
+        # to the Flickr30k train split (UniTAB's combine_datasets [flickr, mixed])
+        optional_inputs=("tokenizer", "mixed"),
         distributed=True,
         resumable=True,
         description="UniTAB pretraining (text+box sequence, token CE, EMA) on grounding arrows",
+    ),
+    StageSpec(
+        name="unitab.finetune_grounding",
+        entry="vlflow.stages.unitab.train:finetune_grounding",
+        params=FinetuneGroundingParams,
+        inputs=("arrows", "model"),
+        distributed=True,
+        resumable=True,
+        description="UniTAB Flickr30k grounding fine-tuning (caption in the encoder, grounded sequence out) from a "
+                    "unitab.pretrain model",
     ),
     StageSpec(
         name="unitab.evaluate",

@@ -1,7 +1,9 @@
-"""`unitab.pretrain`: UniTAB sequence pretraining with EMA, trained by the shared `fit` loop (stages/common/fit.py).
+"""`unitab.pretrain` and `unitab.finetune_grounding`: UniTAB sequence training with EMA, by the shared `fit` loop
+(stages/common/fit.py).
 
-Read top to bottom: tokenizer -> model (same initial weights on every rank) + EMA -> optimizer groups -> schedule ->
-data -> fit (accumulation, clipping, EMA after each step, checkpoints with ema.pt, resume) -> outputs.
+Read top to bottom: tokenizer -> model (same initial weights on every rank: a fresh/MDETR-initialised one for
+pretraining, the pretrained one for fine-tuning) + EMA -> optimizer groups -> schedule -> data -> fit (accumulation,
+clipping, EMA after each step, checkpoints with ema.pt, resume) -> outputs.
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ from vlflow.stages.common.training import (
 from vlflow.errors import StageError
 from vlflow.stage import StageContext
 
-from .data import GroundingSequenceDataset, collate, open_split
-from .model import BackboneWeightsError, UniTAB, UniTABConfig, sequence_loss
+from .data import GroundingSequenceDataset, collate, open_train_sources
+from .model import BackboneWeightsError, CheckpointError, UniTAB, UniTABConfig, load_checkpoint, sequence_loss
 
 MODEL_INPUTS = ("images", "image_mask", "text_ids", "text_mask", "prev_tokens", "token_padding")
 
@@ -47,10 +49,10 @@ def model_config(params, tokenizer) -> UniTABConfig:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
-def parameter_groups(model: UniTAB, params) -> list[dict]:
+def parameter_groups(model: UniTAB, params, freeze_backbone_stem: bool) -> list[dict]:
     """UniTAB/MDETR: backbone and text encoder get their own learning rates; lr 0 freezes them; the backbone's stem
     and layer1 are frozen (freeze_backbone_stem)."""
-    if params.freeze_backbone_stem:
+    if freeze_backbone_stem:
         model.backbone.freeze_stem_and_layer1()
     for module, lr in ((model.backbone, params.lr_backbone), (model.text_encoder, params.text_encoder_lr)):
         if lr == 0:
@@ -110,8 +112,7 @@ class EpochTagged:
 
 def pretrain(ctx: StageContext) -> dict:
     p = ctx.params
-    world, rank = ctx.world_size, ctx.rank
-    configure_determinism(world)
+    configure_determinism(ctx.world_size)
     seed_everything(p.seed)  # the same initial weights on every rank: ZeRO/Gemini do not broadcast them
 
     tokenizer = load_tokenizer(ctx.inputs, p.text_encoder, field="inputs.tokenizer")
@@ -120,16 +121,69 @@ def pretrain(ctx: StageContext) -> dict:
         model = UniTAB(config, backbone_weights=p.backbone_weights)
     except BackboneWeightsError as exc:
         raise StageError(str(exc), file=p.backbone_weights, field="with.backbone_weights") from None
+    extra = {}
+    if p.init_checkpoint:
+        extra["init_checkpoint"] = initialise_from_checkpoint(ctx, model, p)
+    sources = open_train_sources(ctx.inputs["arrows"], ctx.inputs.get("mixed"))
+    result = train_sequences(ctx, p, model, config, tokenizer, sources, seqcrop=p.pretrain_seqcrop,
+                             do_caption=p.do_caption, freeze_backbone_stem=p.freeze_backbone_stem)
+    return {**result, **extra}
+
+
+def initialise_from_checkpoint(ctx: StageContext, model: UniTAB, p) -> dict:
+    """UniTAB's --load from an MDETR/UniTAB checkpoint; logs (and keeps in init_checkpoint.json) what loaded and what
+    not. A frozen-BN backbone must come from the file in full (frozen random statistics normalise nothing)."""
+    try:
+        report = load_checkpoint(model, p.init_checkpoint)
+    except CheckpointError as exc:
+        raise StageError(str(exc), file=p.init_checkpoint, field="with.init_checkpoint") from None
+    if ctx.is_main:
+        report.log_to(ctx.log)
+        ctx.output_dir.mkdir(parents=True, exist_ok=True)
+        (ctx.output_dir / "init_checkpoint.json").write_text(json.dumps(report.as_dict(), indent=1))
+    if (p.backbone_norm == "frozen_bn" or p.freeze_backbone_stem) and not report.covers("backbone."):
+        missing = next(name for name in report.not_initialised if name.startswith("backbone."))
+        raise StageError(f"init_checkpoint {p.init_checkpoint} does not hold the whole backbone (e.g. {missing}): "
+                         "frozen BatchNorm / a frozen stem need pretrained weights; add backbone_weights or train the "
+                         "backbone from scratch (backbone_norm: batch_norm, freeze_backbone_stem: false)",
+                         file=p.init_checkpoint, field="with.init_checkpoint")
+    return {"loaded": len(report.loaded), "skipped": len(report.skipped),
+            "not_initialised": len(report.not_initialised)}
+
+
+def finetune_grounding(ctx: StageContext) -> dict:
+    """UniTAB's Flickr30k grounding fine-tuning (--do_flickrgrounding, configs/flickr.json): the pretrained model
+    (its EMA weights, as UniTAB's --load) learns to copy the caption and insert each phrase's box."""
+    p = ctx.params
+    configure_determinism(ctx.world_size)
+    seed_everything(p.seed)
+    model, tokenizer, config, used_ema = load_trained(ctx.inputs["model"], p.start_from_ema)
+    model.train()
+    if p.freeze_backbone_stem is None:  # as the pretrained model was trained (saved with the model)
+        pretrained = json.loads((Path(ctx.inputs["model"]) / "config.json").read_text())["train_params"]
+        p = p.model_copy(update={"freeze_backbone_stem": bool(pretrained.get("freeze_backbone_stem", True))})
+    sources = open_train_sources(ctx.inputs["arrows"], None)
+    result = train_sequences(ctx, p, model, config, tokenizer, sources, seqcrop="grounding", do_caption=False,
+                             freeze_backbone_stem=p.freeze_backbone_stem)
+    return {**result, "started_from": "ema.pt" if used_ema else "model.pt"}
+
+
+def train_sequences(ctx: StageContext, p, model: UniTAB, config: UniTABConfig, tokenizer, sources, *, seqcrop: str,
+                    do_caption: bool, freeze_backbone_stem: bool) -> dict:
+    """The one UniTAB training loop: EMA, parameter groups, UniTAB's schedule, the grounded sequences of `sources`
+    (grounding arrows, concatenated), fit, outputs (`p`: the stage's training params, saved with the model)."""
+    world, rank = ctx.world_size, ctx.rank
     hooks = [Ema(model, p.ema_decay)] if p.ema else []
-    optimizer = make_adamw(ctx, parameter_groups(model, p), lr=p.lr, betas=(0.9, 0.999), weight_decay=p.weight_decay)
+    optimizer = make_adamw(ctx, parameter_groups(model, p, freeze_backbone_stem), lr=p.lr, betas=(0.9, 0.999),
+                           weight_decay=p.weight_decay)
     seed_everything(p.seed, rank)  # from here on each rank draws its own stream
 
     # data: global batch = per_device x world x accumulation; the order is a function of (seed, batch index)
     accumulation = accumulation_steps(p.batch_size, p.per_device_batch_size, world)
     dataset = GroundingSequenceDataset(
-        open_split(ctx.inputs["arrows"], "train"), tokenizer, config.layout, image_size=p.image_size,
-        max_image_size=p.max_image_size, max_decoding_step=p.max_decoding_step, seqcrop=p.pretrain_seqcrop,
-        do_caption=p.do_caption, box_targets=p.box_targets, augment=p.augment, seed=p.seed)
+        sources, tokenizer, config.layout, image_size=p.image_size,
+        max_image_size=p.max_image_size, max_decoding_step=config.max_decoding_step, seqcrop=seqcrop,
+        do_caption=do_caption, box_targets=p.box_targets, augment=p.augment, seed=p.seed)
     batches_per_epoch = ResumableSampler(len(dataset), p.per_device_batch_size, rank, world).batches_per_epoch
     total_steps = p.max_steps or max(1, p.epochs * batches_per_epoch // accumulation)
     scheduler = unitab_schedule(optimizer, p, total_steps, batches_per_epoch, accumulation)
