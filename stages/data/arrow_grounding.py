@@ -1,4 +1,7 @@
 """arrow.grounding: MDETR-style Flickr30k annotations -> f30k_grounding_{split}.arrow, one row per caption.
+arrow.grounding_mixed: MDETR's "mixed" annotations (final_mixed_train.json / final_mixed_train_no_coco.json: COCO
+RefCOCO/+/g and GQA/VG captions, each image entry naming its image source in `data_source`) ->
+mixed_grounding_train.arrow, the same columns (UniTAB pretrains on flickr + mixed).
 
 Columns: image (raw JPEG bytes), image_id (file name), caption, phrases (text, start, end, boxes as x1,y1,x2,y2
 normalised to [0,1]; one entry per annotated text span, sorted by position in the caption), width, height, split.
@@ -9,6 +12,7 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 
@@ -46,7 +50,12 @@ def _is_number(value) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
-def grounding_rows(root: Path, json_path: Path, split: str) -> list[ImageRow]:
+def grounding_rows(root: Path, json_path: Path, split: str,
+                   image_dir: Callable[[dict, str], Path] | None = None, unique: bool = True) -> list[ImageRow]:
+    """image_dir(entry, where): the folder of an image entry's file (default: root/flickr30k-images). unique: refuse
+    repeated annotations and repeated (image, caption) pairs (Flickr30k has none; MDETR's mixed data is taken as
+    it is, exact duplicate boxes of a phrase dropped)."""
+    image_dir = image_dir or (lambda entry, where: root / "flickr30k-images")
     data = load_json(json_path)
     images = require(data, "images", json_path, "", list)
     annotations = require(data, "annotations", json_path, "", list)
@@ -54,8 +63,9 @@ def grounding_rows(root: Path, json_path: Path, split: str) -> list[ImageRow]:
     seen_annotations: dict = {}
     for i, ann in enumerate(annotations):
         image_id = require(ann, "image_id", json_path, f"annotations[{i}]", (int, str))
-        content = json.dumps([image_id, ann.get("bbox"), ann.get("tokens_positive")], sort_keys=True)
-        check_unique(seen_annotations, content, json_path, f"annotations[{i}]", f"annotations[{i}]")
+        if unique:
+            content = json.dumps([image_id, ann.get("bbox"), ann.get("tokens_positive")], sort_keys=True)
+            check_unique(seen_annotations, content, json_path, f"annotations[{i}]", f"annotations[{i}]")
         by_image[image_id].append((i, ann))
     seen_ids: dict = {}
     seen_pairs: dict = {}
@@ -71,9 +81,11 @@ def grounding_rows(root: Path, json_path: Path, split: str) -> list[ImageRow]:
         if not (_is_int(width) and _is_int(height)) or width <= 0 or height <= 0:
             raise DataError(f"width and height must be positive integers, got {width!r} x {height!r}",
                             file=str(json_path), field=where)
-        image_file = member_path(root / "flickr30k-images", file_name, json_path, f"{where}.file_name")
+        image_file = member_path(image_dir(entry, where), file_name, json_path, f"{where}.file_name")
         check_unique(seen_ids, json.dumps(image_id), json_path, f"{where}.id", f"{where} (id {image_id!r})")
-        check_unique(seen_pairs, (file_name, caption), json_path, where, f"{where} (same image and caption)")
+        if unique:
+            check_unique(seen_pairs, (str(image_file), caption), json_path, where,
+                         f"{where} (same image and caption)")
         phrases: dict = {}
         for j, ann in by_image.get(image_id, []):
             ann_where = f"annotations[{j}]"
@@ -90,7 +102,9 @@ def grounding_rows(root: Path, json_path: Path, split: str) -> list[ImageRow]:
             # A phrase is identified by its text span: boxes of one span are grouped (separateGT lists one
             # annotation per box), while an entity mentioned twice yields two phrases (same phrase_ids).
             phrase = phrases.setdefault((start, end), {"start": start, "end": end, "boxes": []})
-            phrase["boxes"].append(_normalised_box(bbox, width, height))
+            box = _normalised_box(bbox, width, height)
+            if unique or box not in phrase["boxes"]:
+                phrase["boxes"].append(box)
         ordered = sorted(phrases.values(), key=lambda p: (p["start"], p["end"]))
         for phrase in ordered:
             phrase["text"] = caption[phrase["start"]:phrase["end"]]
@@ -112,3 +126,27 @@ def convert_grounding(root: Path, out_dir: Path, params) -> ConversionReport:
 
 def grounding_stage(ctx) -> dict:
     return convert_grounding(ctx.inputs["root"], ctx.output_dir, ctx.params).metrics()
+
+
+def mixed_image_dir(root: Path, json_path: Path, image_dirs: dict[str, str], default_source: str):
+    """MDETR/UniTAB's CustomCocoDetection: an entry's `data_source` (absent: coco) picks its image folder."""
+    def image_dir(entry: dict, where: str) -> Path:
+        source = entry.get("data_source", default_source)
+        if source not in image_dirs:
+            raise DataError(f"data_source {source!r} has no image folder (image_dirs knows {sorted(image_dirs)})",
+                            file=str(json_path), field=f"{where}.data_source")
+        return root / image_dirs[source]
+    return image_dir
+
+
+def convert_grounding_mixed(root: Path, out_dir: Path, params) -> ConversionReport:
+    root = Path(root)
+    json_path = member_path(root, params.annotation_file, root / params.annotation_file, "with.annotation_file")
+    image_dir = mixed_image_dir(root, json_path, params.image_dirs, params.default_source)
+    rows = {"train": grounding_rows(root, json_path, "train", image_dir, unique=False)}
+    return convert(root, out_dir, json_path.parent, rows, lambda split: f"mixed_grounding_{split}.arrow",
+                   GROUNDING_SCHEMA, params)
+
+
+def grounding_mixed_stage(ctx) -> dict:
+    return convert_grounding_mixed(ctx.inputs["root"], ctx.output_dir, ctx.params).metrics()

@@ -81,6 +81,22 @@ class SyntheticFlickrParams(_SyntheticParams):
         return splits
 
 
+class SyntheticMdetrMixedParams(_SyntheticParams):
+    vary_aspect: bool = True
+    splits: dict[str, float] = Field(default_factory=lambda: {"train": 1.0},
+                                     description="MDETR's mixed data is a training set: train only")
+    vg_fraction: float = Field(0.5, ge=0, le=1, description="share of images in gqa/images (data_source vg); the "
+                                                             "rest are COCO train2014 images")
+
+    @field_validator("splits")
+    @classmethod
+    def _train_only(cls, splits):
+        _check_splits(splits)
+        if set(splits) != {"train"}:
+            raise ValueError(f"MDETR's mixed data has a train split only, got {sorted(splits)}")
+        return splits
+
+
 class DownloadFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -194,6 +210,26 @@ class GroundingArrowParams(ArrowParams):
     splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train", "val", "test"])
 
 
+class GroundingMixedArrowParams(ArrowParams):
+    annotation_file: str = Field(
+        "mdetr_annotations/final_mixed_train.json", description="MDETR's mixed annotations, relative to the root "
+        "(UniTAB: final_mixed_train.json; MDETR's final_mixed_train_no_coco.json has the same layout)")
+    image_dirs: dict[str, str] = Field(
+        default_factory=lambda: {"coco": "train2014", "vg": "gqa/images", "flickr": "flickr30k-images"},
+        description="image entry data_source -> image folder relative to the root (UniTAB: coco_path/train2014 and "
+                    "vg_img_path = the GQA images)")
+    default_source: str = Field("coco", description="data_source of entries without one (MDETR's default)")
+
+    @field_validator("annotation_file", "image_dirs")
+    @classmethod
+    def _relative_paths(cls, value):
+        for path in ([value] if isinstance(value, str) else value.values()):
+            parts = PurePosixPath(path).parts
+            if not path or path.startswith("/") or ".." in parts or "\\" in path:
+                raise ValueError(f"{path!r} must be a relative path inside the root (no leading '/', no '..')")
+        return value
+
+
 class VqaArrowParams(ArrowParams):
     min_answer_count: int = Field(9, ge=1, description="answers that are the majority answer of fewer questions "
                                                        "are not in the vocabulary (ViLT: 9 -> 3,129 answers)")
@@ -216,6 +252,13 @@ STAGES = [
         entry="vlflow.stages.data.synthetic:flickr30k_stage",
         params=SyntheticFlickrParams,
         description="Synthetic shapes dataset in the Flickr30k + Entities + MDETR-annotations layout.",
+    ),
+    StageSpec(
+        name="synthetic.mdetr_mixed",
+        entry="vlflow.stages.data.synthetic:mdetr_mixed_stage",
+        params=SyntheticMdetrMixedParams,
+        description="Synthetic shapes in the layout of MDETR's mixed grounding data (final_mixed_train.json over "
+                    "COCO train2014 + GQA/VG images).",
     ),
     StageSpec(
         name="download",
@@ -252,5 +295,13 @@ STAGES = [
         params=GroundingArrowParams,
         inputs=("root",),
         description="MDETR Flickr30k grounding annotations -> one arrow row per caption with normalised boxes.",
+    ),
+    StageSpec(
+        name="arrow.grounding_mixed",
+        entry="vlflow.stages.data.arrow_grounding:grounding_mixed_stage",
+        params=GroundingMixedArrowParams,
+        inputs=("root",),
+        description="MDETR's mixed COCO/VG grounding annotations -> mixed_grounding_train.arrow (the grounding "
+                    "columns; UniTAB pretrains on Flickr30k + mixed).",
     ),
 ]

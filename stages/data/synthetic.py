@@ -538,3 +538,52 @@ def _count(labels: list[str]) -> dict[str, int]:
     for label in labels:
         counts[label] = counts.get(label, 0) + 1
     return counts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MDETR "mixed" grounding data (final_mixed_train.json over COCO train2014 + GQA/VG images), as UniTAB pretrains on.
+
+
+def generate_mdetr_mixed(out_dir: Path, params) -> dict:
+    """Write train2014/, gqa/images/ and mdetr_annotations/final_mixed_train.json: one image entry per caption with
+    MDETR's fields (data_source picks the image folder, dataset_name "mixed", tokens_negative, sentence_id,
+    original_img_id, tokens_positive_eval), one annotation per grounded phrase."""
+    out_dir = Path(out_dir)
+    rng = random.Random(f"mdetr-mixed-{params.seed}")
+    scenes = plan_scenes(params.num_images, params.image_size, params.seed, params.noisy_fraction, params.vary_aspect)
+    folders = {"coco": out_dir / "train2014", "vg": out_dir / "gqa" / "images"}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    content: dict = {"images": [], "annotations": []}
+    jobs, sources = [], []
+    for scene in scenes:
+        source = "vg" if rng.random() < params.vg_fraction else "coco"
+        original_id = 1_000_000 + scene.index
+        filename = f"COCO_train2014_{original_id:012d}.jpg" if source == "coco" else f"{original_id}.jpg"
+        captions = make_captions(scene, params.captions_per_image, rng, ending="", style=params.caption_style)
+        for sentence_id, caption in enumerate(captions):
+            image_id = len(content["images"])
+            spans = sorted(caption.spans, key=lambda s: s[1])
+            content["images"].append({
+                "file_name": filename, "height": scene.height, "width": scene.width, "id": image_id,
+                "original_id": original_id, "caption": caption.text, "dataset_name": "mixed",
+                "data_source": source, "tokens_negative": [[0, len(caption.text)]], "sentence_id": sentence_id,
+                "original_img_id": original_id, "tokens_positive_eval": [[[start, end]] for _, start, end in spans],
+            })
+            for shape_index, start, end in spans:
+                x1, y1, x2, y2 = scene.shapes[shape_index].box
+                content["annotations"].append({
+                    "area": (x2 - x1) * (y2 - y1), "iscrowd": 0, "image_id": image_id, "category_id": 1,
+                    "id": len(content["annotations"]), "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "tokens_positive": [[start, end]],
+                })
+        jobs.append((scene, folders[source] / filename))
+        sources.append(source)
+    _write_images(jobs, params)
+    _write_json(out_dir / "mdetr_annotations" / "final_mixed_train.json",
+                {**content, "categories": [{"supercategory": "object", "id": 1, "name": "object"}]})
+    return {"images": len(scenes), "captions": len(content["images"]), "sources": _count(sources)}
+
+
+def mdetr_mixed_stage(ctx) -> dict:
+    return generate_mdetr_mixed(ctx.output_dir, ctx.params)
