@@ -252,37 +252,48 @@ class ResumableSampler:
     `batch_size` piece of that slice. The tail that does not fill a global batch is dropped so all ranks step together.
     Set `start_batch` (batches per rank already consumed: optimizer steps x accumulation steps) before iterating to
     resume where a previous run stopped.
+
+    `item_seeds=True`: batches of (index, item_seed) pairs instead. The epoch's generator, after the permutation,
+    draws one seed per position of the epoch; a dataset seeds that sample's own random choices with it (ViLT's
+    RandAugment, its drawn false image), in whichever DataLoader worker loads it, and a resumed run sees the same.
     """
 
     def __init__(self, dataset_size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 start_batch: int = 0) -> None:
+                 start_batch: int = 0, item_seeds: bool = False) -> None:
         self.dataset_size = dataset_size
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
         self.start_batch = start_batch
+        self.item_seeds = item_seeds
         self.global_batch = batch_size * world_size
         self.batches_per_epoch = dataset_size // self.global_batch
         if self.batches_per_epoch == 0:
             raise StageError(f"dataset of {dataset_size} samples is smaller than one global batch "
                              f"({batch_size} per device x {world_size} ranks = {self.global_batch})")
-        self._cached_epoch, self._cached_order = -1, None
+        self._cached_epoch, self._cached_order, self._cached_seeds = -1, None, None
 
     def epoch_of(self, batch_index: int) -> int:
         return batch_index // self.batches_per_epoch
 
-    def batch(self, batch_index: int) -> list[int]:
-        """This rank's indices for its `batch_index`-th batch (counting across epochs)."""
+    def batch(self, batch_index: int) -> list[int] | list[tuple[int, int]]:
+        """This rank's indices for its `batch_index`-th batch (counting across epochs); (index, item_seed) pairs
+        with `item_seeds`."""
         epoch, within = divmod(batch_index, self.batches_per_epoch)
         order = self._permutation(epoch)
         start = within * self.global_batch + self.rank * self.batch_size
-        return order[start:start + self.batch_size].tolist()
+        indices = order[start:start + self.batch_size].tolist()
+        if not self.item_seeds:
+            return indices
+        return list(zip(indices, self._cached_seeds[start:start + self.batch_size].tolist()))
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._cached_epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             self._cached_epoch, self._cached_order = epoch, torch.randperm(self.dataset_size, generator=generator)
+            if self.item_seeds:  # drawn after the permutation: the order is the same with or without seeds
+                self._cached_seeds = torch.randint(2**62, (self.dataset_size,), generator=generator)
         return self._cached_order
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 
 #: ViLT's pixelbert_transform caps the longer side at int(1333 / 800 * size) (detectron's 800/1333 ratio)
 VILT_LONGER_RATIO = 1333 / 800
@@ -125,3 +126,70 @@ def pixelbert_transform(size: int = 384, max_size: int | None = None) -> PixelBe
 def pixelbert_pixels(size: int = 384, max_size: int | None = None) -> PixelBertPixels:
     """The same resize on encoded bytes, uint8 output (normalise with `normalize_pixels`)."""
     return PixelBertPixels(size, max_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ViLT's RandAugment (`pixelbert_randaug`: RandAugment(2, 9) on the decoded image, then the pixelbert resize)
+
+
+def _random_sign(value: float, rng) -> float:
+    return -value if rng.random() > 0.5 else value
+
+
+def _affine(image: Image.Image, coefficients: tuple) -> Image.Image:
+    return image.transform(image.size, Image.Transform.AFFINE, coefficients)  # nearest, black fill (as ViLT)
+
+
+def _solarize_add(image: Image.Image, addition: float, threshold: int = 128) -> Image.Image:
+    added = np.clip(np.asarray(image).astype(np.int64) + addition, 0, 255).astype(np.uint8)
+    return ImageOps.solarize(Image.fromarray(added), threshold)
+
+
+#: ViLT's op list (vilt/transforms/randaug.py `augment_list`, the EfficientNet RandAugment policy): name, operation
+#: (image, magnitude value, rng), and the value range that the magnitude 0..30 maps onto linearly. Invert and Cutout
+#: are commented out in ViLT's list, so they are absent; there is no Identity. Ops with a sign flip it with
+#: probability 1/2 (rng.random() > 0.5, as ViLT), the enhance factors and thresholds are used as they are.
+VILT_RANDAUG_OPS: tuple[tuple[str, Callable, float, float], ...] = (
+    ("AutoContrast", lambda img, v, rng: ImageOps.autocontrast(img), 0, 1),
+    ("Equalize", lambda img, v, rng: ImageOps.equalize(img), 0, 1),
+    ("Rotate", lambda img, v, rng: img.rotate(_random_sign(v, rng)), 0, 30),
+    ("Posterize", lambda img, v, rng: ImageOps.posterize(img, max(1, int(v))), 0, 4),
+    ("Solarize", lambda img, v, rng: ImageOps.solarize(img, v), 0, 256),
+    ("SolarizeAdd", lambda img, v, rng: _solarize_add(img, v), 0, 110),
+    ("Color", lambda img, v, rng: ImageEnhance.Color(img).enhance(v), 0.1, 1.9),
+    ("Contrast", lambda img, v, rng: ImageEnhance.Contrast(img).enhance(v), 0.1, 1.9),
+    ("Brightness", lambda img, v, rng: ImageEnhance.Brightness(img).enhance(v), 0.1, 1.9),
+    ("Sharpness", lambda img, v, rng: ImageEnhance.Sharpness(img).enhance(v), 0.1, 1.9),
+    ("ShearX", lambda img, v, rng: _affine(img, (1, _random_sign(v, rng), 0, 0, 1, 0)), 0.0, 0.3),
+    ("ShearY", lambda img, v, rng: _affine(img, (1, 0, 0, _random_sign(v, rng), 1, 0)), 0.0, 0.3),
+    ("TranslateXabs", lambda img, v, rng: _affine(img, (1, 0, _random_sign(v, rng), 0, 1, 0)), 0.0, 100),
+    ("TranslateYabs", lambda img, v, rng: _affine(img, (1, 0, 0, 0, 1, _random_sign(v, rng))), 0.0, 100),
+)
+
+
+class ViltRandAugment:
+    """ViLT's RandAugment(n, m) on a PIL image: `n` ops drawn with replacement (`rng.choices`) from
+    `VILT_RANDAUG_OPS`, each at value m / 30 x (max - min) + min. At ViLT's (2, 9): rotate +-9 degrees, shear +-0.09,
+    translate +-30 pixels (absolute, on the image before its resize), posterize to 1 bit, solarize above 76.8,
+    solarize-add 33, colour/contrast/brightness/sharpness factor 0.64.
+
+    torchvision's RandAugment is not the same augmentation (it adds Identity, lacks SolarizeAdd, translates by a
+    fraction of the size, and at magnitude 9 posterizes to 7 bits, solarizes above 178.5 and draws enhance factors
+    1 +- 0.27), so ViLT's ops are written out here. Randomness comes only from `rng` (a `random.Random`): the same
+    seed gives the same image. Picklable."""
+
+    def __init__(self, num_ops: int = 2, magnitude: int = 9):
+        if num_ops < 0 or not 0 <= magnitude <= 30:
+            raise ValueError(f"RandAugment needs num_ops >= 0 and 0 <= magnitude <= 30, got {num_ops}, {magnitude}")
+        self.num_ops, self.magnitude = num_ops, magnitude
+
+    def value(self, low: float, high: float) -> float:
+        return self.magnitude / 30 * float(high - low) + low
+
+    def __call__(self, image: Image.Image, rng) -> Image.Image:
+        for _, operation, low, high in rng.choices(VILT_RANDAUG_OPS, k=self.num_ops):
+            image = operation(image, self.value(low, high), rng)
+        return image
+
+    def __repr__(self) -> str:
+        return f"vilt_randaugment({self.num_ops}, {self.magnitude})"

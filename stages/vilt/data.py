@@ -1,11 +1,14 @@
 """ViLT batches: image-caption pairs (and VQAv2 image-question pairs with soft answer targets) from ViLT arrows,
-collation (image padding + pixel mask, tokenisation), MLM masking and ITM negative swapping. Randomness comes from
-an explicit `torch.Generator`, so a resumed run can reproduce the same masks and negatives for a step. Also how the
-evaluation stages read a training stage's output (`load_trained_run`)."""
+ViLT's training transforms (`pixelbert`, `pixelbert_randaug`), collation (image padding + pixel mask, tokenisation),
+MLM masking and ITM negatives (a false image per item drawn from the dataset, as ViLT, or another image of the batch).
+Randomness comes from explicit generators: per step (`torch.Generator`: masks, which positions are negatives) and per
+sample (the seed its ResumableSampler drew: RandAugment, the false image), so a resumed run reproduces them. Also how
+the evaluation stages read a training stage's output (`load_trained_run`)."""
 from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from torch.utils.data import Dataset
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 from vlflow.stages.common.training import load_tokenizer  # noqa: F401  (one loader for every stage)
 from vlflow.stages.data.reader import CaptionArrowDataset, VqaArrowDataset
-from vlflow.stages.data.transforms import normalize_pixels, pixelbert_pixels, vilt_max_size
+from vlflow.stages.data.transforms import ViltRandAugment, normalize_pixels, pixelbert_pixels, vilt_max_size
 
 from vlflow.errors import StageError
 
@@ -70,21 +73,85 @@ def image_dataset(arrows: Path, split: str, image_size: int, max_image_size: int
     return CaptionArrowDataset(arrow_files(arrows, split), pixelbert_pixels(image_size, max_image_size))
 
 
-class CaptionPairs(Dataset):
-    """One item per (image, caption) pair, like ViLT's index mapper: an epoch sees every caption once."""
+#: ViLT's transform keys: `pixelbert` (resize only: pretraining, evaluation), `pixelbert_randaug` (RandAugment(2, 9)
+#: before the resize: its fine-tuning configs)
+TRAIN_TRANSFORMS = ("pixelbert", "pixelbert_randaug")
 
-    def __init__(self, images: CaptionArrowDataset):
+
+def train_augment(transform: str) -> ViltRandAugment | None:
+    if transform not in TRAIN_TRANSFORMS:
+        raise StageError(f"unknown image transform {transform!r}; one of {', '.join(TRAIN_TRANSFORMS)}",
+                         field="with.train_transform")
+    return ViltRandAugment(2, 9) if transform == "pixelbert_randaug" else None
+
+
+def split_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
+    """A dataset key: an index, or (index, item_seed) from `ResumableSampler(item_seeds=True)`."""
+    return key if isinstance(key, tuple) else (key, None)
+
+
+def item_rng(item_seed: int | None, needed_for: str) -> random.Random | None:
+    """The sample's own random stream (RandAugment, false image), from the seed its sampler drew for it."""
+    if item_seed is None:
+        raise ValueError(f"{needed_for} needs a seed per sample: index the dataset with (index, item_seed) pairs "
+                         f"(ResumableSampler(item_seeds=True))")
+    return random.Random(item_seed)
+
+
+def train_pixels(images, image_index: int, augment: ViltRandAugment | None, rng: random.Random | None):
+    """An image as training sees it: the dataset's resize, after ViLT's RandAugment on the decoded image when
+    `augment` is given."""
+    if augment is None:
+        return images[image_index]["image"]
+    return images.image_transform.pixels(augment(images.image(image_index), rng))
+
+
+class CaptionPairs(Dataset):
+    """One item per (image, caption) pair, like ViLT's index mapper: an epoch sees every caption once.
+
+    `augment`: ViLT's RandAugment before the resize. `false_images`: each item also carries a false image for ITM,
+    ViLT's `get_false_image` (`draw_false_image=1`): the image of a pair drawn uniformly from the whole dataset, so
+    images weigh by their caption count, as in ViLT; ours redraws when it is the item's own image (ViLT keeps it,
+    a wrong negative with probability ~1/images). Both draw from the item's seed (keys are (index, item_seed))."""
+
+    def __init__(self, images: CaptionArrowDataset, augment: ViltRandAugment | None = None,
+                 false_images: bool = False):
         self.images = images
         self.pairs = [(i, j) for i in range(len(images)) for j in range(len(images.captions(i)))]
+        self.augment = augment
+        self.false_images = false_images
+        if false_images and len({i for i, _ in self.pairs}) < 2:
+            raise StageError("ITM false images need at least 2 captioned images in the training split",
+                             field="inputs.arrows")
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> dict:
+    def false_image_index(self, image_index: int, rng: random.Random) -> int:
+        """ViLT's false-image draw (a random pair's image), redrawn until it is another image."""
+        while True:
+            other = self.pairs[rng.randrange(len(self.pairs))][0]
+            if other != image_index:
+                return other
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, item_seed = split_key(key)
         image_index, caption_index = self.pairs[index]
-        row = self.images[image_index]
-        return {"pixel_values": row["image"], "text": row["captions"][caption_index],
-                "image_index": image_index}
+        rng = None
+        if self.augment is not None or self.false_images:
+            rng = item_rng(item_seed, "RandAugment" if self.augment is not None else "an ITM false image")
+        if self.augment is None:
+            row = self.images[image_index]
+            pixels, caption = row["image"], row["captions"][caption_index]
+        else:
+            pixels = train_pixels(self.images, image_index, self.augment, rng)
+            caption = self.images.captions(image_index)[caption_index]
+        item = {"pixel_values": pixels, "text": caption, "image_index": image_index}
+        if self.false_images:
+            false_index = self.false_image_index(image_index, rng)
+            item.update(false_pixel_values=train_pixels(self.images, false_index, self.augment, rng),
+                        false_image_index=false_index)
+        return item
 
 
 def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -158,9 +225,17 @@ class PairCollator:
 
     def __call__(self, samples: list[dict]) -> dict:
         images = [s["pixel_values"] for s in samples]
+        # ITM false images (CaptionPairs(false_images=True)) are padded with the images to one size, as ViLT's collate
+        false_images = [s["false_pixel_values"] for s in samples if "false_pixel_values" in s]
+        images += false_images
         pixel_values, pixel_mask = pad_images(images) if self.normalize else collate_images(images)
         texts = [s["text"] for s in samples]
         batch = dict(tokenize(self.tokenizer, texts, self.max_text_len, self.pad_to_max_length))
+        if false_images:
+            size = len(samples)
+            batch.update(false_pixel_values=pixel_values[size:], false_pixel_mask=pixel_mask[size:],
+                         false_image_index=torch.tensor([s["false_image_index"] for s in samples]))
+            pixel_values, pixel_mask = pixel_values[:size], pixel_mask[:size]
         batch.update(pixel_values=pixel_values, pixel_mask=pixel_mask, text=texts,
                      image_index=torch.tensor([s["image_index"] for s in samples]))
         return batch
@@ -248,14 +323,15 @@ class MlmMasker:
 
 
 def itm_negatives(batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """ITM pairs: half of the positions (chosen at random) get another image of the batch.
+    """ITM pairs from the batch alone (`itm_negatives: batch`): half of the positions (chosen at random) get another
+    image of the batch.
     Returns (image_order, itm_labels): the ITM image of position i is image image_order[i]; itm_labels 1 = matching.
 
     Where the work happens: only these two small index tensors are drawn on the host (with the step's CPU generator,
     so a resumed run draws the same; microseconds for a batch of 32); the images themselves are gathered on the
     device, in the training step (`pretrain_task`'s losses: `index_select` on the device batch), never copied on the
-    host. Both are fixed-size, so the gather has no data-dependent shapes. ViLT instead decodes a second ("false")
-    image per item in its dataset (`draw_false_image=1`)."""
+    host. Both are fixed-size, so the gather has no data-dependent shapes. One decoded image per item; the default
+    (`itm_negatives: dataset`, ViLT's `draw_false_image=1`) decodes a second, false image per item in the dataset."""
     size = len(batch["input_ids"])
     if size < 2:
         raise StageError("ITM needs at least 2 samples per device batch", field="with.per_device_batch_size")
@@ -283,6 +359,26 @@ def swap_images_for_itm(batch: dict, generator: torch.Generator) -> dict:
             "itm_labels": itm_labels.to(batch["pixel_values"].device)}
 
 
+def itm_labels_for_false_images(batch: dict, generator: torch.Generator) -> torch.Tensor:
+    """ITM with false images from the dataset (CaptionPairs(false_images=True)), as ViLT's `compute_itm_wpa`: of a
+    batch of B, B // 2 positions keep their own image (label 1) and the other B - B // 2 take their false image
+    (label 0), in an order drawn with `generator` on the host."""
+    size = len(batch["input_ids"])
+    labels = torch.zeros(size, dtype=torch.long)
+    labels[: size // 2] = 1
+    return labels[torch.randperm(size, generator=generator)]
+
+
+def false_image_itm_pixels(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ITM images of a batch with false images and `itm_labels`, where the batch is (the training step: on the
+    device): each position's own image where its label is 1, its false image where 0; model-ready floats (uint8
+    pixels are normalised after the choice) and the matching pixel_mask."""
+    matching = batch["itm_labels"].bool()
+    pixel_mask = torch.where(matching[:, None, None], batch["pixel_mask"], batch["false_pixel_mask"])
+    pixel_values = torch.where(matching[:, None, None, None], batch["pixel_values"], batch["false_pixel_values"])
+    return normalize_pixels(pixel_values, pixel_mask), pixel_mask
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # VQAv2: one item per (image, question), soft-score targets over the answer vocabulary.
 
@@ -305,23 +401,32 @@ def load_answers(arrows: Path) -> list[str]:
 
 
 class QuestionPairs(Dataset):
-    """One item per (image, question), like ViLT's VQA index mapper: an epoch sees every question once."""
+    """One item per (image, question), like ViLT's VQA index mapper: an epoch sees every question once.
+    `augment`: ViLT's RandAugment before the resize, drawn from the item's seed (keys are (index, item_seed))."""
 
-    def __init__(self, images: VqaArrowDataset):
+    def __init__(self, images: VqaArrowDataset, augment: ViltRandAugment | None = None):
         self.images = images
         self.pairs = [(i, j) for i in range(len(images)) for j in range(len(images.questions(i)))]
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, item_seed = split_key(key)
         image_index, question_index = self.pairs[index]
-        row = self.images[image_index]
-        labels, scores = row["answer_labels"], row["answer_scores"]
-        return {"pixel_values": row["image"], "text": row["questions"][question_index],
+        if self.augment is None:
+            row = self.images[image_index]
+            pixels, questions, question_ids = row["image"], row["questions"], row["question_id"]
+            labels, scores = row["answer_labels"], row["answer_scores"]
+        else:
+            pixels = train_pixels(self.images, image_index, self.augment, item_rng(item_seed, "RandAugment"))
+            questions, question_ids = self.images.questions(image_index), self.images.question_ids(image_index)
+            labels, scores = self.images.targets(image_index)
+        return {"pixel_values": pixels, "text": questions[question_index],
                 "answer_labels": labels[question_index] if labels else [],
                 "answer_scores": scores[question_index] if scores else [],
-                "question_id": row["question_id"][question_index], "image_index": image_index}
+                "question_id": question_ids[question_index], "image_index": image_index}
 
 
 class QuestionCollator(PairCollator):

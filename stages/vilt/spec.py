@@ -57,6 +57,10 @@ class ViltTrainParams(ViltModelParams):
     log_every: int = Field(50, ge=1)
     seed: int = Field(0, ge=0, le=2**32 - 1)  # torch and numpy take seeds in this range
     num_workers: int = Field(2, ge=0)
+    train_transform: Literal["pixelbert", "pixelbert_randaug"] = Field(
+        "pixelbert", description="ViLT's train_transform_keys: pixelbert = resize only; pixelbert_randaug = ViLT's "
+                                 "RandAugment(2, 9) on the decoded image, then the resize (ViLT's fine-tuning "
+                                 "recipe). Evaluation always uses pixelbert")
 
     @model_validator(mode="after")
     def _a_length(self):
@@ -69,6 +73,10 @@ class ViltPretrainParams(ViltTrainParams):
     warmup_steps: int | float = Field(2500, ge=0, description="steps (int) or a fraction of the run's steps "
                                                               "(float < 1); ViLT pretrains with 2,500")
     tasks: list[Literal["mlm", "itm"]] = Field(default_factory=lambda: ["mlm", "itm"], min_length=1)
+    itm_negatives: Literal["dataset", "batch"] = Field(
+        "dataset", description="ITM negative images: dataset = a false image per item drawn from the whole training "
+                               "set (ViLT's draw_false_image=1; two decoded images per item); batch = another image "
+                               "of the same batch (one decode per item, negatives limited to the batch's images)")
     whole_word_masking: bool = False
     mlm_prob: float = Field(0.15, gt=0, lt=1)
     itm_wpa: bool = Field(False, description="add ViLT's word-patch alignment (IPOT) loss to ITM")
@@ -90,6 +98,9 @@ class ViltFinetuneRetrievalParams(ViltTrainParams):
     max_epochs: int | None = Field(10, ge=1, description="passes over the training pairs (ViLT: 10)")
     batch_size: int = Field(256, ge=1, description="global batch, reached by gradient accumulation")
     max_image_len: int = Field(-1, description="sampled patches per image; -1 keeps all (as ViLT fine-tunes)")
+    train_transform: Literal["pixelbert", "pixelbert_randaug"] = Field(
+        "pixelbert_randaug", description="pixelbert_randaug: ViLT's RandAugment(2, 9) before the resize, as its "
+                                         "*_randaug fine-tuning configs; pixelbert: resize only")
 
 
 class ViltFinetuneVqaParams(ViltTrainParams):
@@ -101,6 +112,9 @@ class ViltFinetuneVqaParams(ViltTrainParams):
     max_epochs: int | None = Field(10, ge=1, description="passes over the training questions (ViLT: 10)")
     batch_size: int = Field(256, ge=1)
     max_image_len: int = Field(-1, description="sampled patches per image; -1 keeps all (as ViLT fine-tunes)")
+    train_transform: Literal["pixelbert", "pixelbert_randaug"] = Field(
+        "pixelbert_randaug", description="pixelbert_randaug: ViLT's RandAugment(2, 9) before the resize, as its "
+                                         "*_randaug fine-tuning configs; pixelbert: resize only")
     head_lr_mult: float = Field(10.0, gt=0, description="lr multiplier of the new answer classifier (ViLT lr_mult)")
 
 

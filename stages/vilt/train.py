@@ -2,7 +2,8 @@
 (host-side random choices + device-side losses) and trains it with the shared `fit` loop (stages/common/fit.py):
 gradient accumulation to the global batch, clipping, checkpoints in ctx.work_dir every `checkpoint_every` steps, and a
 restarted run continues at the saved step with the same data order, masks and negatives (drawn from generators seeded
-by seed/step/micro-batch/rank).
+by seed/step/micro-batch/rank) and the same per-sample draws (RandAugment, ITM false images: seeded by the sampler's
+per-position seeds).
 """
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ from vlflow.stages.vilt.data import (
     QuestionCollator,
     QuestionPairs,
     device_pixels,
+    false_image_itm_pixels,
     image_dataset,
+    itm_labels_for_false_images,
     itm_negatives,
     load_answers,
     load_tokenizer,
     tokenize,
+    train_augment,
     vqa_dataset,
 )
 from vlflow.stages.vilt.model import (
@@ -63,13 +67,18 @@ def pretrain(ctx: StageContext) -> dict:
             load_vit_weights(model.vilt, p.vit_init)
     task = pretrain_task(tokenizer, p.tasks, p.mlm_prob, p.whole_word_masking, p.wpa_weight if p.itm_wpa else 0.0,
                          max_text_len=p.max_text_len)
-    return train(ctx, model, tokenizer, task, save_model=lambda m, out: m.save(out))
+    false_images = "itm" in p.tasks and p.itm_negatives == "dataset"
+    dataset = CaptionPairs(image_dataset(ctx.inputs["arrows"], "train", p.image_size, p.max_image_size),
+                           augment=train_augment(p.train_transform), false_images=false_images)
+    return train(ctx, model, tokenizer, task, save_model=lambda m, out: m.save(out), dataset=dataset)
 
 
 def pretrain_task(tokenizer, tasks, mlm_prob: float, whole_word: bool, wpa_weight: float,
                   max_text_len: int | None = None) -> TrainTask:
-    """MLM (masks drawn on the host) and ITM (negatives drawn on the host, images gathered on the device).
-    `max_text_len`: the length ViLT pads every caption to, which sets its whole-word masking budget."""
+    """MLM (masks drawn on the host) and ITM (which positions are negatives drawn on the host; their images are the
+    items' false images when the batch has them (CaptionPairs(false_images=True), ViLT's way), else other images of
+    the batch, gathered on the device). `max_text_len`: the length ViLT pads every caption to, which sets its
+    whole-word masking budget."""
     masker = MlmMasker(tokenizer, mlm_prob, whole_word, padded_length=max_text_len) if "mlm" in tasks else None
     itm = "itm" in tasks
 
@@ -78,22 +87,29 @@ def pretrain_task(tokenizer, tasks, mlm_prob: float, whole_word: bool, wpa_weigh
         if masker is not None:
             masked = masker(batch, generator)
             prepared.update(mlm_input_ids=masked["input_ids"], mlm_labels=masked["labels"])
-        if itm:
+        if itm and "false_pixel_values" in batch:
+            prepared.update(itm_labels=itm_labels_for_false_images(batch, generator),
+                            false_pixel_values=batch["false_pixel_values"], false_pixel_mask=batch["false_pixel_mask"])
+        elif itm:
             prepared["itm_image_order"], prepared["itm_labels"] = itm_negatives(batch, generator)
         return prepared
 
     def losses(model, batch: dict) -> dict:
+        itm_batch = None
+        if itm and "false_pixel_values" in batch:  # chosen among the uint8 images, then normalised
+            pixel_values, pixel_mask = false_image_itm_pixels(batch)
         batch = device_pixels(batch)
-        mlm_batch = itm_batch = None
+        if itm:
+            if "false_pixel_values" not in batch:
+                order = batch["itm_image_order"]
+                pixel_values = batch["pixel_values"].index_select(0, order)
+                pixel_mask = batch["pixel_mask"].index_select(0, order)
+            itm_batch = {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "input_ids": batch["input_ids"],
+                         "attention_mask": batch["attention_mask"], "itm_labels": batch["itm_labels"]}
+        mlm_batch = None
         if masker is not None:
             mlm_batch = {**{k: batch[k] for k in (*IMAGE_KEYS, "attention_mask")},
                          "input_ids": batch["mlm_input_ids"], "labels": batch["mlm_labels"]}
-        if itm:
-            order = batch["itm_image_order"]
-            itm_batch = {"pixel_values": batch["pixel_values"].index_select(0, order),
-                         "pixel_mask": batch["pixel_mask"].index_select(0, order),
-                         "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                         "itm_labels": batch["itm_labels"]}
         return model(mlm_batch=mlm_batch, itm_batch=itm_batch, wpa_weight=wpa_weight)
 
     return TrainTask(losses=losses, prepare=prepare)
@@ -106,7 +122,8 @@ def finetune_retrieval(ctx: StageContext) -> dict:
     tokenizer = load_tokenizer({"tokenizer": pretrained_dir / "tokenizer", **ctx.inputs}, p.tokenizer)
     model = ViltRetrievalTrainingModel(retrieval_model_from_pretraining(pretrained_dir / "model",
                                                                         max_image_len=p.max_image_len))
-    dataset = CaptionPairs(image_dataset(ctx.inputs["arrows"], "train", p.image_size, p.max_image_size))
+    dataset = CaptionPairs(image_dataset(ctx.inputs["arrows"], "train", p.image_size, p.max_image_size),
+                           augment=train_augment(p.train_transform))
     task = retrieval_task(tokenizer, dataset, p.false_texts, p.max_text_len)
     return train(ctx, model, tokenizer, task, save_model=lambda m, out: m.retrieval.save_pretrained(out),
                  dataset=dataset)
@@ -139,7 +156,8 @@ def finetune_vqa(ctx: StageContext) -> dict:
     answers = load_answers(ctx.inputs["arrows"])
     model = ViltVqaTrainingModel(vqa_model_from_pretraining(pretrained_dir / "model", answers,
                                                             max_image_len=p.max_image_len))
-    dataset = QuestionPairs(vqa_dataset(ctx.inputs["arrows"], p.train_splits, p.image_size, p.max_image_size))
+    dataset = QuestionPairs(vqa_dataset(ctx.inputs["arrows"], p.train_splits, p.image_size, p.max_image_size),
+                            augment=train_augment(p.train_transform))
     return train(ctx, model, tokenizer, vqa_task(), save_model=lambda m, out: m.vqa.save_pretrained(out),
                  dataset=dataset, collate=QuestionCollator(tokenizer, p.max_text_len, len(answers), normalize=False),
                  head_lr_mult={"vqa.classifier.": p.head_lr_mult})
@@ -170,13 +188,11 @@ def decay_groups(model: torch.nn.Module, weight_decay: float, lr: float,
 
 
 def train(ctx: StageContext, model: torch.nn.Module, tokenizer, task: TrainTask, save_model: Callable,
-          dataset: torch.utils.data.Dataset | None = None, collate: Callable | None = None,
+          dataset: torch.utils.data.Dataset, collate: Callable | None = None,
           head_lr_mult: dict[str, float] | None = None) -> dict:
     p = ctx.params
     configure_determinism(ctx.world_size)
     accum = accumulation_steps(p.batch_size, p.per_device_batch_size, ctx.world_size)
-    if dataset is None:
-        dataset = CaptionPairs(image_dataset(ctx.inputs["arrows"], "train", p.image_size, p.max_image_size))
     optimizer = make_adamw(ctx, decay_groups(model, p.weight_decay, p.lr, head_lr_mult), lr=p.lr, betas=p.betas,
                            weight_decay=p.weight_decay)
     batches_per_epoch = ResumableSampler(len(dataset), p.per_device_batch_size, ctx.rank,
@@ -191,9 +207,10 @@ def train(ctx: StageContext, model: torch.nn.Module, tokenizer, task: TrainTask,
     pin_memory = get_accelerator().name == "cuda"
 
     def batches(start_batch: int):
-        # the data order is a function of (seed, batch index): resuming continues with the batches a full run sees
+        # the data order and each sample's own seed (RandAugment, false image) are functions of (seed, batch
+        # index): resuming continues with the batches a full run sees
         sampler = ResumableSampler(len(dataset), p.per_device_batch_size, ctx.rank, ctx.world_size, p.seed,
-                                   start_batch=start_batch)
+                                   start_batch=start_batch, item_seeds=True)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=p.num_workers,
                           pin_memory=pin_memory)
 
