@@ -236,8 +236,10 @@ def test_credentials_never_appear_in_errors_or_repr(moto_server, s3_env, tmp_pat
         assert SECRET not in text and SECRET_KEY_ID not in text and "hunter2" not in text
 
 
-def test_upload_rejected_midway_leaves_no_manifest(moto_server, s3_env, tmp_path):
-    """A second front end on the same moto backend refuses one PUT; the commit fails and commits nothing."""
+@pytest.mark.parametrize("packed", [False, True], ids=["one-object-per-file", "packs"])
+def test_upload_rejected_midway_leaves_no_manifest(moto_server, s3_env, tmp_path, packed):
+    """A second front end on the same moto backend refuses one PUT (a file's, or with small files packed, the fourth
+    pack's); the commit fails and commits nothing."""
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from werkzeug.serving import make_server
 
@@ -247,7 +249,8 @@ def test_upload_rejected_midway_leaves_no_manifest(moto_server, s3_env, tmp_path
     rejected = []
 
     def reject_one_put(environ, start_response):
-        if environ["REQUEST_METHOD"] == "PUT" and "poison" in environ["PATH_INFO"]:
+        if environ["REQUEST_METHOD"] == "PUT" and ("poison" in environ["PATH_INFO"]
+                                                   or environ["PATH_INFO"].endswith("/.vlflow-packs/00003")):
             rejected.append(environ["PATH_INFO"])
             start_response("403 Forbidden", [("Content-Type", "application/xml")])
             return [b"<Error><Code>AccessDenied</Code><Message>injected failure</Message></Error>"]
@@ -259,7 +262,8 @@ def test_upload_rejected_midway_leaves_no_manifest(moto_server, s3_env, tmp_path
     try:
         bucket = create_bucket(moto_server)
         rejecting = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{server.server_port}"}}
-        store = ArtifactStore(f"s3://{bucket}/cache", storage_options=rejecting)
+        store = ArtifactStore(f"s3://{bucket}/cache", storage_options=rejecting,
+                              **({"pack_bytes": 4000} if packed else {"pack_file_limit": 0}))
         files = {f"f{i:03d}.bin": b"x" * 1000 for i in range(40)}
         files["f020_poison.bin"] = b"bad"
         with pytest.raises(StoreError, match=r"cannot commit artifact k1 in the artifact store s3://"):
@@ -299,15 +303,17 @@ def test_concurrent_materialize_of_one_artifact_downloads_once(tmp_path):
     dest = tmp_path / "mirror" / "k"
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: store.materialize("k", dest), range(4)))
-    assert results == [dest] * 4 and downloads == [20]
+    assert results == [dest] * 4 and downloads == [1]  # one concurrent get (of one pack: the files are small)
     assert tree_bytes(dest) == {f"f{i}": bytes([i]) * 1000 for i in range(20)}
     assert sorted(p.name for p in dest.parent.iterdir()) == ["k"]  # no partial or stale dirs left
 
 
-def test_remote_materialize_checks_sizes(tmp_path):
-    store = ArtifactStore(f"memory://vlflow-test-{uuid.uuid4().hex[:8]}/c")
+@pytest.mark.parametrize("packed", [False, True], ids=["one-object-per-file", "packs"])
+def test_remote_materialize_checks_sizes(tmp_path, packed):
+    store = ArtifactStore(f"memory://vlflow-test-{uuid.uuid4().hex[:8]}/c", pack_file_limit=1 << 20 if packed else 0)
     manifest = store.commit("k", write_tree(tmp_path / "o", {"a.bin": b"12345"}), {})
-    store.fs.pipe_file(store._path("artifacts", "k", manifest.attempt, "a.bin"), b"123")  # damaged behind our back
+    stored = store._path("artifacts", "k", manifest.attempt, manifest.files[0].pack or "a.bin")
+    store.fs.pipe_file(stored, b"123")  # damaged behind our back (the file, or the pack holding it)
     with pytest.raises(StoreError, match=r"a\.bin has 3 bytes after download, the manifest says 5"):
         store.materialize("k", tmp_path / "m")
     assert not (tmp_path / "m").exists()
@@ -339,6 +345,7 @@ def _edit_attempt_file(store: ArtifactStore, manifest, relpath: str, data: bytes
 
 
 def test_damage_sees_missing_resized_and_extra_files_and_verify_sees_same_size_edits(store, tmp_path):
+    store.pack_file_limit = 0  # one object per file (packs: tests/test_store_s3_packs.py)
     out = write_tree(tmp_path / "out", FILES)
     manifest = store.commit("k", out, {})
     assert store.damage(manifest) == [] and store.verify(manifest) == []

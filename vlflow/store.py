@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from vlflow.secrets import Masker, looks_secret, strip_userinfo
+from vlflow.store_packs import PACK_BYTES, PACK_FILE_LIMIT, build_pack, plan_packs, unpack
 
 try:
     from vlflow.errors import StoreError
@@ -85,14 +87,29 @@ class _ManifestSummary(BaseModel):
     meta: dict = Field(default_factory=dict)
 
 
+_RelativePath = Annotated[str, AfterValidator(_plain_relative_path)]
+
+
+class _Pack(BaseModel):
+    """One pack object of an object-store attempt (vlflow.store_packs): where its members lie."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: _RelativePath  # inside the attempt dir
+    size: _Count
+    files: list[tuple[_Count, _Count]]  # (index into the file list, offset in the pack)
+
+
 class _FileList(BaseModel):
-    """What `<attempt>.files.json` must hold: [path, size, sha256] per file."""
+    """What `<attempt>.files.json` must hold: [path, size, sha256] per file, and the packs holding the small files
+    of an object-store attempt (absent on a local cache; a reader that ignores them finds those files missing)."""
 
     model_config = ConfigDict(extra="ignore")
 
     format: Literal[2]
     digest: _Hex64
-    files: list[tuple[Annotated[str, AfterValidator(_plain_relative_path)], _Count, _Hex64]]
+    files: list[tuple[_RelativePath, _Count, _Hex64]]
+    packs: list[_Pack] = Field(default_factory=list)
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -107,6 +124,8 @@ class FileEntry:
     path: str  # posix path relative to the artifact root
     size: int
     sha256: str
+    pack: str | None = None  # object stores: the pack object (path inside the attempt dir) that holds the bytes
+    offset: int = 0  # where they start in the pack
 
 
 class Manifest:
@@ -173,8 +192,25 @@ class Manifest:
                    meta=data.meta, size=data.size, file_count=data.file_count, data_digest=data.data_digest)
 
     def files_json(self) -> str:
-        return json.dumps({"format": MANIFEST_FORMAT, "digest": self.digest,
-                           "files": [[e.path, e.size, e.sha256] for e in self.files]}, separators=(",", ":"))
+        listing: dict = {"format": MANIFEST_FORMAT, "digest": self.digest,
+                         "files": [[e.path, e.size, e.sha256] for e in self.files]}
+        packs: dict[str, dict] = {}
+        for index, entry in enumerate(self.files):
+            if entry.pack is not None:
+                pack = packs.setdefault(entry.pack, {"path": entry.pack, "size": 0, "files": []})
+                pack["size"] = max(pack["size"], entry.offset + entry.size)
+                pack["files"].append([index, entry.offset])
+        if packs:
+            listing["packs"] = list(packs.values())
+        return json.dumps(listing, separators=(",", ":"))
+
+    def pack_sizes(self) -> dict[str, int]:
+        """{pack path inside the attempt dir: size} (empty unless the artifact's small files were packed)."""
+        sizes: dict[str, int] = {}
+        for entry in self.files:
+            if entry.pack is not None:
+                sizes[entry.pack] = max(sizes.get(entry.pack, 0), entry.offset + entry.size)
+        return sizes
 
 
 def files_digest(files: list[FileEntry], exclude: str | None = None) -> str:
@@ -216,7 +252,10 @@ def _is_storage_error(exc: BaseException) -> bool:
 class ArtifactStore:
     """Committed artifacts under one fsspec URL. See the module docstring for the layout."""
 
-    def __init__(self, url: str, storage_options: dict | None = None, *, local_cache: Path | None = None) -> None:
+    def __init__(self, url: str, storage_options: dict | None = None, *, local_cache: Path | None = None,
+                 pack_file_limit: int = PACK_FILE_LIMIT, pack_bytes: int = PACK_BYTES) -> None:
+        """`pack_file_limit`: on an object store, files smaller than this are committed in pack objects of about
+        `pack_bytes` (vlflow.store_packs; 0 stores every file as its own object). A local cache never packs."""
         options = dict(storage_options or {})
         protocol = fsspec.core.split_protocol(url)[0] or "file"
         if protocol in ("s3", "s3a") and not _has_endpoint(options):
@@ -231,6 +270,8 @@ class ArtifactStore:
         except Exception as exc:  # unknown protocol, missing backend package, bad options
             raise StoreError(f"cannot open the artifact store {self.url}: {self._scrub(exc)}") from None
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.pack_file_limit = 0 if self.is_local else pack_file_limit
+        self.pack_bytes = pack_bytes
         self._root = root.rstrip("/")  # "" for the filesystem root: paths then start with "/"
         if local_cache is None:
             local_cache = Path(os.environ.get("VLFLOW_LOCAL_CACHE") or Path.home() / ".cache" / "vlflow" / "mirror")
@@ -341,6 +382,10 @@ class ArtifactStore:
             raise StoreError(f"artifact {key} in {self.url} has a corrupt file list ({_first_error(exc)}); remove "
                              f"it with `vlflow verify --drop` or rerun its stage with --force") from None
         files = [FileEntry(path, size, sha) for path, size, sha in parsed.files]
+        problem = _place_packed(files, parsed.packs)
+        if problem:
+            raise StoreError(f"artifact {key} in {self.url} has a corrupt file list ({problem}); remove it with "
+                             f"`vlflow verify --drop` or rerun its stage with --force")
         if files_digest(files) != digest:
             raise StoreError(f"artifact {key} in {self.url}: its file list does not match the manifest digest; "
                              f"remove it with `vlflow verify --drop` or rerun its stage with --force")
@@ -370,11 +415,20 @@ class ArtifactStore:
             return [str(exc)]
         found, problems = self._sizes(self._attempt_dir(manifest))
         for entry in files:
+            if entry.pack is not None:
+                continue
             size = found.pop(entry.path, None)
             if size is None:
                 problems.append(f"{entry.path} is missing")
             elif size != entry.size:
                 problems.append(f"{entry.path} has {size} bytes, the manifest says {entry.size}")
+        for pack, expected in manifest.pack_sizes().items():
+            size = found.pop(pack, None)
+            held = sum(1 for entry in files if entry.pack == pack)
+            if size is None:
+                problems.append(f"pack {pack} (holding {held} files) is missing")
+            elif size != expected:
+                problems.append(f"pack {pack} (holding {held} files) has {size} bytes, the manifest says {expected}")
         problems += [f"{path} is not in the manifest" for path in sorted(found)]
         return problems
 
@@ -402,7 +456,18 @@ class ArtifactStore:
             return problems
         root = self._attempt_dir(manifest)
         tracker = _Progress(progress, manifest.size)
+        for pack in manifest.pack_sizes():
+            members = sorted((e for e in manifest.files if e.pack == pack), key=lambda e: e.offset)
+            with self._errors(f"read {manifest.key}/{pack}"), self.fs.open(f"{root}/{pack}", "rb") as f:
+                for entry in members:
+                    f.seek(entry.offset)
+                    digest, _ = _copy_hashing(_Window(f, entry.size), _NullWriter(), tracker)
+                    if digest != entry.sha256:
+                        problems.append(f"{entry.path} (in pack {pack}) has other contents than committed (sha256 "
+                                        f"{digest[:12]}…, the manifest says {entry.sha256[:12]}…)")
         for entry in manifest.files:
+            if entry.pack is not None:
+                continue
             with self._errors(f"read {manifest.key}/{entry.path}"), self.fs.open(f"{root}/{entry.path}", "rb") as f:
                 digest, size = _copy_hashing(f, _NullWriter(), tracker)
             if size != entry.size:
@@ -421,6 +486,13 @@ class ArtifactStore:
         if any(part in ("", ".", "..") for part in parts):
             raise StoreError(f"invalid file name {relpath!r} in artifact {key}: use a plain relative path")
         relpath = "/".join(parts)
+        if not self.is_local:  # a small file may be inside a pack: the file list says where (one more small read)
+            entry = next((e for e in manifest.files if e.path == relpath), None)
+            if entry is not None and entry.pack is not None:
+                with self._errors(f"open {key}/{relpath}"):
+                    data = self.fs.cat_file(f"{self._attempt_dir(manifest)}/{entry.pack}", start=entry.offset,
+                                            end=entry.offset + entry.size) if entry.size else b""
+                return io.BytesIO(data) if "b" in mode else io.TextIOWrapper(io.BytesIO(data))
         with self._errors(f"open {key}/{relpath}"):
             try:
                 return self.fs.open(f"{self._attempt_dir(manifest)}/{relpath}", mode)
@@ -509,18 +581,33 @@ class ArtifactStore:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _download(self, manifest: Manifest, target: Path) -> None:
+        """Every file into `target`: the unpacked ones and whole packs in one concurrent `get`, then the packs are
+        cut into their files (and deleted)."""
         remote = self._attempt_dir(manifest)
+        target.mkdir(parents=True, exist_ok=True)
         rpaths, lpaths = [], []
         for entry in manifest.files:
-            local = target / entry.path
-            local.parent.mkdir(parents=True, exist_ok=True)
-            rpaths.append(f"{remote}/{entry.path}")
-            lpaths.append(str(local))
-        target.mkdir(parents=True, exist_ok=True)
-        if rpaths:
-            with self._errors(f"download artifact {manifest.key}"):
-                self.fs.get(rpaths, lpaths)  # concurrent on object stores
-        for entry, local in zip(manifest.files, lpaths):
+            if entry.pack is None:
+                local = target / entry.path
+                local.parent.mkdir(parents=True, exist_ok=True)
+                rpaths.append(f"{remote}/{entry.path}")
+                lpaths.append(str(local))
+        pack_dir = Path(f"{target}.packs")
+        packs = {path: pack_dir / f"{index:05d}" for index, path in enumerate(manifest.pack_sizes())}
+        if packs:
+            pack_dir.mkdir()
+        try:
+            rpaths += [f"{remote}/{path}" for path in packs]
+            lpaths += [str(local) for local in packs.values()]
+            if rpaths:
+                with self._errors(f"download artifact {manifest.key}"):
+                    self.fs.get(rpaths, lpaths)  # concurrent on object stores
+            for path, local in packs.items():
+                unpack(local, [(e.path, e.size, e.offset) for e in manifest.files if e.pack == path], target)
+        finally:
+            shutil.rmtree(pack_dir, ignore_errors=True)
+        for entry in manifest.files:
+            local = str(target / entry.path)
             size = os.path.getsize(local) if os.path.exists(local) else None
             if size != entry.size:
                 raise StoreError(f"artifact {manifest.key} in {self.url}: {entry.path} has {size} bytes after "
@@ -587,14 +674,25 @@ class ArtifactStore:
         return FileEntry(rel, size, digest)
 
     def _upload_all(self, sources, attempt_dir: str, tracker: "_Progress") -> list[FileEntry]:
+        """Small files in pack objects, the others one object each, all uploaded concurrently."""
+        packs, direct = plan_packs(sources, self.pack_file_limit, self.pack_bytes)
         with ThreadPoolExecutor(max_workers=REMOTE_WORKERS, thread_name_prefix="vlflow-upload") as pool:
-            futures = [pool.submit(self._copy_in, src, rel, attempt_dir, tracker) for src, rel, _ in sources]
+            futures = [pool.submit(self._upload_pack, pack, attempt_dir, tracker) for pack in packs]
+            futures += [pool.submit(lambda *a: [self._copy_in(*a)], src, rel, attempt_dir, tracker)
+                        for src, rel, _ in direct]
             wait(futures, return_when=FIRST_EXCEPTION)
             failed = [f for f in futures if f.done() and f.exception() is not None]
             if failed:  # stop early: the attempt is garbage anyway
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise failed[0].exception()
-            return [future.result() for future in futures]
+            entries = {entry.path: entry for future in futures for entry in future.result()}
+        return [entries[rel] for _, rel, _ in sources]  # the order of a local commit
+
+    def _upload_pack(self, pack, attempt_dir: str, tracker: "_Progress") -> list[FileEntry]:
+        built = build_pack(pack)
+        self.fs.pipe_file(f"{attempt_dir}/{pack.path}", built.data)  # one PUT (multipart above s3fs's chunk size)
+        tracker.add(len(built.data))
+        return [FileEntry(rel, size, sha, pack=pack.path, offset=offset) for rel, size, sha, offset in built.members]
 
     def _write_manifest(self, key_dir: str, manifest: Manifest) -> None:
         self.fs.pipe_file(f"{key_dir}/{manifest.attempt}{FILES_SUFFIX}", manifest.files_json().encode())
@@ -724,6 +822,25 @@ class ArtifactStore:
 # -- helpers -------------------------------------------------------------------------------------------------------
 
 
+def _place_packed(files: list[FileEntry], packs: list[_Pack]) -> str | None:
+    """Record on each packed file its pack and offset; the problem when the packs do not fit the file list."""
+    paths = {entry.path for entry in files}
+    for pack in packs:
+        if pack.path in paths:
+            return f"pack {pack.path} is also a file of the artifact"
+        paths.add(pack.path)
+        end = 0
+        for index, offset in pack.files:
+            if index >= len(files) or files[index].pack is not None:
+                return f"pack {pack.path} names file {index}, which is not in the list or is in another pack"
+            entry = files[index]
+            entry.pack, entry.offset = pack.path, offset
+            end = max(end, offset + entry.size)
+        if end != pack.size:
+            return f"pack {pack.path} has {pack.size} bytes, its files end at {end}"
+    return None
+
+
 def _has_endpoint(options: dict) -> bool:
     return bool(options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url"))
 
@@ -807,6 +924,18 @@ _dest_locks_guard = threading.Lock()
 def _lock_for(dest: Path) -> threading.Lock:
     with _dest_locks_guard:
         return _dest_locks.setdefault(str(dest.resolve()), threading.Lock())
+
+
+class _Window:
+    """Reads at most `size` bytes of `reader` from where it stands: one file inside a pack."""
+
+    def __init__(self, reader, size: int) -> None:
+        self.reader, self.left = reader, size
+
+    def read(self, limit: int) -> bytes:
+        data = self.reader.read(min(limit, self.left)) if self.left > 0 else b""
+        self.left -= len(data)
+        return data
 
 
 class _NullWriter:
