@@ -240,6 +240,67 @@ class VqaArrowParams(ArrowParams):
                            "normalised like the vocabulary first ('two' also counts for '2')")
 
 
+class WebCaptionArrowParams(ArrowParams):
+    shard_rows: int = Field(100_000, ge=1, description="rows per shard file (ViLT: 100,000)")
+
+
+class GccArrowParams(WebCaptionArrowParams):
+    splits: list[Literal["train", "val"]] = Field(
+        default_factory=lambda: ["train", "val"], min_length=1,
+        description="splits to convert (<split>_annot.json + images_<split>/); ViLT's files of a split left out "
+                    "are written with 0 rows")
+
+
+class _SyntheticWebParams(_SyntheticParams):
+    """SBU / GCC: one caption per image, and some annotated images missing (their URLs are dead)."""
+
+    captions_per_image: int = Field(1, ge=1, le=1, description="SBU and GCC have one caption per image")
+    missing_fraction: float = Field(0.05, ge=0, lt=1, description="share of annotated images whose file is absent "
+                                                                  "(dead URLs, as in every real download)")
+
+
+class SyntheticSbuParams(_SyntheticWebParams):
+    splits: dict[str, float] = Field(default_factory=lambda: {"train": 1.0}, description="SBU has train only")
+
+    @field_validator("splits")
+    @classmethod
+    def _train_only(cls, splits):
+        _check_splits(splits)
+        if set(splits) != {"train"}:
+            raise ValueError("SBU has one split: train")
+        return splits
+
+
+class SyntheticGccParams(_SyntheticWebParams):
+    splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.9, "val": 0.1},
+                                     description="split -> fraction (sum 1) or image count (sum num_images)")
+
+    @field_validator("splits")
+    @classmethod
+    def _known_split_names(cls, splits):
+        _check_splits(splits)
+        unknown = set(splits) - {"train", "val"}
+        if unknown:
+            raise ValueError(f"unknown GCC split(s) {sorted(unknown)}; use train, val")
+        return splits
+
+
+class SyntheticVgParams(_SyntheticParams):
+    vary_aspect: bool = True
+    captions_per_image: int = Field(6, ge=1, le=20, description="region descriptions per image")
+    duplicate_fraction: float = Field(0.2, ge=0, le=1, description="chance that an image repeats one phrase for "
+                                                                   "another region (common in Visual Genome)")
+    splits: dict[str, float] = Field(default_factory=lambda: {"train": 1.0}, description="VG has no splits")
+
+    @field_validator("splits")
+    @classmethod
+    def _train_only(cls, splits):
+        _check_splits(splits)
+        if set(splits) != {"train"}:
+            raise ValueError("Visual Genome (as ViLT uses it) has one split: train")
+        return splits
+
+
 STAGES = [
     StageSpec(
         name="synthetic.coco",
@@ -259,6 +320,25 @@ STAGES = [
         params=SyntheticMdetrMixedParams,
         description="Synthetic shapes in the layout of MDETR's mixed grounding data (final_mixed_train.json over "
                     "COCO train2014 + GQA/VG images).",
+    ),
+    StageSpec(
+        name="synthetic.vg",
+        entry="vlflow.stages.data.synthetic:vg_stage",
+        params=SyntheticVgParams,
+        description="Synthetic shapes dataset in the Visual Genome layout (VG_100K*/, region_descriptions.json).",
+    ),
+    StageSpec(
+        name="synthetic.sbu",
+        entry="vlflow.stages.data.synthetic:sbu_stage",
+        params=SyntheticSbuParams,
+        description="Synthetic shapes dataset in ViLT's SBU Captions layout (images_train/*/*, annot.json).",
+    ),
+    StageSpec(
+        name="synthetic.gcc",
+        entry="vlflow.stages.data.synthetic:gcc_stage",
+        params=SyntheticGccParams,
+        description="Synthetic shapes dataset in ViLT's Conceptual Captions layout (images_<split>/*/*, "
+                    "<split>_annot.json).",
     ),
     StageSpec(
         name="download",
@@ -303,5 +383,27 @@ STAGES = [
         inputs=("root",),
         description="MDETR's mixed COCO/VG grounding annotations -> mixed_grounding_train.arrow (the grounding "
                     "columns; UniTAB pretrains on Flickr30k + mixed).",
+    ),
+    StageSpec(
+        name="arrow.vg",
+        entry="vlflow.stages.data.arrow_vg:vg_stage",
+        params=ArrowParams,
+        inputs=("root",),
+        description="Visual Genome region descriptions -> ViLT's vg.arrow (streamed).",
+    ),
+    StageSpec(
+        name="arrow.sbu",
+        entry="vlflow.stages.data.arrow_webcaps:sbu_stage",
+        params=WebCaptionArrowParams,
+        inputs=("root",),
+        description="SBU Captions (ViLT's layout) -> ViLT's sbu_<i>.arrow shards (streamed).",
+    ),
+    StageSpec(
+        name="arrow.gcc",
+        entry="vlflow.stages.data.arrow_webcaps:gcc_stage",
+        params=GccArrowParams,
+        inputs=("root",),
+        description="Google Conceptual Captions (ViLT's layout) -> ViLT's conceptual_caption_<split>_<i>.arrow "
+                    "shards (streamed).",
     ),
 ]

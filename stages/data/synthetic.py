@@ -587,3 +587,101 @@ def generate_mdetr_mixed(out_dir: Path, params) -> dict:
 
 def mdetr_mixed_stage(ctx) -> dict:
     return generate_mdetr_mixed(ctx.output_dir, ctx.params)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ViLT's other pretraining corpora: Visual Genome region descriptions, SBU Captions and Google Conceptual Captions,
+# in the layouts of ViLT's DATA.md.
+
+
+def _region_box(scene: Scene, caption: Caption) -> tuple[int, int, int, int]:
+    """x, y, width, height of the box around every shape the phrase names (the whole image if it names none)."""
+    boxes = [scene.shapes[shape_index].box for shape_index, _, _ in caption.spans]
+    if not boxes:
+        return 0, 0, scene.width, scene.height
+    x1, y1 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x2, y2 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    return x1, y1, x2 - x1, y2 - y1
+
+
+def generate_vg(out_dir: Path, params) -> dict:
+    """Write images/VG_100K/<id>.jpg, images/VG_100K_2/<id>.jpg and annotations/region_descriptions.json (a list of
+    {"regions": [{region_id, width, height, image_id, phrase, y, x}], "id"}, one entry per image), as Visual Genome
+    1.2 ships them. Phrases are lower-case without a final period, like VG's; some images repeat a phrase."""
+    out_dir = Path(out_dir)
+    rng = random.Random(f"vg-{params.seed}")
+    scenes = plan_scenes(params.num_images, params.image_size, params.seed, params.noisy_fraction, params.vary_aspect)
+    image_ids = sorted(rng.sample(range(1, 2_500_000), len(scenes)))
+    folders = {name: out_dir / "images" / name for name in ("VG_100K", "VG_100K_2")}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
+    entries, jobs, region_id, duplicates = [], [], 0, 0
+    for scene, image_id in zip(scenes, image_ids):
+        captions = make_captions(scene, params.captions_per_image, rng, ending="", style=params.caption_style)
+        if rng.random() < params.duplicate_fraction:
+            captions.append(rng.choice(captions))
+            duplicates += 1
+        regions = []
+        for caption in captions:
+            x, y, width, height = _region_box(scene, caption)
+            region_id += 1
+            regions.append({"region_id": region_id, "width": width, "height": height, "image_id": image_id,
+                            "phrase": caption.text.lower(), "y": y, "x": x})
+        entries.append({"regions": regions, "id": image_id})
+        folder = folders["VG_100K_2" if rng.random() < 0.4 else "VG_100K"]  # real VG: 64,346 / 43,733 images
+        jobs.append((scene, folder / f"{image_id}.jpg"))
+    _write_images(jobs, params)
+    _write_json(out_dir / "annotations" / "region_descriptions.json", entries)
+    return {"images": len(scenes), "regions": region_id, "images_with_a_repeated_phrase": duplicates}
+
+
+def vg_stage(ctx) -> dict:
+    return generate_vg(ctx.output_dir, ctx.params)
+
+
+def _generate_web_captions(out_dir: Path, params, corpus: str, annotation_of: dict[str, str]) -> dict:
+    """Images named by a 7-digit index in images_<split>/<first four digits>/ (no extension, as ViLT's DATA.md
+    shows), and per split a JSON list of [image path, caption] pairs; `missing_fraction` of the annotated images are
+    not written (their URLs died). One caption per image, GCC's lower-case without a period, SBU's as typed."""
+    out_dir = Path(out_dir)
+    rng = random.Random(f"{corpus}-{params.seed}")
+    scenes = plan_scenes(params.num_images, params.image_size, params.seed, params.noisy_fraction, params.vary_aspect)
+    splits = assign_splits(params.splits, len(scenes), rng)
+    pairs: dict[str, list] = {split: [] for split in annotation_of}
+    jobs, missing = [], {split: 0 for split in annotation_of}
+    for scene, split in zip(scenes, splits):
+        name = f"{len(pairs[split]):07d}"
+        relative = f"images_{split}/{name[:4]}/{name}"
+        caption = make_captions(scene, 1, rng, ending="" if corpus == "gcc" else ".", style=params.caption_style)[0]
+        pairs[split].append([relative, caption.text.lower() if corpus == "gcc" else caption.text])
+        if rng.random() < params.missing_fraction:
+            missing[split] += 1
+            continue
+        (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        jobs.append((scene, out_dir / relative))
+    for split in annotation_of:  # a folder exists for each split, even when every one of its URLs died
+        (out_dir / f"images_{split}").mkdir(parents=True, exist_ok=True)
+    _write_images(jobs, params)  # JPEG bytes in extension-less files
+    for split, annotation in annotation_of.items():
+        _write_json(out_dir / annotation, pairs[split])
+    return {"annotated": {split: len(p) for split, p in pairs.items()}, "missing_images": missing,
+            "images": len(jobs)}
+
+
+def sbu_stage(ctx) -> dict:
+    return generate_sbu(ctx.output_dir, ctx.params)
+
+
+def generate_sbu(out_dir: Path, params) -> dict:
+    """ViLT's SBU layout: images_train/<subfolder>/<name> and annot.json."""
+    return _generate_web_captions(out_dir, params, "sbu", {"train": "annot.json"})
+
+
+def generate_gcc(out_dir: Path, params) -> dict:
+    """ViLT's GCC layout: images_<split>/<subfolder>/<name> and <split>_annot.json for train and val."""
+    return _generate_web_captions(out_dir, params, "gcc", {split: f"{split}_annot.json" for split in params.splits})
+
+
+def gcc_stage(ctx) -> dict:
+    return generate_gcc(ctx.output_dir, ctx.params)
