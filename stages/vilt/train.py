@@ -42,6 +42,7 @@ from vlflow.stages.vilt.model import (
     retrieval_model_from_pretraining,
     vqa_model_from_pretraining,
 )
+from vlflow.stages.vilt.pretrain_data import pretraining_images
 
 from vlflow.errors import StageError
 from vlflow.stage import StageContext
@@ -68,7 +69,7 @@ def pretrain(ctx: StageContext) -> dict:
     task = pretrain_task(tokenizer, p.tasks, p.mlm_prob, p.whole_word_masking, p.wpa_weight if p.itm_wpa else 0.0,
                          max_text_len=p.max_text_len)
     false_images = "itm" in p.tasks and p.itm_negatives == "dataset"
-    dataset = CaptionPairs(image_dataset(ctx.inputs["arrows"], "train", p.image_size, p.max_image_size),
+    dataset = CaptionPairs(pretraining_images(ctx.inputs, p.image_size, p.max_image_size),
                            augment=train_augment(p.train_transform), false_images=false_images)
     return train(ctx, model, tokenizer, task, save_model=lambda m, out: m.save(out), dataset=dataset)
 
