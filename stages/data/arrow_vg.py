@@ -61,14 +61,24 @@ def _integer(region: dict, key: str, json_path: Path, where: str) -> int:
     return value
 
 
-def entry_regions(entry, index: int, json_path: Path) -> Iterator[tuple[int, str, tuple[int, int, int, int]]]:
-    """(image id, phrase, (width, height, x, y)) of each region of the file's `index`-th entry, type-checked."""
+def _checked_region(region, json_path: Path, where: str) -> tuple[int, str, tuple[int, ...]]:
+    phrase = require(region, "phrase", json_path, where, str)
+    return (_integer(region, "image_id", json_path, where), phrase,
+            tuple(_integer(region, key, json_path, where) for key in BOX_FIELDS))
+
+
+def entry_regions(entry, index: int, json_path: Path) -> Iterator[tuple[int, str, tuple[int, ...]]]:
+    """(image id, phrase, (width, height, x, y)) of each region of the file's `index`-th entry, type-checked (a
+    wrong one is an error naming the file and the field)."""
     regions = require(entry, "regions", json_path, f"[{index}]", list)
     for j, region in enumerate(regions):
-        where = f"[{index}].regions[{j}]"
-        phrase = require(region, "phrase", json_path, where, str)
-        yield (_integer(region, "image_id", json_path, where), phrase,
-               tuple(_integer(region, key, json_path, where) for key in BOX_FIELDS))
+        try:  # the common case in one step; any surprise goes through the checks that name the field
+            image_id, phrase = region["image_id"], region["phrase"]
+            box = (region["width"], region["height"], region["x"], region["y"])
+            valid = type(image_id) is int and type(phrase) is str and all(type(v) is int for v in box)
+        except (KeyError, TypeError):
+            valid = False
+        yield (image_id, phrase, box) if valid else _checked_region(region, json_path, f"[{index}].regions[{j}]")
 
 
 def vg_rows(json_path: Path, images: dict[int, Path], counts: dict) -> Iterator[ImageRow]:
