@@ -51,6 +51,32 @@ CLIP_SCRIPT = textwrap.dedent("""
                      FitSettings(max_steps=1, accumulation=2, grad_clip=grad_clip, checkpoint_every=100))
         end = torch.cat([p.detach().flatten() for p in result.unwrapped().parameters()])
         results[str(grad_clip)] = (end - start).norm().item()
+
+    # a plugin that clips inside step() (hybrid_parallel runs on gloo), from the worker's booster_factory: the stage
+    # builds it once, with its grad_clip (a spy on the real constructor counts the builds)
+    from colossalai.booster.plugin import HybridParallelPlugin
+    from vlflow.launch.booster import booster_factory
+    built, real_init = [], HybridParallelPlugin.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(kwargs.get("max_norm"))
+        real_init(self, *args, **kwargs)
+
+    HybridParallelPlugin.__init__ = counting_init
+    launch = LaunchSpec(backend="gloo", plugin="hybrid_parallel", precision="fp32", zero_stage=0)
+    ctx = StageContext(stage="t", params=None, inputs={}, output_dir=out / "out_hp", work_dir=out / "work_hp",
+                       launch=launch, rank=rank, world_size=dist.get_world_size(),
+                       booster_factory=booster_factory(launch), log=logging.getLogger("t"))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    result = fit(ctx, model, optimizer, scheduler, task, batches,
+                 FitSettings(max_steps=1, accumulation=2, grad_clip=0.01, checkpoint_every=100))
+    end = torch.cat([p.detach().flatten() for p in result.unwrapped().parameters()])
+    results["hybrid_parallel_0.01"] = (end - start).norm().item()
+    results["hybrid_parallel_builds"] = built
     if rank == 0:
         (out / "result.json").write_text(json.dumps(results))
     # tear gloo down before exit: a rank that exits with its gloo threads alive can abort ("terminate called ...")
@@ -61,11 +87,14 @@ CLIP_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.dist
 def test_grad_clip_bounds_the_update_under_torch_ddp(tmp_path):
-    """SGD with lr 1: the update is the (all-reduced, accumulated) gradient; clipped, its norm is grad_clip."""
+    """SGD with lr 1: the update is the (all-reduced, accumulated) gradient; clipped, its norm is grad_clip. Under a
+    plugin that clips in its step, the plugin is built once, with grad_clip as max_norm."""
     run_on_two_ranks(CLIP_SCRIPT, tmp_path)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["0.0"] > 1.0  # unclipped: a large gradient
     assert result["0.01"] == pytest.approx(0.01, rel=1e-3)
+    assert result["hybrid_parallel_builds"] == [0.01]  # built once, with the stage's grad_clip
+    assert result["hybrid_parallel_0.01"] == pytest.approx(0.01, rel=1e-3)  # and it clips
 
 
 PLUGIN_SCRIPT = textwrap.dedent("""

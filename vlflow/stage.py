@@ -95,8 +95,9 @@ class StageContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    booster: Any = None  # colossalai.booster.Booster built from `launch`
+    booster: Any = None  # colossalai.booster.Booster built from `launch` (by `booster_factory`, on first use)
     plugin: Any = None
+    booster_factory: Any = None  # max_norm -> (booster, plugin); training_booster (stages/common/fit.py) calls it once
 
     @property
     def is_main(self) -> bool:

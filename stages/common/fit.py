@@ -220,12 +220,27 @@ def micro_step_losses(task: TrainTask, model: nn.Module, batch: Any, generator: 
     return device_losses(task, model, host_batch(task, batch, generator), device)
 
 
-def training_booster(ctx: StageContext, grad_clip: float):
-    """The launch's booster, rebuilt with `max_norm=grad_clip` when its plugin clips inside step()."""
-    from vlflow.launch.booster import make_booster
+def plugin_max_norm(plugin) -> float:
+    """The max_norm a plugin that clips inside step() was built with (Colossal-AI 0.5.0's attributes)."""
+    from colossalai.booster.plugin import GeminiPlugin, LowLevelZeroPlugin
 
-    if grad_clip > 0 and ctx.plugin is not None and plugin_clips(ctx.plugin) and ctx.launch is not None:
-        ctx.booster, ctx.plugin = make_booster(ctx.launch, max_norm=grad_clip)
+    if isinstance(plugin, LowLevelZeroPlugin):
+        return plugin.zero_optim_kwargs["clip_grad_norm"]
+    if isinstance(plugin, GeminiPlugin):
+        return plugin.optim_kwargs["max_norm"]
+    return plugin.max_norm  # HybridParallelPlugin
+
+
+def training_booster(ctx: StageContext, grad_clip: float):
+    """The launch's booster, built here once (`ctx.booster_factory`, from the worker) with `max_norm=grad_clip`,
+    which the plugins that clip inside step() take only in their constructor. A booster given ready-made (tests,
+    other callers) is used as it is, and refused when its plugin clips with another max_norm than grad_clip."""
+    if ctx.booster is None and ctx.booster_factory is not None:
+        ctx.booster, ctx.plugin = ctx.booster_factory(max_norm=grad_clip)
+    elif ctx.plugin is not None and plugin_clips(ctx.plugin) and plugin_max_norm(ctx.plugin) != grad_clip:
+        raise StageError(f"the {type(ctx.plugin).__name__} was built with max_norm {plugin_max_norm(ctx.plugin)}, "
+                         f"the stage clips at grad_clip {grad_clip}: build it with make_booster(launch, "
+                         f"max_norm=grad_clip), or leave ctx.booster unset and give ctx.booster_factory")
     return ctx.booster
 
 

@@ -6,6 +6,9 @@ Call after `colossalai.launch_from_*`: plugins read the process group when they 
 """
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch.distributed as dist
 from colossalai.accelerator import get_accelerator
 from colossalai.booster import Booster
@@ -113,6 +116,15 @@ def make_plugin(launch: LaunchSpec, max_norm: float = 0.0) -> Plugin:
                                     precision=launch.precision, microbatch_size=microbatch_size, max_norm=max_norm,
                                     custom_policy=policy)
     raise LaunchError(f"unknown plugin {launch.plugin!r}", field="launch.plugin")
+
+
+def booster_factory(launch: LaunchSpec) -> Callable[[float], tuple[Booster, Plugin]]:
+    """What the worker gives a distributed stage (`ctx.booster_factory`): `launch` is checked now, so an impossible
+    one fails before the stage runs; the plugin is built later, once, by the stage that trains (`fit` passes its
+    grad_clip as `max_norm`: the ZeRO/Gemini/hybrid plugins take it only in their constructor, and building one
+    creates process groups, so it is not built first without it and then again)."""
+    check_launch(launch, get_accelerator().name, dist.get_world_size())
+    return partial(make_booster, launch)
 
 
 def make_booster(launch: LaunchSpec, max_norm: float = 0.0) -> tuple[Booster, Plugin]:

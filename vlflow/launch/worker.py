@@ -30,7 +30,7 @@ from colossalai.accelerator import get_accelerator, set_accelerator  # noqa: E40
 
 from vlflow.errors import LaunchError, VlflowError  # noqa: E402
 from vlflow.execute import context_from_payload, write_result  # noqa: E402
-from vlflow.launch.booster import make_booster  # noqa: E402
+from vlflow.launch.booster import booster_factory  # noqa: E402
 from vlflow.stage import LaunchSpec, get_spec  # noqa: E402
 
 DEFAULT_SEED = 1024  # colossalai's own default, used when the stage has no `seed` param
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, payload: dict) -> None:
     ctx.local_rank = int(os.environ.get(LOCAL_RANK_VARIABLES[args.launcher], 0))
     if not ctx.is_main:  # one copy of the stage's INFO messages is enough
         logging.getLogger().setLevel(logging.WARNING)
-    ctx.booster, ctx.plugin = make_booster(launch)
+    ctx.booster_factory = booster_factory(launch)  # the stage builds its booster once (fit: with its grad_clip)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     metrics = spec.load()(ctx)
     if ctx.is_main:
