@@ -286,6 +286,12 @@ def test_layout_errors(vg_root, sbu_root, tmp_path):
     (root / "annot.json").write_text("[[\"a\", \"b\"]")
     with pytest.raises(DataError, match="invalid JSON"):
         convert_sbu(root, tmp_path / "o6", WebCaptionArrowParams())
+    (root / "annot.json").write_bytes(b'[["images_train/0000/0000000", "caf\xe9"]]')
+    with pytest.raises(DataError, match="invalid JSON: lexical error: invalid bytes in UTF8 string.$"):
+        convert_sbu(root, tmp_path / "o6", WebCaptionArrowParams())
+    (root / "annot.json").write_text(json.dumps({"images": []}))
+    with pytest.raises(DataError, match="expected a JSON list at the top level"):
+        convert_sbu(root, tmp_path / "o6", WebCaptionArrowParams())
     (root / "annot.json").write_text(json.dumps([["x/none", "nothing matches"]]))
     with pytest.raises(DataError, match="no file in images_train"):
         convert_sbu(root, tmp_path / "o7", WebCaptionArrowParams())

@@ -25,11 +25,17 @@ def iter_json_array(path: Path) -> Iterator[Any]:
     path = Path(path)
     if not path.is_file():
         raise DataError("annotation file not found", file=str(path))
-    try:
-        with path.open("rb") as handle:
+    with path.open("rb") as handle:
+        start = handle.read(4096).lstrip()
+        if start and not start.startswith(b"["):
+            raise DataError("expected a JSON list at the top level", file=str(path))
+        handle.seek(0)
+        try:
             yield from ijson.items(handle, "item", use_float=True)
-    except ijson.JSONError as exc:
-        raise DataError(f"invalid JSON: {exc}", file=str(path)) from None
+        except ijson.JSONError as exc:
+            detail = exc.args[0] if exc.args else exc
+            detail = detail.decode("utf-8", "replace") if isinstance(detail, bytes) else str(detail)
+            raise DataError(f"invalid JSON: {detail.strip().splitlines()[0]}", file=str(path)) from None
 
 
 def checked_rows(rows: Iterable[ImageRow], pool: ThreadPoolExecutor, batch_rows: int,
