@@ -398,7 +398,7 @@ def test_flickr30k_unitab_workflow_is_the_papers_recipe():
     from vlflow.workflow import load_workflow
 
     path = Path(__file__).resolve().parents[1] / "workflows" / "flickr30k_unitab.yaml"
-    workflow = load_workflow(path, env={"RESNET101_WEIGHTS": "/weights/pretrained_resnet101_checkpoint.pth"})
+    workflow = load_workflow(path, env={"MDETR_CHECKPOINT": "/weights/pretrained_resnet101_checkpoint.pth"})
     pretrain = workflow.stages["pretrain"]
     paper = {  # microsoft/UniTAB README pre-train command, configs/pretrain.json, main.py defaults
         "backbone": "resnet101", "backbone_norm": "frozen_bn", "freeze_backbone_stem": True,
@@ -409,9 +409,21 @@ def test_flickr30k_unitab_workflow_is_the_papers_recipe():
         "lr_backbone": 2e-5, "text_encoder_lr": 2e-5, "weight_decay": 1e-4, "batch_size": 128, "epochs": 20,
         "lr_drop": 15, "lr_schedule": "linear_with_warmup", "warmup": 0.01, "max_steps": None, "seed": 42}
     assert {key: pretrain.params[key] for key in paper} == paper
-    assert pretrain.params["backbone_weights"] == "/weights/pretrained_resnet101_checkpoint.pth"
+    assert pretrain.params["init_checkpoint"] == "/weights/pretrained_resnet101_checkpoint.pth"  # --load
+    assert pretrain.params["backbone_weights"] is None
     assert pretrain.launch.precision == "fp32"  # UniTAB trains in fp32
     assert workflow.stages["arrows"].params["annotations"] == "separateGT"  # merged at training, both at evaluation
+    assert pretrain.inputs["mixed"].stage == "mixed_arrows"  # combine_datasets [flickr, mixed]
+    assert workflow.stages["mixed_arrows"].params["annotation_file"] == "mdetr_annotations/final_mixed_train.json"
+
+    finetune = workflow.stages["finetune"]  # README "Flickr30k grounding" command + configs/flickr.json
+    grounding = {"start_from_ema": True, "box_targets": "merged", "augment": "mdetr", "image_size": 800,
+                 "max_image_size": 1333, "ema": True, "ema_decay": 0.9998, "grad_clip": 0.1, "lr": 1e-4,
+                 "lr_backbone": 1e-5, "text_encoder_lr": 5e-5, "weight_decay": 1e-4, "batch_size": 16, "epochs": 20,
+                 "lr_drop": 15, "lr_schedule": "linear_with_warmup", "warmup": 0.01, "max_steps": None}
+    assert {key: finetune.params[key] for key in grounding} == grounding
+    assert finetune.inputs["model"].stage == "pretrain" and finetune.launch.precision == "fp32"
+    assert workflow.stages["evaluate"].inputs["model"].stage == "finetune"  # the paper's R@1 is the fine-tuned one
 
 
 def test_unreadable_backbone_weights_are_one_error_naming_the_file(tmp_path):
