@@ -1,12 +1,15 @@
 """No-op `vlflow run` on a fully cached 5-stage workflow holding 20k artifact files.
 
-Usage: .venv/bin/python benchmarks/noop_run.py [--files 20000] [--repeats 5]
+Usage: .venv/bin/python benchmarks/noop_run.py [--files 20000] [--repeats 5] [--dvc PATH] [--snakemake PATH]
 Prints the median wall time of the no-op run (a fresh `vlflow run` process, as a user types it) and, when installed,
-the same pipeline's `dvc repro` / `snakemake` no-op for comparison (goal: <= 0.5x theirs and < 1 s).
+the same pipeline's `dvc repro` / `snakemake` no-op for comparison (goal: <= 0.35x snakemake's). The tools run in
+alternating rounds (one run of each per round, after one untimed warm-up run each), so that a change of machine load
+during the benchmark touches all of them alike; the load average is printed with the figures.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -24,10 +27,24 @@ def timed(cmd: list[str], cwd: Path, env: dict | None = None) -> float:
     return time.perf_counter() - started
 
 
-def warm_median(cmd: list[str], cwd: Path, repeats: int) -> float:
-    """Median seconds of `repeats` runs of `cmd` after one untimed warm-up run (a baseline tool's timing)."""
-    timed(cmd, cwd)
-    return statistics.median(timed(cmd, cwd) for _ in range(repeats))
+Command = tuple[list[str], Path, dict | None]  # argv, working directory, environment (None: this process's)
+
+
+def alternating_rounds(commands: dict[str, Command], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each of `commands` (name -> argv, cwd, env) in `repeats` rounds of one run each, after one untimed
+    warm-up run each: a load change during the benchmark touches every tool alike."""
+    for cmd, cwd, env in commands.values():
+        timed(cmd, cwd, env)
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(repeats):
+        for name, (cmd, cwd, env) in commands.items():
+            times[name].append(timed(cmd, cwd, env))
+    return times
+
+
+def machine_load() -> str:
+    """The 1-minute load average and core count, said beside every figure (these benchmarks run on shared machines)."""
+    return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
 
 
 def write_vlflow_project(root: Path, files_per_stage: int) -> None:
@@ -73,25 +90,31 @@ def main() -> int:
     parser.add_argument("--snakemake", default=shutil.which("snakemake"), help="snakemake executable")
     args = parser.parse_args()
     per_stage = args.files // 5
+    print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {machine_load()} at the start")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "vlflow"
         root.mkdir()
         write_vlflow_project(root, per_stage)
         first = timed([VLFLOW, "run", "wf.yaml"], root)
-        noop = [timed([VLFLOW, "run", "wf.yaml"], root) for _ in range(args.repeats)]
-        ours = statistics.median(noop)
-        print(f"vlflow: first run {first:.2f}s ({args.files} files); no-op run median {ours:.3f}s "
-              f"(min {min(noop):.3f}s, {args.repeats} runs)")
-        for tool, exe, write in (("dvc repro", args.dvc, write_dvc_project),
+        print(f"vlflow: first run {first:.2f}s ({args.files} files)")
+        commands = {"vlflow": ([VLFLOW, "run", "wf.yaml"], root, None)}
+        for tool, exe, write in (("dvc", args.dvc, write_dvc_project),
                                  ("snakemake", args.snakemake, write_snakemake_project)):
             if not exe:
-                print(f"{tool}: not installed (pass --{tool.split()[0]} PATH to compare)")
+                print(f"{tool}: not installed (pass --{tool} PATH to compare)")
                 continue
-            baseline = Path(tmp) / tool.split()[0]
+            baseline = Path(tmp) / tool
             baseline.mkdir()
-            cmd = write(baseline, per_stage, exe)
-            theirs = warm_median(cmd, baseline, args.repeats)
-            print(f"{tool}: no-op median {theirs:.3f}s; vlflow/{tool.split()[0]} = {ours / theirs:.2f}x (goal <= 0.5x)")
+            commands[tool] = (write(baseline, per_stage, exe), baseline, None)
+        times = alternating_rounds(commands, args.repeats)
+        ours = statistics.median(times["vlflow"])
+        print(f"vlflow: no-op run median {ours:.3f}s (min {min(times['vlflow']):.3f}s, {args.repeats} rounds)")
+        for tool in [name for name in times if name != "vlflow"]:
+            theirs = statistics.median(times[tool])
+            goal = " (goal <= 0.35x)" if tool == "snakemake" else ""
+            print(f"{tool}: no-op median {theirs:.3f}s (min {min(times[tool]):.3f}s); "
+                  f"vlflow/{tool} = {ours / theirs:.2f}x{goal}")
+    print(f"{machine_load()} at the end")
     return 0
 
 

@@ -1,11 +1,12 @@
 """Per-stage overhead: a forced `vlflow run` of an N-stage chain of trivial stages, in ms per stage.
 
-Usage: .venv/bin/python benchmarks/stage_overhead.py [--stages 100] [--repeats 3]
+Usage: .venv/bin/python benchmarks/stage_overhead.py [--stages 100] [--repeats 3] [--dvc PATH] [--snakemake PATH]
 Each stage is `testing.write` of one 16-byte file after the previous one, so the time is the engine's: planning,
-starting the stage process, committing its artifact. Measured both ways in the same invocation: stage processes
-forked from the warm server (the default) and a fresh interpreter per stage (VLFLOW_STAGE_PROCESS=spawn, the fallback
-and the behaviour before). When installed, the same chain under `snakemake --forceall` and `dvc repro --force` runs
-side by side (goal: vlflow <= 20 ms per stage).
+starting the stage process, committing its artifact (the whole run's wall time divided by the number of stages, start-up
+included). Measured both ways in the same invocation: stage processes forked from the warm server (the default) and a
+fresh interpreter per stage (VLFLOW_STAGE_PROCESS=spawn, the fallback). When installed, the same chain under
+`snakemake --forceall` and `dvc repro --force` runs side by side. All of them run in alternating rounds (see
+noop_run.alternating_rounds); the load average is printed with the figures (goal: vlflow <= 20 ms per stage).
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from noop_run import timed, warm_median  # benchmarks/ is on the path when this script runs
+from noop_run import alternating_rounds, machine_load, timed  # benchmarks/ is on the path when this script runs
 
 VLFLOW = str(Path(sys.executable).with_name("vlflow"))
 TOUCH = "python3 -c \"open('{out}', 'w').write('x' * 16)\""
@@ -61,20 +63,15 @@ def main() -> int:
     parser.add_argument("--snakemake", default=shutil.which("snakemake"), help="snakemake executable")
     args = parser.parse_args()
     n = args.stages
+    print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {machine_load()} at the start")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "vlflow"
         root.mkdir()
         write_vlflow_project(root, n)
         timed([VLFLOW, "run", "wf.yaml"], root)  # fills the cache; forced runs below redo every stage
-        figures = {}
-        for mode in ("forkserver", "spawn"):
-            env = dict(os.environ, VLFLOW_STAGE_PROCESS=mode)
-            runs = [timed([VLFLOW, "run", "wf.yaml", "--force", "s0"], root, env) for _ in range(args.repeats)]
-            figures[mode] = statistics.median(runs) / n * 1000
-            print(f"vlflow ({mode} stage processes): forced {n}-stage chain median {statistics.median(runs):.2f}s "
-                  f"= {figures[mode]:.1f} ms per stage (min {min(runs) / n * 1000:.1f} ms, {args.repeats} runs)")
-        print(f"forkserver vs spawn: {figures['spawn'] / figures['forkserver']:.1f}x less per-stage time "
-              f"(goal <= 20 ms per stage)")
+        forced = [VLFLOW, "run", "wf.yaml", "--force", "s0"]
+        commands = {f"vlflow ({mode})": (forced, root, dict(os.environ, VLFLOW_STAGE_PROCESS=mode))
+                    for mode in ("forkserver", "spawn")}
         for tool, exe, write in (("snakemake", args.snakemake, write_snakemake_project),
                                  ("dvc", args.dvc, write_dvc_project)):
             if not exe:
@@ -82,10 +79,15 @@ def main() -> int:
                 continue
             baseline = Path(tmp) / tool
             baseline.mkdir()
-            cmd = write(baseline, n, exe)
-            theirs = warm_median(cmd, baseline, args.repeats) / n * 1000
-            print(f"{tool}: forced {n}-stage chain {theirs:.1f} ms per stage; "
-                  f"vlflow/{tool} = {figures['forkserver'] / theirs:.2f}x")
+            commands[tool] = (write(baseline, n, exe), baseline, None)
+        times = alternating_rounds(commands, args.repeats)
+    per_stage = {name: statistics.median(runs) / n * 1000 for name, runs in times.items()}
+    ours = per_stage["vlflow (forkserver)"]
+    for name, runs in times.items():
+        ratio = "" if name == "vlflow (forkserver)" else f"; vlflow (forkserver)/{name} = {ours / per_stage[name]:.2f}x"
+        print(f"{name}: forced {n}-stage chain median {statistics.median(runs):.2f}s = {per_stage[name]:.1f} ms per "
+              f"stage (min {min(runs) / n * 1000:.1f} ms, {args.repeats} rounds){ratio}")
+    print(f"goal: vlflow <= 20 ms per stage; {machine_load()} at the end")
     return 0
 
 
