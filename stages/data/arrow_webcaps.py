@@ -68,6 +68,10 @@ def convert_captions(root: Path, out_dir: Path, params, corpus: str, annotation_
     with ThreadPoolExecutor(params.read_threads) as pool:
         for split, annotation in annotation_of.items():
             json_path = root / annotation
+            if not json_path.is_file():
+                hint = "; `splits` names the splits to convert" if corpus == "gcc" else ""
+                raise DataError(f"annotation file not found (ViLT's layout: {annotation} beside images_{split}/"
+                                f"<subfolder>/<image>{hint})", file=str(json_path))
             captions = caption_index(json_path)
             image_folder = root / f"images_{split}"
             if not image_folder.is_dir():
