@@ -260,9 +260,15 @@ def test_vg_annotation_errors_name_file_and_field(vg_root, tmp_path, change, mes
     assert not list((tmp_path / "out").glob("*.arrow*"))  # nothing half-written
 
 
-def test_layout_errors(vg_root, sbu_root, tmp_path):
+def test_layout_errors(vg_root, sbu_root, gcc_root, tmp_path):
     with pytest.raises(DataError, match="annotation file not found"):
         convert_vg(tmp_path / "nothing", tmp_path / "o1", PARAMS)
+    gcc = tmp_path / "gcc"
+    shutil.copytree(gcc_root, gcc)
+    (gcc / "val_annot.json").unlink()
+    with pytest.raises(DataError, match="val_annot.json beside images_val/.*`splits` names the splits") as err:
+        convert_gcc(gcc, tmp_path / "o0", GccArrowParams())
+    assert err.value.file.endswith("val_annot.json")
     root = tmp_path / "vg"
     shutil.copytree(vg_root, root)
     shutil.copy(next((root / "images" / "VG_100K").glob("*.jpg")), root / "images" / "VG_100K" / "copy.jpg")
