@@ -30,7 +30,6 @@ VILT_SHARDS = {"sbu": {"train": 9}, "gcc": {"train": 30, "val": 1}}
 def caption_index(json_path: Path) -> dict[str, str]:
     """File name -> caption from a list of [image path, caption] pairs (ViLT keys by the path's last part)."""
     captions: dict[str, str] = {}
-    first_entry: dict[str, int] = {}
     for index, pair in enumerate(iter_json_array(json_path)):
         if (not isinstance(pair, list) or len(pair) < 2 or not isinstance(pair[0], str)
                 or not isinstance(pair[1], str)):
@@ -38,11 +37,10 @@ def caption_index(json_path: Path) -> dict[str, str]:
                             file=str(json_path), field=f"[{index}]")
         name = pair[0].split("/")[-1]
         if name in captions:
-            raise DataError(f"image name {name!r} repeats entry [{first_entry[name]}] (ViLT keys captions by the "
-                            "file name: one of the two captions would be lost)", file=str(json_path),
-                            field=f"[{index}]")
-        captions[name] = pair[1]
-        first_entry[name] = index
+            first = next(i for i, p in enumerate(iter_json_array(json_path)) if p[0].split("/")[-1] == name)
+            raise DataError(f"image name {name!r} repeats entry [{first}] (ViLT keys captions by the file name: one "
+                            "of the two captions would be lost)", file=str(json_path), field=f"[{index}]")
+        captions[name] = pair[1]  # the index of first entries is only looked for on error: it would double memory
     return captions
 
 
