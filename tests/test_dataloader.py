@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 from vlflow.stages.data.transforms import (
+    FAST_PIXEL_TOLERANCE,
+    PixelDecoding,
     min_max_size,
     normalize_pixels,
     pixelbert_pixels,
@@ -142,3 +144,44 @@ def test_evaluation_image_batch_normalises_uint8_on_its_device():
     expected = image_batch([vilt_image(d, 64, 96) for d in data], patch_size=32)
     assert torch.equal(moved.pixel_values, expected.pixel_values) and moved.pixel_values.is_contiguous()
     assert torch.equal(moved.pixel_mask, expected.pixel_mask) and moved.grids == expected.grids == [(2, 2), (2, 3)]
+
+
+def gradient_png(width: int, height: int) -> bytes:
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // width, y * 255 // height, (x + y) * 3 % 256], -1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("data, size, max_size", [
+    (noisy_jpeg(200, 150, seed=1), 96, 160),  # RGB JPEG, downscaled (decode_jpeg + tensor resize)
+    (noisy_jpeg(60, 90, seed=2), 96, 160),  # upscaled
+    (noisy_jpeg(150, 200, seed=3, mode="L"), 96, 160),  # grayscale JPEG, decoded to RGB by libjpeg-turbo
+    (gradient_png(170, 130), 96, 160),  # not a JPEG: PIL decode + tensor resize
+    (noisy_jpeg(128, 96, seed=4), 96, 160),  # already at its target size: the exact path
+], ids=["jpeg_down", "jpeg_up", "jpeg_gray", "png", "same_size"])
+def test_fast_decoding_stays_within_its_stated_tolerance_of_vilt(data, size, max_size):
+    fast = pixelbert_pixels(size, max_size, PixelDecoding.fast)
+    pixels = fast(data)
+    exact = pixelbert_pixels(size, max_size)(data)
+    assert pixels.dtype == torch.uint8 and pixels.shape == exact.shape
+    difference = (pixels.int() - exact.int()).abs()
+    assert difference.max() <= FAST_PIXEL_TOLERANCE.max_levels
+    assert difference.float().mean() <= FAST_PIXEL_TOLERANCE.mean_levels
+    if exact.shape[1:] == Image.open(io.BytesIO(data)).size[::-1]:
+        assert torch.equal(pixels, exact)  # nothing to resize: ViLT's pixels
+    # a decoded PIL image (e.g. after RandAugment) takes the same resize
+    assert torch.equal(fast.pixels(Image.open(io.BytesIO(data))), pixels)
+    assert torch.equal(normalize_pixels(pixels).sub(vilt_image(data, size, max_size)).abs().max().mul(127.5).round(),
+                       difference.max().float())
+
+
+def test_fast_decoding_is_chosen_explicitly_and_travels_to_workers():
+    import pickle
+
+    assert pixelbert_pixels(96).decoding is PixelDecoding.exact  # ViLT's pixels unless asked
+    fast = pickle.loads(pickle.dumps(pixelbert_pixels(96, 160, "fast")))
+    assert fast.decoding is PixelDecoding.fast and "decoding=fast" in repr(fast)
+    with pytest.raises(ValueError):
+        pixelbert_pixels(96, 160, "quick")

@@ -17,7 +17,13 @@ from torch.utils.data import Dataset
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 from vlflow.stages.common.training import load_tokenizer  # noqa: F401  (one loader for every stage)
 from vlflow.stages.data.reader import CaptionArrowDataset, VqaArrowDataset
-from vlflow.stages.data.transforms import ViltRandAugment, normalize_pixels, pixelbert_pixels, vilt_max_size
+from vlflow.stages.data.transforms import (
+    PixelDecoding,
+    ViltRandAugment,
+    normalize_pixels,
+    pixelbert_pixels,
+    vilt_max_size,
+)
 
 from vlflow.errors import StageError
 
@@ -68,9 +74,11 @@ def load_trained_run(run_dir: Path, inputs: dict[str, Path]) -> TrainedRun:
     return TrainedRun(model_dir, params, tokenizer)
 
 
-def image_dataset(arrows: Path, split: str, image_size: int, max_image_size: int) -> CaptionArrowDataset:
-    """Items' images are ViLT's resize as uint8 [3, H, W] (`PairCollator`/`pad_images` normalise them)."""
-    return CaptionArrowDataset(arrow_files(arrows, split), pixelbert_pixels(image_size, max_image_size))
+def image_dataset(arrows: Path, split: str, image_size: int, max_image_size: int,
+                  decoding: PixelDecoding = PixelDecoding.exact) -> CaptionArrowDataset:
+    """Items' images are ViLT's resize as uint8 [3, H, W] (`PairCollator`/`pad_images` normalise them); `decoding`:
+    ViLT's pixels exactly, or faster within a stated tolerance (`PixelDecoding`)."""
+    return CaptionArrowDataset(arrow_files(arrows, split), pixelbert_pixels(image_size, max_image_size, decoding))
 
 
 #: ViLT's transform keys: `pixelbert` (resize only: pretraining, evaluation), `pixelbert_randaug` (RandAugment(2, 9)
@@ -382,14 +390,15 @@ def false_image_itm_pixels(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------------
 # VQAv2: one item per (image, question), soft-score targets over the answer vocabulary.
 
-def vqa_dataset(arrows: Path, splits: list[str], image_size: int, max_image_size: int) -> VqaArrowDataset:
+def vqa_dataset(arrows: Path, splits: list[str], image_size: int, max_image_size: int,
+                decoding: PixelDecoding = PixelDecoding.exact) -> VqaArrowDataset:
     files = []
     for split in splits:
         path = arrows / f"vqav2_{split}.arrow"
         if not path.is_file():
             raise StageError(f"no vqav2_{split}.arrow in {arrows}", field="inputs.arrows")
         files.append(path)
-    return VqaArrowDataset(files, pixelbert_pixels(image_size, max_image_size))
+    return VqaArrowDataset(files, pixelbert_pixels(image_size, max_image_size, decoding))
 
 
 def load_answers(arrows: Path) -> list[str]:
