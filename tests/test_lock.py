@@ -73,7 +73,9 @@ def test_second_process_waits_for_the_first(tmp_path, start_holder):
     assert re.fullmatch(rf"waiting for vlflow run wf\.yaml \(pid {holder.pid}, started \d\d:\d\d:\d\d\) "
                         r"holding the lock on s3://bucket/cache", messages[0]), messages[0]
     assert holder.wait(timeout=10) == 0
-    assert lock_path.read_text() == ""  # released cleanly: nothing recorded, so no stale-lock report next time
+    # The holder deleted the file we waited on as it released it: we hold the file the path names now (holder() above
+    # read it), and deleted it in turn: a clean release leaves no lock file, so none is reported stale next time.
+    assert not lock_path.exists()
 
 
 def test_stale_lock_of_a_killed_holder_is_taken_over(tmp_path, start_holder):
@@ -84,10 +86,41 @@ def test_stale_lock_of_a_killed_holder_is_taken_over(tmp_path, start_holder):
 
     messages = []
     started = time.monotonic()
+    assert lock_path.exists()  # a killed holder could not delete its file
     with CacheLock(lock_path, name="s3://bucket/cache", on_wait=messages.append, timeout=5):
         assert time.monotonic() - started < 5  # no waiting (far below the timeout): the OS released the flock
     assert messages == [f"previous holder pid {holder.pid} (vlflow run wf.yaml) is gone; "
                         "taking over the stale lock on s3://bucket/cache"]
+    assert not lock_path.exists()  # the next clean release deletes it
+
+
+# Takes the lock argv[1] argv[3] times (polling every ms), each time adding 1 to the number in file argv[2] by a read
+# and a write: two such processes lose an increment whenever both hold the lock at once.
+CONTENDER = """
+import pathlib, sys, time
+from vlflow import lock
+
+lock.POLL_SECONDS = lock.MAX_POLL_SECONDS = 0.001
+counter, go = pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[2] + ".go")
+while not go.exists():
+    time.sleep(0.001)
+for _ in range(int(sys.argv[3])):
+    with lock.CacheLock(sys.argv[1], name="cache", command="contender", timeout=60):
+        counter.write_text(str(int(counter.read_text()) + 1))
+"""
+
+
+def test_two_processes_contending_keep_it_exclusive_and_leave_no_lock_file(tmp_path):
+    """Each release deletes the file that the other process may have opened and be waiting on: it must notice that
+    the file it then locks is no longer the path's and lock the path's new file, or both would hold the lock."""
+    lock_path, counter, rounds = tmp_path / "locks" / "keys" / "k.lock", tmp_path / "counter", 300
+    counter.write_text("0")
+    contenders = [subprocess.Popen([sys.executable, "-c", CONTENDER, str(lock_path), str(counter), str(rounds)])
+                  for _ in range(2)]
+    (tmp_path / "counter.go").touch()
+    assert [c.wait(timeout=120) for c in contenders] == [0, 0]
+    assert int(counter.read_text()) == 2 * rounds  # no increment lost: never held by both at once
+    assert list((tmp_path / "locks" / "keys").iterdir()) == []  # released and nobody waits: no file left behind
 
 
 def test_timeout_gives_lock_error(tmp_path, start_holder):
@@ -152,7 +185,15 @@ def attempts(cache_dir) -> list:
 
 
 def held_key_locks(cache_dir) -> list:
-    return [p for p in (cache_dir / "locks" / "keys").glob("*.lock") if p.stat().st_size > 0]
+    """The key lock files naming a holder (a released one is deleted, maybe while we look)."""
+    held = []
+    for path in (cache_dir / "locks" / "keys").glob("*.lock"):
+        try:
+            if path.stat().st_size > 0:
+                held.append(path)
+        except FileNotFoundError:
+            pass
+    return held
 
 
 @pytest.mark.parametrize("second_cache", ["file://{cache}", "{cache}/"])

@@ -4,6 +4,10 @@
 file also records who holds it (pid, host, start time, command) so that a waiter can say what it waits for, and so
 that a lock left behind by a killed holder is reported when taken over. A local cache keeps its lock files inside
 itself (`<cache>/locks/`), so every run using that cache (any state dir, any spelling of its path) meets them.
+A clean release deletes the file (a long-lived cache would otherwise keep one per stage key it ever built); only a
+killed holder's file stays, until the next holder of that lock releases it. Deleting is safe because the holder
+unlinks while it still holds the flock, and every acquirer checks, once it holds the flock, that the path still names
+the file it locked: one that had opened the unlinked file (it waited on it) opens the path again.
 
 `LeaseLock` is the same for object stores, which have no flock: a lock object created only if absent (a conditional
 PUT, `If-None-Match: *`) holding owner and expiry, renewed while held; an expired lease (its holder died) is taken
@@ -117,13 +121,19 @@ class CacheLock:
     def acquire(self) -> None:
         if self._fd is not None:
             raise LockError(f"the lock on {self.name} is already held by this CacheLock ({self.path})")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes (PEP 446)
-        try:
-            self._wait_for(fd)
-        except BaseException:
-            os.close(fd)
-            raise
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        notified = False
+        while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes (PEP 446)
+            try:
+                notified = self._wait_for(fd, deadline, notified)
+                if self._locked_file_is_the_path(fd):
+                    break
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # its holder deleted it while we waited on it: lock the file the path names now
         previous = self.holder()
         if previous is not None:
             # The file still names a holder although nobody holds the flock: it died without releasing cleanly.
@@ -135,17 +145,27 @@ class CacheLock:
         os.pwrite(fd, json.dumps(record).encode(), 0)
         self._fd = fd
 
-    def _wait_for(self, fd: int) -> None:
+    def _locked_file_is_the_path(self, fd: int) -> bool:
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        locked = os.fstat(fd)
+        return (named.st_dev, named.st_ino) == (locked.st_dev, locked.st_ino)
+
+    def _wait_for(self, fd: int, deadline: float | None, notified: bool) -> bool:
+        """Wait until `fd` is flock-ed (LockError past `deadline`); says once whom it waits for. Returns whether
+        it has said so (by now or before: `notified`)."""
         if self._try_lock(fd):
-            return
+            return notified
         record = self.holder()
         if record is not None and record.get("pid") == os.getpid() and record.get("host") == socket.gethostname():
             raise LockError(f"this process (pid {os.getpid()}) already holds the lock on {self.name} ({self.path})")
-        message = f"waiting for {self._describe(record)} holding the lock on {self.name}"
-        if record is not None and record.get("host") == socket.gethostname() and not _pid_alive(record["pid"]):
-            message += " (that process is gone, but a process it started still holds the lock file open)"
-        self._notify(message)
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        if not notified:
+            message = f"waiting for {self._describe(record)} holding the lock on {self.name}"
+            if record is not None and record.get("host") == socket.gethostname() and not _pid_alive(record["pid"]):
+                message += " (that process is gone, but a process it started still holds the lock file open)"
+            self._notify(message)
         delay = POLL_SECONDS
         while not self._try_lock(fd):
             if deadline is not None and time.monotonic() >= deadline:
@@ -154,13 +174,18 @@ class CacheLock:
             remaining = float("inf") if deadline is None else max(deadline - time.monotonic(), 0.0)
             time.sleep(min(delay, remaining))
             delay = min(delay * 1.5, MAX_POLL_SECONDS)
+        return True
 
     def release(self) -> None:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
         try:
-            os.ftruncate(fd, 0)  # an empty file means "released cleanly"; the file itself stays (unlinking races)
+            try:  # while the flock is held: whoever waits on this file then sees it is no longer the path's
+                if self._locked_file_is_the_path(fd):  # (not if someone deleted it by hand and another took it)
+                    os.unlink(self.path)
+            except OSError:  # a directory we may not write: an empty file says "released cleanly" instead
+                os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
