@@ -96,10 +96,12 @@ def damaged_coco(coco_root, tmp_path):
 
 def test_bad_images_are_reported_and_skipped(damaged_coco, tmp_path):
     root, missing, corrupt, n_train = damaged_coco
-    report = convert_coco_karpathy(root, tmp_path / "out", ArrowParams(batch_rows=2))
+    # batches of 3: the corrupt image (train[3]) opens a batch, whose next rows then move up in the batch's buffer
+    report = convert_coco_karpathy(root, tmp_path / "out", ArrowParams(batch_rows=3))
     table = read_ipc_file(tmp_path / "out" / "coco_caption_karpathy_train.arrow")
     assert table.num_rows == n_train - 2
     assert missing not in table["image_id"].to_pylist() and corrupt not in table["image_id"].to_pylist()
+    assert all(row["image"] == (root / "train2014" / row["image_id"]).read_bytes() for row in table.to_pylist())
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["bad_image_count"] == 2 and saved["splits"]["train"]["skipped"] == 2
     reasons = {b["path"].split("/")[-1]: b["reason"] for b in saved["bad_images"]}
@@ -344,3 +346,46 @@ def test_header_only_check_lets_a_truncated_jpeg_through(coco_root, tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert convert_coco_karpathy(root, tmp_path / "fast", ArrowParams(image_check="headers")).bad_images == []
     assert len(convert_coco_karpathy(root, tmp_path / "safe", ArrowParams()).bad_images) == 1
+
+
+def test_record_batches_stay_under_the_binary_offset_limit(coco_root, tmp_path, monkeypatch):
+    """A batch whose images pass what int32 offsets address (2 GiB; lowered here to ~2 images) is written as several
+    record batches holding the same rows."""
+    from vlflow.stages.data import arrow_common
+
+    convert_coco_karpathy(coco_root, tmp_path / "whole", ArrowParams(batch_rows=8))
+    sizes = [len(image) for image in read_ipc_file(tmp_path / "whole" / "coco_caption_karpathy_train.arrow")["image"]
+             .to_pylist()]
+    monkeypatch.setattr(arrow_common, "_MAX_BATCH_BYTES", 2 * max(sizes) + 1)
+    convert_coco_karpathy(coco_root, tmp_path / "split", ArrowParams(batch_rows=8))
+    name = "coco_caption_karpathy_train.arrow"
+    assert read_ipc_file(tmp_path / "split" / name).equals(read_ipc_file(tmp_path / "whole" / name))
+    with pa.memory_map(str(tmp_path / "split" / name)) as source:
+        batches = pa.ipc.open_file(source)
+        assert batches.num_record_batches >= len(sizes) // 2
+        assert all(batches.get_batch(i).num_rows <= 2 for i in range(batches.num_record_batches))
+
+
+def test_an_image_that_changes_size_while_converted_is_a_bad_image(coco_root, tmp_path, monkeypatch):
+    """Sizes are taken first (each image gets its place in the batch's buffer), then the file is read: a file that
+    grew in between is reported, not cut to its old size."""
+    import os
+
+    root = tmp_path / "coco"
+    shutil.copytree(coco_root, root)
+    entry = next(im for im in json.loads((root / "karpathy" / "dataset_coco.json").read_text())["images"]
+                 if im["split"] == "train")
+    growing = root / entry["filepath"] / entry["filename"]
+    real_stat = os.stat
+
+    def stat_then_grow(path, *args, **kwargs):
+        info = real_stat(path, *args, **kwargs)
+        if str(path) == str(growing):
+            with open(growing, "ab") as handle:  # another process appends right after the size was taken
+                handle.write(b"\x00" * 10)
+        return info
+
+    monkeypatch.setattr(os, "stat", stat_then_grow)
+    report = convert_coco_karpathy(root, tmp_path / "out", ArrowParams())
+    assert [(b["path"], b["reason"]) for b in report.bad_images] == \
+        [(f"{entry['filepath']}/{entry['filename']}", "unreadable: the file changed size while being converted")]

@@ -268,3 +268,29 @@ def test_images_input_supplies_the_image_folders(coco, tmp_path):
     assert str(info.value).startswith(f"{questions_only / 'v2_mscoco_train2014_annotations.json'}: every image of "
                                       "split 'train' is bad (")
     assert ": missing file); nothing to convert" in str(info.value)
+
+
+def test_a_dropped_val_image_moves_the_held_out_cut(coco, tmp_path):
+    """trainable_val and rest_val are written along with val when no val image is dropped; when one is, they are
+    cut from the val actually written (rest_val: its last rows), as ViLT cuts the written table."""
+    params = VqaArrowParams(rest_val_images=4, batch_rows=3, min_answer_count=2)
+    convert_vqav2(coco, tmp_path / "whole", params)
+    root = tmp_path / "root"
+    shutil.copytree(coco, root)
+    dropped = read(tmp_path / "whole" / "vqav2_val.arrow").column("image_id").to_pylist()[2]
+    (root / "val2014" / f"COCO_val2014_{dropped:012d}.jpg").write_bytes(b"not a jpeg")
+    report = convert_vqav2(root, tmp_path / "out", params)
+    for directory, val_rows in ((tmp_path / "whole", 10), (tmp_path / "out", 9)):
+        val = read(directory / "vqav2_val.arrow")
+        assert len(val) == val_rows
+        assert read(directory / "vqav2_trainable_val.arrow").equals(val.slice(0, val_rows - 4))
+        assert read(directory / "vqav2_rest_val.arrow").equals(val.slice(val_rows - 4))
+        assert not list(directory.glob("*.tmp"))
+        saved = json.loads((directory / "report.json").read_text())
+        assert list(saved["splits"]) == ["train", "val", "test", "test-dev", "trainable_val", "rest_val"]
+        assert [saved["splits"][s]["rows"] for s in ("trainable_val", "rest_val")] == [val_rows - 4, 4]
+        gt = json.loads((directory / "vqav2_rest_val_gt.json").read_text())
+        assert sorted(map(int, gt)) == sorted(q for ids in val.slice(val_rows - 4).column("question_id").to_pylist()
+                                              for q in ids)
+    assert dropped not in read(tmp_path / "out" / "vqav2_val.arrow").column("image_id").to_pylist()
+    assert [b["split"] for b in report.bad_images] == ["val"]

@@ -11,11 +11,12 @@ import json
 import logging
 import os
 import stat
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageFile, UnidentifiedImageError
 
@@ -28,7 +29,7 @@ log = logging.getLogger("vlflow.stages.data")
 class ImageRow:
     """One output row: the image file to embed and the values of the other columns."""
 
-    image_path: Path
+    image_path: Path | str  # a str spares building a Path per image (pathlib costs ~20 us each)
     values: dict[str, Any]
     expected_size: tuple[int, int] | None = None  # (width, height) from the annotations, checked when given
 
@@ -67,7 +68,6 @@ def check_image(path: Path, expected_size: tuple[int, int] | None = None, decode
     IEND) and a JPEG must end in its end-of-image marker: a truncated JPEG, which passes `verify()` and would crash
     training, is caught at ~0.1 ms instead of ~4 ms per JPEG (a JPEG whose middle is corrupted but whose end is intact
     is not). "headers" (or False): `verify()` only."""
-    mode = {True: "decode", False: "headers"}.get(decode, decode)
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the reader
             return ImageCheck(None, "not a regular file")
@@ -76,8 +76,17 @@ def check_image(path: Path, expected_size: tuple[int, int] | None = None, decode
         return ImageCheck(None, "missing file")
     except OSError as exc:  # permissions, a name too long, ...
         return ImageCheck(None, f"unreadable: {exc.strerror or exc}")
+    reason = verify_image(data, expected_size, decode)
+    return ImageCheck(data if reason is None else None, reason)
+
+
+def verify_image(data: bytes | memoryview, expected_size: tuple[int, int] | None = None,
+                 decode: bool | str = True) -> str | None:
+    """check_image's checks of bytes already read (`decode` as there): None when the image is good, else the
+    reason."""
+    mode = {True: "decode", False: "headers"}.get(decode, decode)
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # a process-wide PIL switch some libraries turn on
-        return ImageCheck(None, "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; cannot tell truncated images apart")
+        return "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; cannot tell truncated images apart"
     try:
         with Image.open(io.BytesIO(data)) as image:
             size = image.size
@@ -87,57 +96,223 @@ def check_image(path: Path, expected_size: tuple[int, int] | None = None, decode
             else:
                 is_jpeg = image.format == "JPEG"
                 image.verify()
-                if mode == "structure" and is_jpeg and data.rfind(JPEG_END, max(0, len(data) - JPEG_TAIL)) < 0:
-                    return ImageCheck(None, "corrupt image: the JPEG has no end-of-image marker (truncated)")
+                if mode == "structure" and is_jpeg and not _ends_with_jpeg_eoi(data):
+                    return "corrupt image: the JPEG has no end-of-image marker (truncated)"
     except UnidentifiedImageError:
-        return ImageCheck(None, "corrupt image: not in an image format PIL can read")
+        return "corrupt image: not in an image format PIL can read"
     except Exception as exc:  # PIL raises many types for corrupt files; all mean "not an image we can use"
-        return ImageCheck(None, f"corrupt image: {exc}")
+        return f"corrupt image: {exc}"
     if expected_size is not None and tuple(size) != tuple(expected_size):
-        return ImageCheck(None, f"image is {size[0]}x{size[1]} but the annotations say "
-                                f"{expected_size[0]}x{expected_size[1]}")
-    return ImageCheck(data)
+        return (f"image is {size[0]}x{size[1]} but the annotations say "
+                f"{expected_size[0]}x{expected_size[1]}")
+    return None
+
+
+def _ends_with_jpeg_eoi(data: bytes | memoryview) -> bool:
+    return bytes(data[max(0, len(data) - JPEG_TAIL):]).rfind(JPEG_END) >= 0
+
+
+# Why images go into reused buffers rather than one bytes object each: on a virtual machine, memory the process has
+# not touched lately costs a page fault per 4 KiB (~15 us each here, ~300 MB/s), and both Python's allocator and
+# Arrow's pool hand such pages back to the system between batches. Reading each batch's files straight into one of
+# two long-lived buffers, and handing that buffer to Arrow without a copy, touches fresh memory once per conversion.
+_ROWS_PER_TASK = 16  # rows one pool task reads and checks (one Future per image costs more than a small JPEG check)
+_MAX_BATCH_BYTES = 2**31 - 1  # Arrow binary offsets are int32: a record batch's image bytes stay below this
+
+
+class _ImageBatch:
+    """The images of one chunk of rows, read into `buffer` at `offsets` and checked by the pool; `reasons[i]` is
+    None for a good image."""
+
+    def __init__(self, rows: list[ImageRow], buffer: np.ndarray, pool: ThreadPoolExecutor, decode: bool | str):
+        self.rows = rows
+        self.reasons: list[str | None] = [None] * len(rows)
+        self.sizes = [0] * len(rows)
+        for i, row in enumerate(rows):  # sizes first (a stat is ~3 us), so every image has its place in the buffer
+            try:
+                info = os.stat(row.image_path)
+            except (FileNotFoundError, NotADirectoryError):
+                self.reasons[i] = "missing file"
+                continue
+            except OSError as exc:
+                self.reasons[i] = f"unreadable: {exc.strerror or exc}"
+                continue
+            if not stat.S_ISREG(info.st_mode):  # a FIFO would block the reader
+                self.reasons[i] = "not a regular file"
+            elif info.st_size > _MAX_BATCH_BYTES:
+                self.reasons[i] = "unreadable: larger than 2 GiB, the most an Arrow binary value holds"
+            else:
+                self.sizes[i] = info.st_size
+        self.offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(self.sizes, out=self.offsets[1:])
+        total = int(self.offsets[-1])
+        if len(buffer) < total:
+            buffer = np.empty(total + total // 4, dtype=np.uint8)
+        self.buffer = buffer
+        view = memoryview(buffer)
+        self._tasks = [pool.submit(self._read_and_check, range(start, min(start + _ROWS_PER_TASK, len(rows))), view,
+                                   decode) for start in range(0, len(rows), _ROWS_PER_TASK)]
+
+    def _read_and_check(self, indexes: range, view: memoryview, decode: bool | str) -> None:
+        for i in indexes:
+            if self.reasons[i] is not None:
+                continue
+            start, size = int(self.offsets[i]), self.sizes[i]
+            target = view[start:start + size]
+            try:
+                self.reasons[i] = _read_into(self.rows[i].image_path, target)
+            except (FileNotFoundError, NotADirectoryError):
+                self.reasons[i] = "missing file"
+            except OSError as exc:
+                self.reasons[i] = f"unreadable: {exc.strerror or exc}"
+            if self.reasons[i] is None:
+                self.reasons[i] = verify_image(target, self.rows[i].expected_size, decode)
+
+    def wait(self) -> None:
+        for task in self._tasks:
+            task.result()
+
+    def record_batches(self, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+        """The good rows as record batches (one, unless the images pass 2 GiB); the bad ones' bytes are squeezed
+        out of the buffer first."""
+        good = [i for i, reason in enumerate(self.reasons) if reason is None]
+        sizes = np.array([self.sizes[i] for i in good], dtype=np.int64)
+        if len(good) < len(self.rows):
+            position = 0
+            for i, size in zip(good, sizes):
+                start = int(self.offsets[i])
+                if start != position:  # moves left within one array: numpy copes with the overlap
+                    self.buffer[position:position + size] = self.buffer[start:start + size]
+                position += int(size)
+        ends = np.cumsum(sizes)
+        first = 0
+        while first < len(good):
+            base = int(ends[first - 1]) if first else 0
+            last = max(first + 1, int(np.searchsorted(ends, base + _MAX_BATCH_BYTES, side="right")))
+            offsets = np.zeros(last - first + 1, dtype=np.int32)
+            offsets[1:] = ends[first:last] - base
+            data = pa.py_buffer(self.buffer[base:int(ends[last - 1])])
+            columns = [pa.Array.from_buffers(pa.binary(), last - first, [None, pa.py_buffer(offsets), data])]
+            for field_ in schema:
+                if field_.name != "image":
+                    columns.append(pa.array([self.rows[i].values[field_.name] for i in good[first:last]],
+                                            type=field_.type))
+            yield pa.RecordBatch.from_arrays(columns, schema=schema)
+            first = last
+
+
+def _read_into(path: Path, target: memoryview) -> str | None:
+    """Fill `target` with the file's bytes; a reason when the file is no longer the size stat gave."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a file swapped for a FIFO must not block
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return "not a regular file"
+        if info.st_size != len(target):
+            return "unreadable: the file changed size while being converted"
+        done = 0
+        while done < len(target):
+            read = os.readv(fd, [target[done:]])
+            if read == 0:
+                return "unreadable: the file changed size while being converted"
+            done += read
+    finally:
+        os.close(fd)
+    return None
 
 
 def write_split(out_path: Path, schema: pa.Schema, rows: list[ImageRow], *, split: str, root: Path,
                 report: ConversionReport, on_bad_image: str, batch_rows: int, pool: ThreadPoolExecutor,
-                decode: bool | str = True) -> int:
-    """Write `rows` (in order, bad images dropped or fatal) as one Arrow IPC file; returns the rows written."""
+                decode: bool | str = True, copies: dict[str, tuple[Path, int, int]] | None = None) -> int:
+    """Write `rows` (in order, bad images dropped or fatal) as one Arrow IPC file; returns the rows written.
+
+    `copies` (split -> (path, start, stop)): also write rows [start, stop) of the written file to `path`, as
+    write_rows_of would, without reading it back. Only kept if no image was dropped (the written row numbers are
+    then the input's); each copy kept is recorded in `report.splits`, so a caller sees which ones it must make."""
     out_path = Path(out_path)
     tmp_path = out_path.with_name(out_path.name + ".tmp")
     chunks = [rows[i:i + batch_rows] for i in range(0, len(rows), batch_rows)]
-
-    def submit(chunk: list[ImageRow]) -> list[Future]:
-        return [pool.submit(check_image, row.image_path, row.expected_size, decode) for row in chunk]
-
+    buffers = [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)]  # one being written, one being filled
+    tees = _Tees(copies or {}, schema)
     written = skipped = 0
     try:
         with pa.OSFile(str(tmp_path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            pending = submit(chunks[0]) if chunks else []
-            for index, chunk in enumerate(chunks):
-                checks = [f.result() for f in pending]
-                pending = submit(chunks[index + 1]) if index + 1 < len(chunks) else []  # prefetch the next batch
-                columns: dict[str, list] = {name: [] for name in schema.names}
-                for row, check in zip(chunk, checks):
-                    if check.data is None:
-                        _bad_image(report, row, check.reason, split, root, on_bad_image)
+            pending = _ImageBatch(chunks[0], buffers[0], pool, decode) if chunks else None
+            for index in range(len(chunks)):
+                batch, pending = pending, None
+                batch.wait()
+                buffers[index % 2] = batch.buffer  # kept for the batch after next, grown if it had to be
+                if index + 1 < len(chunks):  # prefetch the next chunk into the other buffer
+                    pending = _ImageBatch(chunks[index + 1], buffers[(index + 1) % 2], pool, decode)
+                for row, reason in zip(batch.rows, batch.reasons):
+                    if reason is not None:
+                        _bad_image(report, row, reason, split, root, on_bad_image)
                         skipped += 1
-                        continue
-                    columns["image"].append(check.data)
-                    for name, value in row.values.items():
-                        columns[name].append(value)
-                if columns["image"]:
-                    writer.write_batch(pa.RecordBatch.from_pydict(columns, schema=schema))
-                    written += len(columns["image"])
-                del checks, columns
-    except BaseException:
+                        tees.abort()
+                for record_batch in batch.record_batches(schema):
+                    writer.write_batch(record_batch)
+                    tees.write(written, record_batch)
+                    written += record_batch.num_rows
+                del batch
+            tees.close()
+    except BaseException:  # (reads still in flight keep their batch, and so its buffer, alive)
         tmp_path.unlink(missing_ok=True)  # leave no half-written file behind
+        tees.abort()
         raise
     os.replace(tmp_path, out_path)
     report.splits[split] = {"file": out_path.name, "rows": written, "skipped": skipped,
                             "bytes": out_path.stat().st_size}
     log.info("%s: %d rows (%d bad images skipped)", out_path.name, written, skipped)
+    for name, path in tees.commit():
+        report.splits[name] = {"file": path.name, "rows": tees.rows[name], "skipped": 0, "bytes": path.stat().st_size}
+        log.info("%s: %d rows of %s", path.name, tees.rows[name], out_path.name)
     return written
+
+
+class _Tees:
+    """The `copies` of write_split: row ranges of the file being written, each written to its own file as the
+    record batches go by."""
+
+    def __init__(self, copies: dict[str, tuple[Path, int, int]], schema: pa.Schema):
+        self.copies = {name: (Path(path), start, stop) for name, (path, start, stop) in copies.items()}
+        self.rows = dict.fromkeys(self.copies, 0)
+        self._open = {}
+        for name, (path, _, _) in self.copies.items():
+            sink = pa.OSFile(str(path.with_name(path.name + ".tmp")), "wb")
+            self._open[name] = (sink, pa.ipc.new_file(sink, schema))
+
+    def write(self, offset: int, batch: pa.RecordBatch) -> None:
+        for name, (_, writer) in self._open.items():
+            _, start, stop = self.copies[name]
+            first, last = max(start, offset), min(stop, offset + batch.num_rows)
+            if first < last:
+                writer.write_batch(batch.slice(first - offset, last - first))
+                self.rows[name] += last - first
+
+    def close(self) -> None:
+        for sink, writer in self._open.values():
+            writer.close()
+            sink.close()
+
+    def abort(self) -> None:
+        """Drop every copy (an image was skipped, so row numbers moved, or the split failed)."""
+        for name, (sink, writer) in self._open.items():
+            try:
+                writer.close()
+                sink.close()
+            except Exception:  # closing a half-written copy may fail; it is deleted either way
+                pass
+            path = self.copies[name][0]
+            path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+        self._open = {}
+        self.copies = {}
+
+    def commit(self) -> list[tuple[str, Path]]:
+        done = []
+        for name, (path, _, _) in self.copies.items():
+            os.replace(path.with_name(path.name + ".tmp"), path)
+            done.append((name, path))
+        return done
 
 
 def write_rows_of(source: Path, out_path: Path, start: int, stop: int, *, split: str,
@@ -182,8 +357,12 @@ def _bad_image(report: ConversionReport, row: ImageRow, reason: str, split: str,
 
 
 def convert(root: Path, out_dir: Path, source: Path, rows_by_split: dict[str, list[ImageRow]], name_of: Callable,
-            schema: pa.Schema, params) -> ConversionReport:
-    """Write one arrow per split (name_of(split) -> file name) and report.json; returns the report."""
+            schema: pa.Schema, params, copies: dict[str, dict[str, tuple[int, int]]] | None = None
+            ) -> ConversionReport:
+    """Write one arrow per split (name_of(split) -> file name) and report.json; returns the report.
+
+    `copies` (split -> {other split: (start, stop)}): rows [start, stop) of a split's file also written as the other
+    split's (see write_split: kept only where no image of the split was dropped; report.splits says which)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = ConversionReport(source=str(Path(source).relative_to(root)) if Path(source).is_relative_to(root)
@@ -192,7 +371,9 @@ def convert(root: Path, out_dir: Path, source: Path, rows_by_split: dict[str, li
         for split, rows in rows_by_split.items():
             written = write_split(out_dir / name_of(split), schema, rows, split=split, root=Path(root),
                                   report=report, on_bad_image=params.on_bad_image, batch_rows=params.batch_rows,
-                                  pool=pool, decode=params.image_check)
+                                  pool=pool, decode=params.image_check,
+                                  copies={name: (out_dir / name_of(name), start, stop)
+                                          for name, (start, stop) in (copies or {}).get(split, {}).items()})
             if rows and not written:  # an empty arrow would "succeed" and fail much later, in training
                 first = next(b for b in report.bad_images if b["split"] == split)
                 raise DataError(f"every image of split {split!r} is bad ({len(rows)} of {len(rows)}; first: "
