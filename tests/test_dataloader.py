@@ -185,3 +185,23 @@ def test_fast_decoding_is_chosen_explicitly_and_travels_to_workers():
     assert fast.decoding is PixelDecoding.fast and "decoding=fast" in repr(fast)
     with pytest.raises(ValueError):
         pixelbert_pixels(96, 160, "quick")
+
+
+def test_training_stages_choose_the_decoding_with_a_param(tmp_path):
+    import pyarrow as pa
+    import pydantic
+    from vlflow.stages.vilt.pretrain_data import pretraining_images
+
+    assert ViltPretrainParams().image_decoding == "exact"
+    with pytest.raises(pydantic.ValidationError, match="image_decoding"):
+        ViltPretrainParams(image_decoding="quick")
+    table = pa.table({"image": pa.array([noisy_jpeg(120, 80, seed=0)], pa.binary()),
+                      "caption": pa.array([["a caption"]], pa.list_(pa.string())), "image_id": ["0.jpg"]})
+    with pa.OSFile(str(tmp_path / "coco_caption_karpathy_train.arrow"), "wb") as sink:
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    params = ViltPretrainParams(image_decoding="fast", image_size=64, max_image_size=96)
+    images = pretraining_images({"arrows": tmp_path}, params.image_size, params.max_image_size,
+                                PixelDecoding(params.image_decoding))
+    assert images.image_transform.decoding is PixelDecoding.fast
+    assert images[0]["image"].shape == pixelbert_pixels(64, 96)(noisy_jpeg(120, 80, seed=0)).shape == (3, 64, 96)

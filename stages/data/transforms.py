@@ -174,10 +174,11 @@ class PixelBertTransform:
             return image_pixels(image if image.mode == "RGB" else image.convert("RGB"))
         if image.format == "JPEG" and image.mode in ("RGB", "L") and _decode_jpeg() is not None:
             decode_jpeg, rgb = _decode_jpeg()
-            with warnings.catch_warnings():  # decode_jpeg only reads the bytes
-                warnings.simplefilter("ignore", UserWarning)
-                encoded = torch.frombuffer(data, dtype=torch.uint8)
-            return tensor_resize(decode_jpeg(encoded, mode=rgb), target)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # a read-only buffer: decode_jpeg only reads it
+                warnings.simplefilter("ignore", DeprecationWarning)  # said in _decode_jpeg
+                decoded = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=rgb)
+            return tensor_resize(decoded, target)
         return tensor_resize(image_pixels(image if image.mode == "RGB" else image.convert("RGB")), target)
 
     def __call__(self, image: Image.Image):

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from vlflow.stages.data.reader import CaptionArrowDataset, open_arrow
-from vlflow.stages.data.transforms import pixelbert_pixels
+from vlflow.stages.data.transforms import PixelDecoding, pixelbert_pixels
 from vlflow.stages.vilt.data import arrow_files, image_dataset
 
 from vlflow.errors import StageError
@@ -54,12 +54,14 @@ class MixedCaptionDataset(CaptionArrowDataset):
         self.__init__(state["arrow_paths"], state["image_transform"], state["unique_from_row"])
 
 
-def pretraining_images(inputs: dict[str, Path], image_size: int, max_image_size: int) -> CaptionArrowDataset:
+def pretraining_images(inputs: dict[str, Path], image_size: int, max_image_size: int,
+                       decoding: PixelDecoding = PixelDecoding.exact) -> CaptionArrowDataset:
     """COCO train + restval alone (exactly the fine-tuning stages' training images) unless vg/sbu/gcc are given."""
     added = [name for name in PRETRAIN_SOURCES if name in inputs]
     if not added:
-        return image_dataset(inputs["arrows"], "train", image_size, max_image_size)
+        return image_dataset(inputs["arrows"], "train", image_size, max_image_size, decoding)
     coco = arrow_files(inputs["arrows"], "train")
     coco_rows = sum(open_arrow(path).num_rows for path in coco)
     files = coco + [path for name in added for path in source_files(inputs[name], name)]
-    return MixedCaptionDataset(files, pixelbert_pixels(image_size, max_image_size), unique_from_row=coco_rows)
+    return MixedCaptionDataset(files, pixelbert_pixels(image_size, max_image_size, decoding),
+                               unique_from_row=coco_rows)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from vlflow.stages.common.export import trained_module
 from vlflow.stages.common.fit import FitSettings, TrainTask, fit, make_adamw, training_steps, warmup_linear_schedule
 from vlflow.stages.common.training import ResumableSampler, accumulation_steps, configure_determinism
+from vlflow.stages.data.transforms import PixelDecoding
 from vlflow.stages.vilt.data import (
     CaptionPairs,
     MlmMasker,
@@ -69,7 +70,8 @@ def pretrain(ctx: StageContext) -> dict:
     task = pretrain_task(tokenizer, p.tasks, p.mlm_prob, p.whole_word_masking, p.wpa_weight if p.itm_wpa else 0.0,
                          max_text_len=p.max_text_len)
     false_images = "itm" in p.tasks and p.itm_negatives == "dataset"
-    dataset = CaptionPairs(pretraining_images(ctx.inputs, p.image_size, p.max_image_size),
+    dataset = CaptionPairs(pretraining_images(ctx.inputs, p.image_size, p.max_image_size,
+                                              PixelDecoding(p.image_decoding)),
                            augment=train_augment(p.train_transform), false_images=false_images)
     return train(ctx, model, tokenizer, task, save_model=lambda m, out: m.save(out), dataset=dataset)
 
@@ -123,7 +125,8 @@ def finetune_retrieval(ctx: StageContext) -> dict:
     tokenizer = load_tokenizer({"tokenizer": pretrained_dir / "tokenizer", **ctx.inputs}, p.tokenizer)
     model = ViltRetrievalTrainingModel(retrieval_model_from_pretraining(pretrained_dir / "model",
                                                                         max_image_len=p.max_image_len))
-    dataset = CaptionPairs(image_dataset(ctx.inputs["arrows"], "train", p.image_size, p.max_image_size),
+    dataset = CaptionPairs(image_dataset(ctx.inputs["arrows"], "train", p.image_size, p.max_image_size,
+                                         PixelDecoding(p.image_decoding)),
                            augment=train_augment(p.train_transform))
     task = retrieval_task(tokenizer, dataset, p.false_texts, p.max_text_len)
     return train(ctx, model, tokenizer, task, save_model=lambda m, out: m.retrieval.save_pretrained(out),
@@ -157,7 +160,8 @@ def finetune_vqa(ctx: StageContext) -> dict:
     answers = load_answers(ctx.inputs["arrows"])
     model = ViltVqaTrainingModel(vqa_model_from_pretraining(pretrained_dir / "model", answers,
                                                             max_image_len=p.max_image_len))
-    dataset = QuestionPairs(vqa_dataset(ctx.inputs["arrows"], p.train_splits, p.image_size, p.max_image_size),
+    dataset = QuestionPairs(vqa_dataset(ctx.inputs["arrows"], p.train_splits, p.image_size, p.max_image_size,
+                                        PixelDecoding(p.image_decoding)),
                             augment=train_augment(p.train_transform))
     return train(ctx, model, tokenizer, vqa_task(), save_model=lambda m, out: m.vqa.save_pretrained(out),
                  dataset=dataset, collate=QuestionCollator(tokenizer, p.max_text_len, len(answers), normalize=False),
