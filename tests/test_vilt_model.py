@@ -1,5 +1,5 @@
-"""ViLT model, batches and metrics, in-process (no launcher): shapes, masking, ITM negatives, saved layout,
-ViT initialisation, the VQA head and exact recall@k."""
+"""ViLT model, batches and metrics, in-process (no launcher): shapes, masking, ITM negatives (in the batch and from
+the dataset), saved layout, ViT initialisation, the VQA head and exact recall@k."""
 import io
 
 import pyarrow as pa
@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers import ViltForImageAndTextRetrieval, ViltForMaskedLM, ViltForQuestionAnswering
+from vlflow.stages.data.transforms import normalize_pixels
 from vlflow.stages.text.tokenizer import train_wordpiece
 from vlflow.stages.vilt.data import (
     CaptionPairs,
@@ -31,7 +32,7 @@ from vlflow.stages.vilt.model import (
     vqa_model_from_pretraining,
 )
 from vlflow.stages.vilt.spec import ViltPretrainParams
-from vlflow.stages.vilt.train import decay_groups
+from vlflow.stages.vilt.train import decay_groups, pretrain_task
 
 torch.set_num_threads(1)
 
@@ -182,6 +183,32 @@ def test_itm_negatives_swap_in_another_image(batch):
     assert 0.3 < negatives_seen / (20 * len(batch["input_ids"])) <= 0.5  # about half (fewer on duplicate images)
     first = swap_images_for_itm(batch, torch.Generator().manual_seed(7))["itm_labels"]
     assert torch.equal(first, swap_images_for_itm(batch, torch.Generator().manual_seed(7))["itm_labels"])
+
+
+def test_pretraining_itm_scores_the_items_false_images(arrows, params, tokenizer):
+    """itm_negatives: dataset (the default): the step's ITM batch holds each position's own image where its label is
+    1 and its false image (drawn from the dataset) where 0, and MLM sees the true images."""
+    pairs = CaptionPairs(image_dataset(arrows, "train", params.image_size, params.max_image_size), false_images=True)
+    batch = PairCollator(tokenizer, params.max_text_len, normalize=False)([pairs[(i, 40 + i)] for i in range(8)])
+    assert (batch["false_image_index"] != batch["image_index"]).all()
+    task = pretrain_task(tokenizer, ["mlm", "itm"], 0.15, True, 0.1, max_text_len=params.max_text_len)
+    prepared = task.prepare(batch, torch.Generator().manual_seed(3))
+    labels = prepared["itm_labels"]
+    assert int(labels.sum()) == 4  # B // 2 matching, as ViLT
+    seen = {}
+    model = make_model(params, tokenizer)
+
+    def recording_model(**batches):  # the real model, its inputs kept
+        seen.update(batches)
+        return model(**batches)
+
+    out = task.losses(recording_model, prepared)
+    assert torch.isfinite(out["loss"]) and set(out) >= {"mlm_loss", "itm_loss", "itm_wpa_loss"}
+    own = normalize_pixels(batch["pixel_values"], batch["pixel_mask"])
+    false = normalize_pixels(batch["false_pixel_values"], batch["false_pixel_mask"])
+    for row in range(8):
+        assert torch.equal(seen["itm_batch"]["pixel_values"][row], own[row] if labels[row] else false[row])
+    assert torch.equal(seen["mlm_batch"]["pixel_values"], own)
 
 
 def test_saved_model_loads_as_vilt_for_masked_lm(tmp_path, params, tokenizer, batch):
