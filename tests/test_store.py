@@ -423,3 +423,21 @@ def test_a_no_op_reads_each_manifest_and_ref_in_one_s3_request(moto_server, s3_e
     assert store.manifest("missing") is None and store.get_ref("runs/w/s") == {"key": "k"}
     assert [p.path for p in manifest.files] == ["a", "d/b"]
     assert [c.split(".")[-1] for c in calls] == ["GetObject"] * 3
+
+
+def test_keep_committed_makes_the_uploaded_dir_the_local_copy(tmp_path):
+    """A run's commit to an object store keeps its staged files as the artifact's local copy (one rename): nothing
+    to delete, nothing to download for the stages that consume it; a dir holding a link is left to the caller."""
+    store = ArtifactStore(f"memory://vlflow-test-{uuid.uuid4().hex[:8]}/c", local_cache=tmp_path / "mirror",
+                          keep_committed=True)
+    manifest = store.commit("k", write_tree(tmp_path / "out", FILES), {})
+    copy = tmp_path / "mirror" / manifest.digest
+    assert not (tmp_path / "out").exists() and tree_bytes(copy) == FILES
+    assert (copy / ".complete").read_text() == manifest.digest
+    store.fs.get = lambda *a, **k: pytest.fail("downloaded a copy that is already here")
+    assert store.materialize("k") == copy
+
+    linked = write_tree(tmp_path / "linked", {"a": b"1"})
+    (linked / "b").symlink_to(linked / "a")
+    other = store.commit("k2", linked, {})
+    assert (linked / "b").is_symlink() and not (tmp_path / "mirror" / other.digest).exists()

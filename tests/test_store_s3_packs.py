@@ -1,10 +1,13 @@
-"""The object-store layout on a real moto server: small files committed in a few pack objects, read back whole or by
-range, damage to a pack found by `damage` (size) and `verify` (sha256 per file), and a commit's request count."""
+"""The object store on a real moto server, requests counted by the server: small files committed in a few pack
+objects, read back whole or by range; damage to a pack found by `damage` (size) and `verify` (sha256 per file); a
+no-op run reads one manifest per stage, concurrently (read_ahead)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -24,12 +27,19 @@ class CountingMoto:
 
         app = DomainDispatcherApplication(create_backend_app)
         self.requests: Counter[str] = Counter()
+        self.in_flight = self.most_in_flight = 0  # requests being answered at once
         self._lock = threading.Lock()
 
         def counting(environ, start_response):
             with self._lock:
                 self.requests[environ["REQUEST_METHOD"]] += 1
-            return app(environ, start_response)
+                self.in_flight += 1
+                self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            try:
+                return app(environ, start_response)
+            finally:
+                with self._lock:
+                    self.in_flight -= 1
 
         self.server = make_server("127.0.0.1", 0, counting, threaded=True, request_handler=MotoRequestHandler)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
@@ -37,15 +47,18 @@ class CountingMoto:
         self.thread.start()
 
     def take(self) -> Counter[str]:
+        """The requests answered since the last call, by method (and the count of most at once starts again)."""
         with self._lock:
-            taken, self.requests = self.requests, Counter()
+            taken, self.requests, self.most_in_flight = self.requests, Counter(), 0
         return taken
 
 
 @pytest.fixture
-def counting_moto(moto_server, s3_env, monkeypatch):
+def counting_moto(moto_server, s3_env, monkeypatch, tmp_path):
     moto = CountingMoto()
-    monkeypatch.setenv("VLFLOW_S3_ENDPOINT_URL", moto.url)
+    monkeypatch.setenv("VLFLOW_S3_ENDPOINT_URL", moto.url)  # for child processes too
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", moto.url)
+    monkeypatch.setenv("VLFLOW_LOCAL_CACHE", str(tmp_path / "mirror"))  # read-ahead hints of this test only
     yield moto
     moto.server.shutdown()
     moto.thread.join(timeout=10)
@@ -66,13 +79,13 @@ def test_small_files_commit_in_few_packs_and_read_back(counting_moto, tmp_path):
     url = f"s3://{create_bucket(counting_moto.url)}/cache"
     counting_moto.take()
     store = ArtifactStore(url, local_cache=tmp_path / "mirror", pack_file_limit=2000, pack_bytes=4000)
-    files = small_files(tmp_path / "out", 600)
+    files = small_files(tmp_path / "out", 300)
     manifest = store.commit("k", tmp_path / "out", {"stage": "s"})
 
     packs = manifest.pack_sizes()
     total_small = sum(len(data) for rel, data in files.items() if rel != "weights.bin")
     assert sum(packs.values()) == total_small and max(packs.values()) <= 4000 and len(packs) <= total_small // 2000 + 1
-    # 601 files: the packs, the large file, the file list and the manifest, one PUT each; nothing else
+    # 301 files: the packs, the large file, the file list and the manifest, one PUT each; nothing else
     assert counting_moto.take() == Counter({"PUT": len(packs) + 3})
     assert {e.path: (e.size, e.sha256) for e in manifest.files} == {
         rel: (len(data), hashlib.sha256(data).hexdigest()) for rel, data in files.items()}
@@ -127,3 +140,57 @@ def test_a_damaged_pack_is_found_and_never_consumed(s3_cache_url, tmp_path):
     store.fs.rm_file(pack_path)
     assert store.damage(store.manifest("k")) == [f"pack {pack} (holding {held} files) is missing"]
     assert files  # the other packs are untouched
+
+
+def test_read_ahead_reads_the_manifests_asked_for_last_time_at_once(counting_moto, tmp_path):
+    from tests.conftest import create_bucket
+
+    store = ArtifactStore(f"s3://{create_bucket(counting_moto.url)}/cache")
+    keys = [f"k{i}" for i in range(10)]
+    for key in keys[:8]:
+        (tmp_path / key).mkdir()
+        (tmp_path / key / "f").write_text(key)
+        store.commit(key, tmp_path / key, {})
+    counting_moto.take()
+
+    with store.read_ahead("plan/w"):  # nothing remembered yet: one GET per manifest, one after the other
+        assert [store.manifest(k) is not None for k in keys] == [True] * 8 + [False] * 2
+    assert counting_moto.take() == Counter({"GET": 10})
+
+    with store.read_ahead("plan/w"):
+        most_at_once = counting_moto.most_in_flight
+        assert counting_moto.take() == Counter({"GET": 10}) and most_at_once > 1  # all at once
+        manifests = [store.manifest(k) for k in keys]
+        assert counting_moto.take() == Counter()  # served from what was read ahead
+        assert store.manifest("k0") is not None and counting_moto.take() == Counter({"GET": 1})  # each served once
+    assert [m.key if m else None for m in manifests] == keys[:8] + [None, None]
+
+    other = threading.Thread(target=lambda: store.manifest("k1"))  # another thread (a running stage) reads anew
+    with store.read_ahead("plan/w"):
+        counting_moto.take()
+        other.start()
+        other.join()
+        assert counting_moto.take() == Counter({"GET": 1})
+        assert store.manifest("k1") is not None and counting_moto.take() == Counter()
+
+
+CHAIN = "name: chain\nstages:\n  s0: {uses: testing.write, with: {files: 3, text: a}}\n" + "".join(
+    f"  s{i}: {{uses: testing.concat, inputs: {{a: s{i - 1}}}, with: {{suffix: '{i}'}}}}\n" for i in range(1, 8))
+
+
+def test_a_no_op_run_reads_one_manifest_per_stage_all_at_once(counting_moto, tmp_path):
+    """Each key depends on the manifest upstream (inputs), yet the no-op's 8 reads are in flight together."""
+    from tests.conftest import create_bucket
+
+    (tmp_path / "wf.yaml").write_text(CHAIN)
+    command = [str(Path(sys.executable).with_name("vlflow")), "run", "wf.yaml", "--cache",
+               f"s3://{create_bucket(counting_moto.url)}/cache", "--state-dir", str(tmp_path / "state")]
+    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and "8 ran, 0 cached" in first.stdout, first.stdout + first.stderr
+    # what each stage committed stayed as the local copy the next stage read (no download)
+    assert len(list((tmp_path / "state" / "mirror").glob("*/.complete"))) == 8
+    counting_moto.take()
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "0 ran, 8 cached" in again.stdout, again.stdout + again.stderr
+    most_at_once = counting_moto.most_in_flight
+    assert counting_moto.take() == Counter({"GET": 8}) and most_at_once > 1

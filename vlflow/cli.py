@@ -173,7 +173,9 @@ def _load(args, config=None):
 def _store(config):
     from vlflow.store import ArtifactStore
 
-    return ArtifactStore(config.cache_url, storage_options=config.storage_options or None)
+    # Local copies of a remote cache's artifacts live in the state dir; what a run commits there stays as that copy.
+    return ArtifactStore(config.cache_url, storage_options=config.storage_options or None,
+                         local_cache=config.state_dir / "mirror", keep_committed=True)
 
 
 def _runner(args):

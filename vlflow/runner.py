@@ -313,11 +313,14 @@ class Runner:
         forced = forced_stages(self.graph, force)
         artifacts: dict[str, Manifest] = {}
         plans = []
-        for name in selected:
-            plan = self.plan_stage(name, artifacts, forced)
-            if plan.action in ("cached", "damaged"):
-                artifacts[name] = plan.manifest
-            plans.append(plan)
+        # Each key depends on the manifests upstream, so they are asked for one by one; on an object store the
+        # store reads the ones this workflow's last plan asked for all at once first (one request per stage).
+        with self.store.read_ahead(f"plan/{self.workflow.name}"):
+            for name in selected:
+                plan = self.plan_stage(name, artifacts, forced)
+                if plan.action in ("cached", "damaged"):
+                    artifacts[name] = plan.manifest
+                plans.append(plan)
         if only:  # --only runs just these stages: their inputs must already be in the cache
             self._add_cached_upstreams(plans, selected, artifacts, forced)
         return plans
@@ -344,6 +347,12 @@ class Runner:
 
         Independent stages run concurrently (up to `jobs`); after a failure no new stage starts, running ones finish.
         """
+        # Stages are planned one by one (each key depends on the manifests upstream); on an object store the store
+        # reads the manifests this workflow asked for last time all at once first (ArtifactStore.read_ahead).
+        with self.store.read_ahead(f"plan/{self.workflow.name}"):
+            return self._run(until, only, force)
+
+    def _run(self, until: Iterable[str], only: Iterable[str], force: Iterable[str]) -> list[StagePlan]:
         selected = select_stages(self.graph, until, only)
         forced = forced_stages(self.graph, force)
         from vlflow.executors.slurm import check_can_submit

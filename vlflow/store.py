@@ -26,7 +26,7 @@ import time
 import uuid
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Callable, Iterator, Literal
 
@@ -253,9 +253,13 @@ class ArtifactStore:
     """Committed artifacts under one fsspec URL. See the module docstring for the layout."""
 
     def __init__(self, url: str, storage_options: dict | None = None, *, local_cache: Path | None = None,
-                 pack_file_limit: int = PACK_FILE_LIMIT, pack_bytes: int = PACK_BYTES) -> None:
-        """`pack_file_limit`: on an object store, files smaller than this are committed in pack objects of about
-        `pack_bytes` (vlflow.store_packs; 0 stores every file as its own object). A local cache never packs."""
+                 pack_file_limit: int = PACK_FILE_LIMIT, pack_bytes: int = PACK_BYTES,
+                 keep_committed: bool = False) -> None:
+        """`local_cache`: where `materialize` puts local copies of a remote store's artifacts (`<digest>/`).
+        `pack_file_limit`: on an object store, files smaller than this are committed in pack objects of about
+        `pack_bytes` (vlflow.store_packs; 0 stores every file as its own object). A local cache never packs.
+        `keep_committed`: a commit to a remote store moves the committed dir into `local_cache` as the artifact's
+        local copy (one rename: the caller neither deletes thousands of staged files nor downloads them again)."""
         options = dict(storage_options or {})
         protocol = fsspec.core.split_protocol(url)[0] or "file"
         if protocol in ("s3", "s3a") and not _has_endpoint(options):
@@ -272,10 +276,13 @@ class ArtifactStore:
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.pack_file_limit = 0 if self.is_local else pack_file_limit
         self.pack_bytes = pack_bytes
+        self.keep_committed = keep_committed and not self.is_local
         self._root = root.rstrip("/")  # "" for the filesystem root: paths then start with "/"
         if local_cache is None:
             local_cache = Path(os.environ.get("VLFLOW_LOCAL_CACHE") or Path.home() / ".cache" / "vlflow" / "mirror")
         self.local_cache = Path(local_cache)
+        self._ahead: dict[int, _ReadAhead] = {}  # per thread: manifests read ahead (read_ahead)
+        self._file_lists: dict[tuple[str, str, str], list[FileEntry]] = {}  # object stores: (key, attempt, digest)
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.url!r})"
@@ -344,14 +351,58 @@ class ArtifactStore:
     # -- reading -----------------------------------------------------------------------------------------------------
 
     def manifest(self, key: str) -> Manifest | None:
-        """The committed manifest of `key`, or None (also when it is corrupt, with a warning). One small read."""
+        """The committed manifest of `key`, or None (also when it is corrupt, with a warning). One small read, or
+        none inside `read_ahead` when that read it already."""
         path = self._manifest_path(key)
+        ahead = self._ahead.get(threading.get_ident())
+        if ahead is not None:
+            ahead.asked.append(key)
+            data = ahead.read.pop(key, None)
+            if isinstance(data, FileNotFoundError):
+                return None
+            if isinstance(data, bytes):
+                return self._parse_manifest(key, data)
         with self._errors(f"read the manifest of {key}"):
             try:
                 data = self._read_small(path)
             except FileNotFoundError:
                 return None
         return self._parse_manifest(key, data)
+
+    @contextmanager
+    def read_ahead(self, name: str) -> Iterator[None]:
+        """Within the block, the manifests that the same caller (`name`, e.g. the planner of one workflow) asked
+        for last time on this machine are read first, all at once, then served by `manifest()` on this thread
+        (each once; what is left is dropped at the end). A chain of stages must read its manifests one after the
+        other, as each key depends on the manifest before it; on an object store this turns N sequential requests
+        into N concurrent ones. Only a hint: a key asked for that was not read ahead is read as usual. The keys
+        asked for are remembered in a small local file (`local_cache/.read-ahead/`); a local store does nothing."""
+        if self.is_local:
+            yield
+            return
+        hint_file = self.local_cache / ".read-ahead" / (
+            hashlib.sha256(f"{self.identity}\0{name}".encode()).hexdigest()[:32] + ".json")
+        try:
+            hinted = [key for key in json.loads(hint_file.read_text()) if isinstance(key, str) and _SAFE_KEY.match(key)]
+        except (OSError, ValueError, TypeError):
+            hinted = []
+        ahead = _ReadAhead(read=self._read_many([self._manifest_path(key) for key in hinted], hinted))
+        self._ahead[threading.get_ident()] = ahead
+        try:
+            yield
+        finally:
+            del self._ahead[threading.get_ident()]
+        if ahead.asked != hinted:
+            _write_quietly(hint_file, json.dumps(ahead.asked).encode())
+
+    def _read_many(self, paths: list[str], keys: list[str]) -> dict[str, bytes | BaseException]:
+        """{key: contents or the exception} of small objects, read concurrently (one GET each on s3)."""
+        if not paths:
+            return {}
+        options = {"max_concurrency": 1} if getattr(self.fs, "max_concurrency", 1) > 1 else {}
+        with self._errors("read manifests"):
+            contents = self.fs.cat(paths, on_error="return", **options)
+        return {key: contents.get(path, FileNotFoundError(path)) for key, path in zip(keys, paths)}
 
     def _read_small(self, path: str) -> bytes:
         """A small object in one request. s3fs's cat_file asks for the size first (a HEAD, to split large objects
@@ -373,6 +424,9 @@ class ArtifactStore:
         return manifest
 
     def _load_files(self, key: str, attempt: str, digest: str) -> list[FileEntry]:
+        known = self._file_lists.get((key, attempt, digest))
+        if known is not None:  # an attempt's file list never changes: `open` of many files reads it once
+            return known
         path = f"{self._key_dir(key)}/{attempt}{FILES_SUFFIX}"
         with self._errors(f"read the file list of artifact {key}"):
             data = self._read_small(path)
@@ -389,6 +443,8 @@ class ArtifactStore:
         if files_digest(files) != digest:
             raise StoreError(f"artifact {key} in {self.url}: its file list does not match the manifest digest; "
                              f"remove it with `vlflow verify --drop` or rerun its stage with --force")
+        if not self.is_local:
+            self._file_lists[(key, attempt, digest)] = files
         return files
 
     def has(self, key: str) -> bool:
@@ -505,8 +561,7 @@ class ArtifactStore:
         if not key_dirs:
             return []
         paths = [f"{d}/{MANIFEST_NAME}" for d in key_dirs]
-        with self._errors("list artifacts"):
-            contents = self.fs.cat(paths, on_error="return")  # concurrent on object stores
+        contents = self._read_many(paths, paths)  # concurrent on object stores
         manifests = []
         for path in paths:
             data = contents.get(path)
@@ -641,8 +696,33 @@ class ArtifactStore:
             manifest = Manifest(key=key, attempt=attempt, created=time.time(), files=entries,
                                 digest=files_digest(entries), meta=meta_json)
             self._write_manifest(key_dir, manifest)
+        if self.keep_committed:
+            self._keep_as_local_copy(local_dir, manifest)
         log.debug("committed %s (%d files, %d bytes) to %s", key, len(entries), manifest.size, self.url)
         return manifest
+
+    def _keep_as_local_copy(self, local_dir: Path, manifest: Manifest) -> None:
+        """Make the dir just uploaded the artifact's local copy (what `materialize` would download), by renaming it
+        into `local_cache/<digest>` with its `.complete` marker; skipped when its files are not exactly the committed
+        ones (links), a copy is there already, or it is on another filesystem. Only a shortcut: failures are quiet."""
+        dest = self.local_cache / manifest.digest
+        sizes, odd = _local_sizes(local_dir)
+        if odd or sizes != {entry.path: entry.size for entry in manifest.files} or COMPLETE_MARKER in sizes:
+            return
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with _lock_for(dest):
+                if dest.exists():
+                    return
+                tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.partial"
+                os.rename(local_dir, tmp)
+                try:
+                    (tmp / COMPLETE_MARKER).write_text(manifest.digest)
+                    os.rename(tmp, dest)  # a copy that appeared meanwhile (another process) wins
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)  # gone unless the rename failed
+        except OSError as exc:  # another filesystem, permissions: the caller removes its staging dir as before
+            log.debug("cannot keep %s as the local copy of %s: %s", local_dir, manifest.key, exc)
 
     def _commit_local(self, local_dir: Path, sources, attempt_dir: str, tracker: "_Progress") -> list[FileEntry]:
         """Move plain files into the attempt dir (same filesystem), copy the rest; hash each file once."""
@@ -924,6 +1004,23 @@ _dest_locks_guard = threading.Lock()
 def _lock_for(dest: Path) -> threading.Lock:
     with _dest_locks_guard:
         return _dest_locks.setdefault(str(dest.resolve()), threading.Lock())
+
+
+@dataclass
+class _ReadAhead:
+    read: dict[str, bytes | BaseException]  # key -> manifest bytes read ahead (or the error)
+    asked: list[str] = field(default_factory=list)  # keys asked for in the block, in order
+
+
+def _write_quietly(path: Path, data: bytes) -> None:
+    """Write a local hint file atomically; a failure only costs speed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("cannot write %s: %s", path, exc)
 
 
 class _Window:
