@@ -3,6 +3,7 @@ output in the stage log, the same exit codes, a crash or kill costs the stage al
 runner and cache stay intact so that the next run redoes the stage."""
 from __future__ import annotations
 
+import atexit
 import ctypes
 import json
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_project_config
-from vlflow.errors import StageError
+from vlflow.errors import StageError, VlflowError
 from vlflow.executors import forked
 from vlflow.executors.forked import run_stage_process
 from vlflow.stage import Params, StageSpec
@@ -35,6 +36,10 @@ def probe(ctx) -> dict:
     print("line on stdout", flush=True)
     print("line on stderr", file=sys.stderr, flush=True)
     print(f"env={os.environ.get('VLFLOW_PROBE')} cwd={os.getcwd()} pgid_is_pid={os.getpgid(0) == os.getpid()}")
+    print(f"argv={sys.argv[1:]}")
+    atexit.register(print, "atexit callback ran", flush=True)  # as an interpreter does at exit
+    if how == "sys_exit":
+        sys.exit(5)
     if how == "raise":
         raise RuntimeError("probe exploded")
     if how == "user_error":
@@ -87,6 +92,7 @@ def test_output_lands_in_the_log_with_the_callers_environment_and_cwd(tmp_path, 
     text = log.read_text()
     assert "line on stdout" in text and "line on stderr" in text
     assert f"env=set-after-the-server-started cwd={tmp_path} pgid_is_pid=True" in text
+    assert f"argv={[str(payload)]}" in text and text.splitlines()[-1] == "atexit callback ran"
     assert lines == text.splitlines()
     assert json.loads((payload.parent / "payload.json.result.json").read_text()) == {"answer": 42}
 
@@ -94,6 +100,7 @@ def test_output_lands_in_the_log_with_the_callers_environment_and_cwd(tmp_path, 
 @pytest.mark.parametrize("how, code, says", [("raise", 1, "RuntimeError: probe exploded"),
                                              ("user_error", 2, "error: probe rejects its input"),
                                              ("exit", 3, "line on stdout"),
+                                             ("sys_exit", 5, "atexit callback ran"),
                                              ("segfault", -signal.SIGSEGV, "line on stdout")])
 def test_a_crashing_stage_reports_the_interpreters_exit_code_and_the_server_survives(tmp_path, mode, how, code,
                                                                                        says):
@@ -127,6 +134,31 @@ def test_interrupting_the_runner_kills_the_stage_and_what_it_started(tmp_path, m
     assert not alive(stage) and not alive(grandchild)
     # the stage's command line reads as a fresh interpreter's did: ps and leftover-process checks find it
     assert command_lines[0].endswith(f"-m vlflow.execute {tmp_path / 'staging-hang' / 'payload.json'}")
+
+
+def test_a_killed_stage_server_takes_its_stages_along_and_the_next_stage_gets_a_new_one(tmp_path, mode):
+    if mode == "spawn":
+        pytest.skip("no server: each stage is a fresh interpreter")
+    assert run_stage_process(write_payload(tmp_path), tmp_path / "first.log", lambda line: None) == 0
+    server, pid_file = forked._server.process, tmp_path / "pids"
+
+    def kill_server_once_started(line: str) -> None:
+        if line.startswith("env="):
+            while not pid_file.exists():
+                time.sleep(0.05)
+            server.kill()
+
+    with pytest.raises(VlflowError, match="the stage server died before it sent the stage's exit code"):
+        run_stage_process(write_payload(tmp_path, "hang", str(pid_file)), tmp_path / "stage.log",
+                          kill_server_once_started)
+    stage, grandchild = map(int, pid_file.read_text().split())
+    deadline = time.time() + 10
+    while (alive(stage) or alive(grandchild)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not alive(stage) and not alive(grandchild)  # with its parent, the server; and by the runner's kill
+    (tmp_path / "next").mkdir()
+    assert run_stage_process(write_payload(tmp_path / "next"), tmp_path / "next.log", lambda line: None) == 0
+    assert forked._server.process.pid != server.pid
 
 
 def test_stage_processes_skip_the_callers_main_script(tmp_path):
