@@ -1,6 +1,7 @@
 """Grounding arrows -> (image, encoder text, decoder sequence) samples for UniTAB.
 
-Rows come from `f30k_grounding_{split}.arrow` (one per caption): image bytes, image_id, caption, phrases
+Rows come from `f30k_grounding_{split}.arrow` (arrow.grounding; pretraining may add arrow.grounding_mixed's
+`mixed_grounding_train.arrow`), one per caption: image bytes, image_id, caption, phrases
 (list of {text, start, end, boxes: [[x1,y1,x2,y2] in 0..1]}), width, height, split.
 """
 from __future__ import annotations
