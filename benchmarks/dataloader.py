@@ -12,8 +12,9 @@ a core delivers, robust on a shared machine) and per wall second:
    DataCollatorForWholeWordMask; vlflow: PairCollator + the pretraining step's host-side `prepare`, i.e. MLM masks
    and ITM negative indices, exactly what the training loop runs before moving the batch to the device);
 3. through a DataLoader with N worker processes (vlflow's `prepare` runs in the main process, as in training).
-Plus, for reference, measurement 2 with ViLT's dataset as its pretraining configures it for ITM (draw_false_image=1:
-a second image decoded per item), against the same vlflow pipeline (its ITM negatives are in-batch swaps).
+Plus measurement 2 as both pretrain by default for ITM: ViLT's dataset with draw_false_image=1 (a second image
+decoded per item) against vlflow's `CaptionPairs(false_images=True)` (`itm_negatives: dataset`, the same draw; items
+keyed by (index, item seed) as ResumableSampler gives them).
 
 vlflow runs twice in each measurement, alternating with ViLT: `exact` (the default `PixelDecoding`: PIL as ViLT, its
 pixels bit for bit) and `fast` (libjpeg-turbo through torchvision + torch's uint8 antialiased bicubic; pixels within
@@ -229,6 +230,8 @@ class Pipelines:
                                         image_size, max_text_len, draw_false_image=1)
         self.ours = CaptionPairs(image_dataset(arrows, "train", image_size, None))
         self.ours_fast = CaptionPairs(image_dataset(arrows, "train", image_size, None, PixelDecoding.fast))
+        self.ours_itm = CaptionPairs(self.ours.images, false_images=True)
+        self.ours_itm_fast = CaptionPairs(self.ours_fast.images, false_images=True)
         self.ours_collate = PairCollator(tokenizer, max_text_len, normalize=False, pad_to_max_length=True)
         self.prepare = pretrain_task(tokenizer, ["mlm", "itm"], 0.15, True, 0.0).prepare
         # ViLT's index -> our index of the same (image, caption): ViLT de-duplicates captions through a set
@@ -323,13 +326,20 @@ def collate_runs(p: Pipelines, vilt_batches, our_batches):
 
 
 def pretraining_runs(p: Pipelines, vilt_batches, our_batches):
-    """As collate_runs, with ViLT's dataset as its pretraining configures it (draw_false_image=1: ITM negatives are
-    a second decoded image per item; vlflow swaps images within the batch on the device)."""
+    """As collate_runs, with a false image decoded per item for ITM on both sides (ViLT's draw_false_image=1,
+    vlflow's `CaptionPairs(false_images=True)`)."""
     def vilt():
         for batch in vilt_batches:
             p.vilt_collate([p.vilt_itm[i] for i in batch])
 
-    return {**collate_runs(p, vilt_batches, our_batches), "vilt": (vilt, sum(len(b) for b in vilt_batches))}
+    def ours(dataset):
+        for index, batch in enumerate(our_batches):
+            items = [dataset[(i, index * len(batch) + position)] for position, i in enumerate(batch)]
+            p.prepare(p.ours_collate(items), torch.Generator().manual_seed(index))
+
+    items = sum(len(b) for b in vilt_batches)
+    return {"vilt": (vilt, items), "vlflow": (partial(ours, p.ours_itm), items),
+            "vlflow_fast": (partial(ours, p.ours_itm_fast), items)}
 
 
 def loader_runs(p: Pipelines, vilt_batches, our_batches, workers: int, pin_memory: bool):
@@ -442,7 +452,7 @@ def main() -> None:
                                      best_of(getitem_runs(pipelines, vilt_batches, our_batches), args.repeat)),
                    "collate": report("+ collate, whole-word MLM, ITM",
                                      best_of(collate_runs(pipelines, vilt_batches, our_batches), args.repeat))}
-        figures["pretraining_itm"] = report("+ collate, ViLT draw_false_image=1",
+        figures["pretraining_itm"] = report("+ collate, false image per item",
                                            best_of(pretraining_runs(pipelines, vilt_batches, our_batches),
                                                    args.repeat))
         for workers in args.workers:
