@@ -23,8 +23,8 @@ from typing import Callable
 
 from vlflow.stages.testing.http_files import RangeFileHandler, serve
 
+from vlflow.plan import content_digest
 from vlflow.procs import processes_mentioning
-from vlflow.runner import content_digest
 from vlflow.store import ArtifactStore
 
 VLFLOW = str(Path(sys.executable).with_name("vlflow"))

@@ -534,7 +534,7 @@ def test_download_params_refuse_ambiguous_targets_and_bad_checksums(files, messa
 
 
 def test_plan_reasons_mask_urls_before_shortening():
-    from vlflow.runner import _diff
+    from vlflow.plan import _diff
 
     old = {"files": [{"url": "https://analyst:hunter2hunter2@example.com/datasets/coco/train2014.zip"}]}
     new = {"files": [{"url": "https://analyst:hunter2hunter2@example.com/datasets/coco/val2014.zip"}]}

@@ -245,7 +245,7 @@ def test_malformed_workflows_fail_cleanly_through_the_cli(tmp_path):
 
 
 def test_summarize_metrics_flattens_numbers_only():
-    from vlflow.runner import summarize_metrics
+    from vlflow.plan import summarize_metrics
 
     metrics = {"head": "rank", "all": {"ir_r1": 0.40399, "tr_r1": 0.62}, "ok": True, "steps": 1000}
     assert summarize_metrics(metrics) == "all.ir_r1=0.404 all.tr_r1=0.62 steps=1000"
@@ -259,7 +259,7 @@ def test_staging_dirs_of_dead_runs_are_swept_and_live_ones_kept(project, capsys)
     import os
     import time
 
-    from vlflow.runner import STAGING_OWNER, claim_staging, sweep_stale_staging
+    from vlflow.executors.staging import STAGING_OWNER, claim_staging, sweep_stale_staging
 
     staging = project / "state" / "staging"
     dead = staging / "a-dead"

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from vlflow.errors import VlflowError
+from vlflow.executors.staging import claim_staging
 from vlflow.matrix import expand_selection
-from vlflow.runner import Runner, StagePlan, claim_staging
+from vlflow.plan import StagePlan
+from vlflow.runner import Runner
 from vlflow.store import META_DIR, FileEntry
 
 

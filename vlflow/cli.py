@@ -409,7 +409,7 @@ def cmd_show(args) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from vlflow.runner import flatten_metrics
+    from vlflow.plan import flatten_metrics
     from vlflow.secrets import mask, mask_credentials
 
     runner, m = _stage_manifest(args)
@@ -419,7 +419,7 @@ def cmd_show(args) -> int:
                   f"ran {m.meta.get('duration', 0):.1f}s on {m.meta.get('host', '?')}")
     problems = runner.store.damage(m)
     if problems:
-        from vlflow.runner import damage_message
+        from vlflow.plan import damage_message
 
         console.print(f"[red]damaged:[/] {escape(damage_message(m, args.stage, problems))} (vlflow verify "
                       "--drop removes it; the next run that needs it rebuilds it)")
@@ -497,7 +497,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_graph(args) -> int:
-    from vlflow.runner import build_graph
+    from vlflow.plan import build_graph
 
     workflow, _ = _load(args)
     graph = build_graph(workflow)

@@ -1,8 +1,8 @@
 """Where a stage's process runs: on this machine (`local`) or as a Slurm batch job (`slurm`).
 
-The runner prepares a stage's payload and staging dir and commits its output afterwards, once; an executor only runs
-the stage's entry point (`vlflow.execute`, or the distributed launcher) somewhere and returns its metrics, raising a
-VlflowError on failure. Light imports only: the runner imports this module.
+`vlflow.executors.execution` prepares a stage's payload and staging dir and commits its output afterwards, once; an
+executor only runs the stage's entry point (`vlflow.execute`, or the distributed launcher) somewhere and returns its
+metrics, raising a VlflowError on failure. Light imports only: the runner imports this module.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Callable
 
 from vlflow.executors.spec import ExecutorSpec
 
-__all__ = ["ExecutorSpec", "StageJob", "LocalExecutor", "executor_for"]
+__all__ = ["ExecutorSpec", "StageJob", "executor_for"]
 
 
 @dataclass
@@ -27,21 +27,6 @@ class StageJob:
     on_line: Callable[[str], None]  # each line the stage prints
     on_note: Callable[[str], None]  # what the executor itself reports (job submitted, resubmitted)
     state_dir: Path | None = None  # of the run: tags its Slurm jobs so that `vlflow status` finds its own
-
-
-class LocalExecutor:
-    """Today's behaviour: a child process of `vlflow run` (`run_process`, the runner's own), or the distributed
-    launcher on this machine."""
-
-    def __init__(self, run_process: Callable):
-        self.run_process = run_process
-
-    def run(self, job: StageJob) -> dict | None:
-        if job.spec.distributed:
-            from vlflow.launch import run_distributed
-
-            return run_distributed(job.spec, job.payload_path, job.decl.launch, job.log_path, on_line=job.on_line)
-        return self.run_process(job.decl, job.payload_path, job.log_path)
 
 
 class SlurmStageExecutor:
@@ -59,5 +44,9 @@ class SlurmStageExecutor:
                               where, on_line=job.on_line, on_note=job.on_note, state_dir=job.state_dir)
 
 
-def executor_for(spec: ExecutorSpec, run_process: Callable, python: str = sys.executable):
-    return SlurmStageExecutor(spec, python) if spec.is_slurm else LocalExecutor(run_process)
+def executor_for(spec: ExecutorSpec, python: str = sys.executable):
+    if spec.is_slurm:
+        return SlurmStageExecutor(spec, python)
+    from vlflow.executors.local import LocalExecutor
+
+    return LocalExecutor(python)

@@ -6,7 +6,6 @@ file, which the login-side executor streams into the stage log; the artifact is 
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -65,10 +64,10 @@ class WarningRelay:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     payload_path = Path(argv[0])
-    payload = json.loads(payload_path.read_text())
+    from vlflow.payload import StagePayload
     from vlflow.stage import get_spec
 
-    spec = get_spec(payload["uses"])
+    spec = get_spec(StagePayload.read(payload_path).uses)
     if not spec.distributed:
         from vlflow.execute import main as execute
 

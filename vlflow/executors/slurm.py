@@ -191,7 +191,7 @@ class SlurmExecutor:
 
         Raises StageError naming the job id when the job does not complete; resubmits (at most `max_resubmits`
         times) after preemption, node failure, or the stage's checkpoint-and-exit on the warning signal."""
-        from vlflow.execute import result_path
+        from vlflow.payload import result_path
 
         staging = Path(payload_path).parent
         script = staging / "job.sh"

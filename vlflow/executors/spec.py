@@ -1,7 +1,7 @@
 """The `executor:` block of a stage: where a stage's process runs (this machine, or a Slurm batch job).
 
 Light on imports: the workflow loader and vlflow.toml reader validate against it. Where a stage runs does not change
-what it makes, so nothing here is part of a cache key (see Runner.key_components).
+what it makes, so nothing here is part of a cache key (see vlflow.plan.Planner.key_components).
 """
 from __future__ import annotations
 
