@@ -6,7 +6,7 @@ peak RSS.
     .venv/bin/python benchmarks/arrow_convert.py --case vqa --image-check decode
 
 Generates a synthetic COCO tree with realistic (~150 KB, noisy) JPEGs and VQAv2 question/annotation files about the
-same images, then runs each converter in a fresh subprocess that reports its own peak RSS (getrusage RUSAGE_SELF),
+same images, then runs each converter in a fresh subprocess that reports its own peak RSS (VmHWM) and CPU time,
 and checks that both wrote the same tables (VQA: the same rows per split, ViLT's order being an unseeded shuffle).
 The ViLT writers are write_coco_karpathy.py and write_vqa.py with pyarrow's from_pylist in place of the pandas
 DataFrame (no pandas here; pandas' from_pandas adds a copy, so the real writers are slower than these).
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -141,11 +142,28 @@ def child(args) -> None:
     import vlflow.stages.data.arrow_coco  # noqa: F401
     import vlflow.stages.data.arrow_vqa  # noqa: F401
     import vlflow.stages.data.spec  # noqa: F401
+    cpu_start = _cpu_seconds()
     start = time.perf_counter()
     CONVERTERS[(args.case, args.child)](args)
     seconds = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_kib / 1024}))
+    print(json.dumps({"seconds": seconds, "cpu_s": _cpu_seconds() - cpu_start, "peak_rss_mb": _peak_rss_mb()}))
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+    return usage.ru_utime + usage.ru_stime
+
+
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS: VmHWM. (getrusage's ru_maxrss survives exec, so a child started by a parent
+    that had, say, memory-mapped a compared arrow reported the parent's peak.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def run_child(case: str, mode: str, root: Path, out: Path, args) -> dict:
@@ -211,12 +229,13 @@ def compare(case: str, root: Path, workdir: Path, args) -> None:
     for mode, attempts in runs.items():
         best = min(attempts, key=lambda r: r["seconds"])
         r = results[mode] = {**best, "peak_rss_mb": max(a["peak_rss_mb"] for a in attempts)}
-        print(f"{mode:>10}: {r['seconds']:7.2f} s convert ({r['wall_s']:.2f} s wall), "
+        print(f"{mode:>10}: {r['seconds']:7.2f} s convert ({r['wall_s']:.2f} s wall, {r['cpu_s']:.2f} s CPU), "
               f"{args.images / r['seconds']:8.0f} images/s, peak RSS {r['peak_rss_mb']:8.0f} MB "
               f"(runs: {' '.join(format(a['seconds'], '.2f') for a in attempts)} s)")
     s, m = results["streaming"], results["in_memory"]
     print(f"{case} in-memory / streaming: time x{m['seconds'] / s['seconds']:.2f}, "
-          f"peak RSS x{m['peak_rss_mb'] / s['peak_rss_mb']:.2f}")
+          f"CPU time x{m['cpu_s'] / s['cpu_s']:.2f}, peak RSS x{m['peak_rss_mb'] / s['peak_rss_mb']:.2f}")
+    print(f"{case} load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"{case} outputs identical:", same_output(case, workdir / f"{case}_streaming", workdir / f"{case}_in_memory"))
 
 

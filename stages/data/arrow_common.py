@@ -230,89 +230,95 @@ def write_split(out_path: Path, schema: pa.Schema, rows: list[ImageRow], *, spli
     write_rows_of would, without reading it back. Only kept if no image was dropped (the written row numbers are
     then the input's); each copy kept is recorded in `report.splits`, so a caller sees which ones it must make."""
     out_path = Path(out_path)
-    tmp_path = out_path.with_name(out_path.name + ".tmp")
     chunks = [rows[i:i + batch_rows] for i in range(0, len(rows), batch_rows)]
     buffers = [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)]  # one being written, one being filled
-    tees = _Tees(copies or {}, schema)
     written = skipped = 0
+    output = _ArrowFile(out_path, schema)
+    kept_copies: dict[str, tuple[_ArrowFile, int, int]] = {}
     try:
-        with pa.OSFile(str(tmp_path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            pending = _ImageBatch(chunks[0], buffers[0], pool, decode) if chunks else None
-            for index in range(len(chunks)):
-                batch, pending = pending, None
-                batch.wait()
-                buffers[index % 2] = batch.buffer  # kept for the batch after next, grown if it had to be
-                if index + 1 < len(chunks):  # prefetch the next chunk into the other buffer
-                    pending = _ImageBatch(chunks[index + 1], buffers[(index + 1) % 2], pool, decode)
-                for row, reason in zip(batch.rows, batch.reasons):
-                    if reason is not None:
-                        _bad_image(report, row, reason, split, root, on_bad_image)
-                        skipped += 1
-                        tees.abort()
-                for record_batch in batch.record_batches(schema):
-                    writer.write_batch(record_batch)
-                    tees.write(written, record_batch)
-                    written += record_batch.num_rows
-                del batch
-            tees.close()
+        for name, (path, start, stop) in (copies or {}).items():
+            kept_copies[name] = (_ArrowFile(path, schema), start, stop)
+        pending = _ImageBatch(chunks[0], buffers[0], pool, decode) if chunks else None
+        for index in range(len(chunks)):
+            batch, pending = pending, None
+            batch.wait()
+            buffers[index % 2] = batch.buffer  # kept for the batch after next, grown if it had to be
+            for file in [output] + [file for file, _, _ in kept_copies.values()]:
+                file.flush()  # the previous batch's writes: its buffer is the one the next chunk is read into
+            if index + 1 < len(chunks):  # prefetch the next chunk into the other buffer
+                pending = _ImageBatch(chunks[index + 1], buffers[(index + 1) % 2], pool, decode)
+            for row, reason in zip(batch.rows, batch.reasons):
+                if reason is not None:
+                    _bad_image(report, row, reason, split, root, on_bad_image)
+                    skipped += 1
+            if skipped and kept_copies:  # row numbers moved: the caller makes the copies from the written file
+                for file, _, _ in kept_copies.values():
+                    file.abort()
+                kept_copies = {}
+            for record_batch in batch.record_batches(schema):
+                output.write(record_batch)
+                for file, start, stop in kept_copies.values():
+                    first, last = max(start, written), min(stop, written + record_batch.num_rows)
+                    if first < last:
+                        file.write(record_batch.slice(first - written, last - first))
+                written += record_batch.num_rows
+            del batch
+        output.commit()
+        for file, _, _ in kept_copies.values():
+            file.commit()
     except BaseException:  # (reads still in flight keep their batch, and so its buffer, alive)
-        tmp_path.unlink(missing_ok=True)  # leave no half-written file behind
-        tees.abort()
+        for file in [output] + [file for file, _, _ in kept_copies.values()]:
+            file.abort()  # leave no half-written file behind
         raise
-    os.replace(tmp_path, out_path)
     report.splits[split] = {"file": out_path.name, "rows": written, "skipped": skipped,
                             "bytes": out_path.stat().st_size}
     log.info("%s: %d rows (%d bad images skipped)", out_path.name, written, skipped)
-    for name, path in tees.commit():
-        report.splits[name] = {"file": path.name, "rows": tees.rows[name], "skipped": 0, "bytes": path.stat().st_size}
-        log.info("%s: %d rows of %s", path.name, tees.rows[name], out_path.name)
+    for name, (file, _, _) in kept_copies.items():
+        report.splits[name] = {"file": file.path.name, "rows": file.rows, "skipped": 0,
+                               "bytes": file.path.stat().st_size}
+        log.info("%s: %d rows of %s", file.path.name, file.rows, out_path.name)
     return written
 
 
-class _Tees:
-    """The `copies` of write_split: row ranges of the file being written, each written to its own file as the
-    record batches go by."""
+class _ArrowFile:
+    """An Arrow IPC file written as `<name>.tmp` by a thread of its own, renamed by commit(). Arrow's writes release
+    the GIL, so copying the images into the file overlaps the reading and checking of the next ones (and the files
+    of one split are written side by side)."""
 
-    def __init__(self, copies: dict[str, tuple[Path, int, int]], schema: pa.Schema):
-        self.copies = {name: (Path(path), start, stop) for name, (path, start, stop) in copies.items()}
-        self.rows = dict.fromkeys(self.copies, 0)
-        self._open = {}
-        for name, (path, _, _) in self.copies.items():
-            sink = pa.OSFile(str(path.with_name(path.name + ".tmp")), "wb")
-            self._open[name] = (sink, pa.ipc.new_file(sink, schema))
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.rows = 0
+        self._sink = pa.OSFile(str(self.tmp), "wb")
+        self._writer = pa.ipc.new_file(self._sink, schema)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="arrow-write")
+        self._pending: list = []
 
-    def write(self, offset: int, batch: pa.RecordBatch) -> None:
-        for name, (_, writer) in self._open.items():
-            _, start, stop = self.copies[name]
-            first, last = max(start, offset), min(stop, offset + batch.num_rows)
-            if first < last:
-                writer.write_batch(batch.slice(first - offset, last - first))
-                self.rows[name] += last - first
+    def write(self, batch: pa.RecordBatch) -> None:
+        self._pending.append(self._thread.submit(self._writer.write_batch, batch))
+        self.rows += batch.num_rows
 
-    def close(self) -> None:
-        for sink, writer in self._open.values():
-            writer.close()
-            sink.close()
+    def flush(self) -> None:
+        """Wait for the writes submitted so far (raising the first one's error)."""
+        pending, self._pending = self._pending, []
+        for write in pending:
+            write.result()
+
+    def commit(self) -> None:
+        self.flush()
+        self._writer.close()
+        self._sink.close()
+        self._thread.shutdown()
+        os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        """Drop every copy (an image was skipped, so row numbers moved, or the split failed)."""
-        for name, (sink, writer) in self._open.items():
-            try:
-                writer.close()
-                sink.close()
-            except Exception:  # closing a half-written copy may fail; it is deleted either way
-                pass
-            path = self.copies[name][0]
-            path.with_name(path.name + ".tmp").unlink(missing_ok=True)
-        self._open = {}
-        self.copies = {}
-
-    def commit(self) -> list[tuple[str, Path]]:
-        done = []
-        for name, (path, _, _) in self.copies.items():
-            os.replace(path.with_name(path.name + ".tmp"), path)
-            done.append((name, path))
-        return done
+        self._thread.shutdown()  # waits for the writes in flight: the writer is not closed under them
+        try:
+            self._writer.close()
+            self._sink.close()
+        except Exception:  # closing a half-written file may fail too; it is deleted either way
+            pass
+        self.tmp.unlink(missing_ok=True)
 
 
 def write_rows_of(source: Path, out_path: Path, start: int, stop: int, *, split: str,
