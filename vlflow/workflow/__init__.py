@@ -5,9 +5,12 @@ One module per job, imports running downward only:
 - `interpolate`: `${params.x}`, `${env.X:-d}` (and `${stages.S.output}`, defined in vlflow.refs),
 - `model`: `InputRef`, `StageDecl`, `Workflow`,
 - `validate`, `messages`: checks beyond pydantic's, and how errors word values,
-- `loader`: include/extends, `--set`, sweeps, validation against stage specs (`load_workflow`).
+- `includes`: a file with its `extends:`/`include:` files merged in (allowed trees, bounds),
+- `overrides`: `--set PATH=VALUE`,
+- `loader`: the phases in order, sweeps, validation against stage specs (`load_workflow`).
 """
-from vlflow.workflow.loader import MAX_FILES_READ, MAX_INCLUDE_DEPTH, load_workflow
+from vlflow.workflow.includes import MAX_FILES_READ, MAX_INCLUDE_DEPTH
+from vlflow.workflow.loader import load_workflow
 from vlflow.workflow.model import InputRef, StageDecl, Workflow
 from vlflow.workflow.validate import bool_for_number, launch_conflict
 

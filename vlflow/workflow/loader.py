@@ -12,7 +12,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import stat
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -22,44 +21,24 @@ import pydantic
 from vlflow import dag
 from vlflow.errors import WorkflowError
 from vlflow.executors.spec import ExecutorSpec
-from vlflow.extend import merge_own_file
 from vlflow.matrix import MATRIX_KEY, expand_matrices
 from vlflow.refs import STAGE_REF_NAME, with_stage_outputs_as_paths
 from vlflow.secrets import Masker, secret_env_values
 from vlflow.stage import LaunchSpec, StageSpec, get_spec, registry
+from vlflow.workflow.includes import TOP_LEVEL_KEYS, DocumentReader
 from vlflow.workflow.interpolate import Resolver
-from vlflow.workflow.messages import (
-    more_errors,
-    printable,
-    pydantic_message,
-    pydantic_problem,
-    short_repr,
-    suggest,
-    type_name,
-)
+from vlflow.workflow.messages import more_errors, pydantic_message, pydantic_problem, short_repr, suggest, type_name
 from vlflow.workflow.model import InputRef, StageDecl, Workflow
+from vlflow.workflow.overrides import apply_overrides
 from vlflow.workflow.validate import bool_for_number, launch_conflict, model_parallel_conflict
-from vlflow.workflow.yaml_lines import (
-    MAX_YAML_DEPTH,
-    KeyPath,
-    Location,
-    Locations,
-    deep_merge,
-    dotted,
-    drop_under,
-    mark_all,
-    parse_yaml,
-)
+from vlflow.workflow.yaml_lines import KeyPath, Location, Locations, dotted
 
-TOP_LEVEL_KEYS = ("name", "include", "extends", "params", "defaults", "stages")
 STAGE_KEYS = ("uses", "with", "inputs", "needs", "launch", MATRIX_KEY, "executor")
 DEFAULTS_KEYS = ("launch", "executor")
 STAGE_NAME = re.compile(STAGE_REF_NAME)  # a sweep entry (`finetune@lr=0.1`) is a stage name too
 WORKFLOW_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-# Bounds on what one workflow may make the loader do: far above any real workflow, far below a resource bomb.
-MAX_FILE_BYTES = 1 << 20  # one workflow or included file
-MAX_INCLUDE_DEPTH = 32  # include/extends nesting
-MAX_FILES_READ = 256  # include/extends files read in total (a file included twice counts twice)
+# Bounds on what one workflow may make the loader do (with those of includes, yaml_lines, interpolate): far above
+# any real workflow, far below a resource bomb.
 MAX_NAME_LENGTH = 100  # workflow and stage names (they become file names and lock names)
 
 
@@ -96,8 +75,7 @@ class _Loader:
         self.env = env
         self.locations: Locations = {}
         # Where include/extends may read: the workflow's own directory tree, then the configured extra trees.
-        self.include_roots = [path.resolve().parent, *(Path(p).resolve() for p in include_paths)]
-        self.files_read = 0
+        self.reader = DocumentReader([path.resolve().parent, *(Path(p).resolve() for p in include_paths)])
         self.used_secrets: set[str] = set()  # values interpolated from secret-looking variables
         self.executor_defaults: dict = {}
         self.default_executor: dict = {}  # project [executor] <- workflow defaults.executor
@@ -128,9 +106,9 @@ class _Loader:
     # -- phases ------------------------------------------------------------------------------------------------
 
     def load(self) -> Workflow:
-        document, self.locations = self.read_document(self.path, chain=[])
+        document, self.locations = self.reader.read_document(self.path, chain=[])
         name_given = "name" in document and self.locations.get(("name",), Location(None, None)).file == str(self.path)
-        self.apply_overrides(document)
+        apply_overrides(document, self.overrides, self.locations)
         for key in ("include", "extends"):
             if key in document:
                 raise self.fail(f"`{key}` cannot be changed with --set (files are merged before overrides)",
@@ -174,177 +152,6 @@ class _Loader:
         self.check_graph(stages)
         return Workflow(name=name, path=self.path.resolve(), params=params, stages=stages,
                         secret_values=frozenset(self.used_secrets | secret_env_values(self.env)))
-
-    def read_document(self, path: Path, chain: list[Path], origin: tuple[str, int | None, str] | None = None
-                      ) -> tuple[dict, Locations]:
-        """One file with its `extends` and `include`s merged in (the file itself wins)."""
-        file = str(path)
-        real = path.resolve()
-        if real in chain:
-            names = [str(p.name) for p in chain[chain.index(real):]] + [real.name]
-            ofile, oline, ofield = origin
-            raise WorkflowError("include cycle: " + " -> ".join(names), file=ofile, line=oline, field=ofield)
-        if origin is not None:
-            self.check_include(path, real, chain, origin)
-        text = self.read_text(path, origin)
-        data, locations = parse_yaml(text, file)
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise WorkflowError(f"a workflow file must be a mapping of keys, got {type_name(data)}", file=file,
-                                line=locations[()].line)
-        for key in data:
-            if key not in TOP_LEVEL_KEYS:
-                loc = locations[(key,)]
-                raise WorkflowError(f"unknown top-level key {key!r}{suggest(key, TOP_LEVEL_KEYS)}", file=file,
-                                    line=loc.line, field=key)
-        chain = [*chain, real]
-        merged: dict = {}
-        merged_locs: Locations = {}
-        bases: list[tuple[str, KeyPath]] = []
-        if "extends" in data:
-            extends = data.pop("extends")
-            if not isinstance(extends, str) or not extends:
-                loc = locations[("extends",)]
-                raise WorkflowError(f"expected one file path, got {type_name(extends)}", file=file, line=loc.line,
-                                    field="extends")
-            bases.append((extends, ("extends",)))
-        if "include" in data:
-            includes = data.pop("include")
-            if isinstance(includes, str):
-                includes = [includes]
-            if not isinstance(includes, list):
-                loc = locations[("include",)]
-                raise WorkflowError(f"expected a list of file paths, got {type_name(includes)}", file=file,
-                                    line=loc.line, field="include")
-            for index, item in enumerate(includes):
-                item_path = ("include", index) if ("include", index) in locations else ("include",)
-                if not isinstance(item, str) or not item:
-                    raise WorkflowError(f"expected a file path, got {type_name(item)}", file=file,
-                                        line=locations[item_path].line, field=dotted(item_path))
-                bases.append((item, item_path))
-        for relative, key_path in bases:
-            origin_here = (file, locations[key_path].line, dotted(key_path))
-            if "\x00" in relative or len(relative) > 4096:
-                raise WorkflowError("invalid file path (a NUL byte, or longer than 4096 characters)", file=file,
-                                    line=origin_here[1], field=origin_here[2])
-            target = Path(os.path.normpath(path.parent / relative))
-            base, base_locs = self.read_document(target, chain, origin_here)
-            deep_merge(merged, merged_locs, base, base_locs)
-        own_locs = {k: v for k, v in locations.items() if k and k[0] not in ("include", "extends")}
-        merge_own_file(merged, merged_locs, data, own_locs, file)  # deep merge, but `replace:`/`delete:` stages
-        merged_locs[()] = locations[()]
-        return merged, merged_locs
-
-    def check_include(self, path: Path, real: Path, chain: list[Path], origin: tuple[str, int | None, str]) -> None:
-        """Refuse includes outside the allowed trees, too deep, or too many (before opening anything)."""
-        ofile, oline, ofield = origin
-        if not any(real.is_relative_to(root) for root in self.include_roots):
-            roots = ", ".join(str(root) for root in self.include_roots)
-            raise WorkflowError(f"included file {path} is outside the workflow's directory tree (allowed: {roots}; "
-                                "add a directory to `[workflow] include_paths` in vlflow.toml to allow more)",
-                                file=ofile, line=oline, field=ofield)
-        if len(chain) >= MAX_INCLUDE_DEPTH:
-            raise WorkflowError(f"include/extends nest more than {MAX_INCLUDE_DEPTH} files deep", file=ofile,
-                                line=oline, field=ofield)
-        self.files_read += 1
-        if self.files_read > MAX_FILES_READ:
-            raise WorkflowError(f"include/extends read more than {MAX_FILES_READ} files in total (a file included "
-                                "from several places is read each time)", file=ofile, line=oline, field=ofield)
-
-    def read_text(self, path: Path, origin: tuple[str, int | None, str] | None) -> str:
-        """A regular file's text, at most MAX_FILE_BYTES; FIFOs and devices are refused without reading."""
-        file = str(path)
-        try:
-            # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it without reading.
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        except (FileNotFoundError, NotADirectoryError):
-            if origin is None:
-                raise WorkflowError("workflow file not found", file=file) from None
-            ofile, oline, ofield = origin
-            raise WorkflowError(f"included file not found: {file}", file=ofile, line=oline, field=ofield) from None
-        except OSError as exc:
-            raise WorkflowError(f"cannot read workflow file: {exc.strerror or exc}", file=file) from None
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            os.close(fd)
-            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
-                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
-            if origin is not None:
-                ofile, oline, ofield = origin
-                raise WorkflowError(f"included file {file} is {kind}, not a regular file", file=ofile,
-                                    line=oline, field=ofield)
-            raise WorkflowError(f"the workflow file is {kind}, not a regular file", file=file)
-        with os.fdopen(fd, "rb") as handle:
-            try:
-                data = handle.read(MAX_FILE_BYTES + 1)
-            except OSError as exc:
-                raise WorkflowError(f"cannot read workflow file: {exc.strerror or exc}", file=file) from None
-        if len(data) > MAX_FILE_BYTES:
-            raise WorkflowError(f"file larger than {MAX_FILE_BYTES // (1 << 20)} MiB; workflow files are small",
-                                file=file)
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = data.count(b"\n", 0, exc.start) + 1
-            raise WorkflowError(f"not UTF-8 text (byte 0x{data[exc.start]:02x})", file=file, line=line) from None
-
-    def apply_overrides(self, document: dict) -> None:
-        for override in self.overrides:
-            origin = f"--set {printable(override)}"
-            key, sep, text = override.partition("=")
-            key = key.strip()
-            if not sep:
-                raise WorkflowError("expected PATH=VALUE (e.g. --set params.seed=3)", file=origin)
-            parts = key.split(".")
-            if len(parts) > MAX_YAML_DEPTH:
-                raise WorkflowError(f"path nests more than {MAX_YAML_DEPTH} keys deep",
-                                    file=origin if len(origin) <= 120 else origin[:117] + "...")
-            if not key or any(not part for part in parts):
-                raise WorkflowError(f"empty path segment in {key!r} (expected dotted keys such as "
-                                    "stages.train.with.steps)", file=origin)
-            if text.strip() == "":
-                value: Any = ""
-            else:
-                try:
-                    value, _ = parse_yaml(text, origin)
-                except WorkflowError as exc:
-                    raise WorkflowError(f"cannot parse value {text!r}: {exc.message}", file=origin,
-                                        field=key) from None
-            if parts[0] == "params" and len(parts) > 1:
-                self.check_param_exists(document.get("params"), parts, origin, key)
-            target = document
-            for depth, part in enumerate(parts[:-1]):
-                if part not in target or target[part] is None:
-                    target[part] = {}
-                    self.locations[tuple(parts[: depth + 1])] = Location(origin, None)
-                if not isinstance(target[part], dict):
-                    where = ".".join(parts[: depth + 1])
-                    raise WorkflowError(f"{where} is {type_name(target[part])}, not a mapping",
-                                        file=origin, field=key)
-                target = target[part]
-            target[parts[-1]] = value
-            path = tuple(parts)
-            drop_under(self.locations, path)
-            self.locations[path] = Location(origin, None)
-            if isinstance(value, (dict, list)):  # everything under it comes from the override too
-                mark_all(value, path, self.locations, Location(origin, None))
-
-    @staticmethod
-    def check_param_exists(params: Any, parts: list[str], origin: str, key: str) -> None:
-        """`--set params.X=...` changes a param the workflow defines: a new one would be used by nothing (a typo)."""
-        current = params if isinstance(params, dict) else {}
-        for depth, part in enumerate(parts[1:], start=1):
-            if isinstance(current, list) and part.isdigit() and int(part) < len(current):
-                current = current[int(part)]
-                continue
-            if not isinstance(current, dict) or part not in current:
-                where = ".".join(parts[:depth])
-                known = list(current) if isinstance(current, dict) else []
-                hint = suggest(part, known) if known else ""
-                raise WorkflowError(f"the workflow defines no {where}.{part}{hint}; --set only changes params "
-                                    "the workflow defines (add it under `params:` first)", file=origin, field=key)
-            current = current[part]
 
     def launch_settings(self, resolver: Resolver, defaults: dict, raw_stages: dict) -> dict:
         """Project launch defaults <- workflow `defaults.launch`, validated on their own."""
