@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class CountingMoto:
         app = DomainDispatcherApplication(create_backend_app)
         self.requests: Counter[str] = Counter()
         self.in_flight = self.most_in_flight = 0  # requests being answered at once
+        self.get_delay = 0.0  # seconds each GET is held: reads sent together then overlap whatever the machine's load
         self._lock = threading.Lock()
 
         def counting(environ, start_response):
@@ -36,6 +38,8 @@ class CountingMoto:
                 self.in_flight += 1
                 self.most_in_flight = max(self.most_in_flight, self.in_flight)
             try:
+                if self.get_delay and environ["REQUEST_METHOD"] == "GET":
+                    time.sleep(self.get_delay)
                 return app(environ, start_response)
             finally:
                 with self._lock:
@@ -152,6 +156,7 @@ def test_read_ahead_reads_the_manifests_asked_for_last_time_at_once(counting_mot
         (tmp_path / key / "f").write_text(key)
         store.commit(key, tmp_path / key, {})
     counting_moto.take()
+    counting_moto.get_delay = 0.05
 
     with store.read_ahead("plan/w"):  # nothing remembered yet: one GET per manifest, one after the other
         assert [store.manifest(k) is not None for k in keys] == [True] * 8 + [False] * 2
@@ -190,6 +195,7 @@ def test_a_no_op_run_reads_one_manifest_per_stage_all_at_once(counting_moto, tmp
     # what each stage committed stayed as the local copy the next stage read (no download)
     assert len(list((tmp_path / "state" / "mirror").glob("*/.complete"))) == 5
     counting_moto.take()
+    counting_moto.get_delay = 0.05
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "0 ran, 5 cached" in again.stdout, again.stdout + again.stderr
     most_at_once = counting_moto.most_in_flight
