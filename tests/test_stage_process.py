@@ -161,6 +161,19 @@ def test_a_killed_stage_server_takes_its_stages_along_and_the_next_stage_gets_a_
     assert forked._server.process.pid != server.pid
 
 
+def test_an_exit_code_said_before_the_pid_is_kept_for_later():
+    """A quick stage process says its exit code before the server has sent its pid (both write on one socket)."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+    with theirs:
+        theirs.sendall(b"exit 0\npid 4242\nexit 0\n")
+    replies = forked._Replies(ours)
+    assert replies.wait_for("pid", "its pid") == 4242
+    assert replies.values["exit"] == 0
+    replies.close()
+
+
 def test_stage_processes_skip_the_callers_main_script(tmp_path):
     """A script without a __name__ guard that runs a stage must not run again inside the stage process."""
     script = tmp_path / "unguarded.py"

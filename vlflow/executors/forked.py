@@ -66,7 +66,7 @@ def _spec_modules() -> list[str]:
 
 class _StageServer:
     """The runner's handle on its stage server: one request per stage, over a socket pair of its own that carries the
-    request, then the stage's pid, then its exit code."""
+    request, then the stage's pid, then its exit code (from the stage process as it exits, else from the server)."""
 
     def __init__(self, preload: list[str]):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -91,30 +91,38 @@ class _StageServer:
                     socket.send_fds(self.control, [b"stage"], [output_fd, theirs.fileno()])
             request = {"payload": str(payload_path), "environ": environ, "cwd": os.getcwd()}
             ours.sendall(json.dumps(request).encode() + b"\n")
-            return replies.read_int("its pid"), replies
+            return replies.wait_for("pid", "its pid"), replies
         except BaseException:
             replies.close()
             raise
 
 
 class _Replies:
-    """The lines the server sends about one stage: its pid, then its exit code."""
+    """What the server and the stage process say about one stage, one `KIND VALUE` line each: `pid N` (the server,
+    after the fork) and `exit N` (the stage process as it exits, and the server once it has reaped it: the first
+    counts). Both write on one socket, so the exit code can come before the pid."""
 
     def __init__(self, sock: socket.socket):
         self.socket = sock
         self.buffer = b""
+        self.values: dict[str, int] = {}
 
-    def has_line(self) -> bool:
-        return b"\n" in self.buffer
+    def receive(self) -> bool:
+        """Read what has come (blocking until something has); False when nobody can send any more."""
+        chunk = self.socket.recv(256)
+        if not chunk:
+            return False
+        *lines, self.buffer = (self.buffer + chunk).split(b"\n")
+        for line in lines:
+            kind, _, value = line.decode().partition(" ")
+            self.values.setdefault(kind, int(value))
+        return True
 
-    def read_int(self, what: str) -> int:
-        while b"\n" not in self.buffer:
-            chunk = self.socket.recv(64)
-            if not chunk:
+    def wait_for(self, kind: str, what: str) -> int:
+        while kind not in self.values:
+            if not self.receive():
                 raise VlflowError(f"the stage server died before it sent {what} (the stage was killed with it)")
-            self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return int(line)
+        return self.values[kind]
 
     def close(self) -> None:
         self.socket.close()
@@ -171,7 +179,7 @@ def serve(control_fd: int, preload: list[str]) -> None:
                         continue
                     exit_codes[pid] = reply
                     try:
-                        _send_line(reply, pid)
+                        _send_line(reply, "pid", pid)
                     except OSError:
                         pass  # the runner stopped waiting (its exit code goes nowhere either)
                 else:
@@ -206,7 +214,6 @@ def _fork_stage(reply: socket.socket, output_fd: int, server_fds: list) -> int |
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for held in server_fds:  # sockets, the selector, pipe fds
             held.close() if hasattr(held, "close") else os.close(held)
-        reply.close()
         code = _stage_main(request["payload"], output_fd, request["environ"], request["cwd"])
     except SystemExit as exc:  # what an interpreter exits with for sys.exit(x)
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -220,6 +227,11 @@ def _fork_stage(reply: socket.socket, output_fd: int, server_fds: list) -> int |
         try:
             sys.stdout.flush()
             sys.stderr.flush()
+            # Said by the stage process itself, the runner need not wait for the server to reap it; the server's
+            # word (sent too) counts only when this never came: the process was killed or crashed.
+            _send_line(reply, "exit", code % 256)
+        except BaseException:
+            pass
         finally:
             os._exit(code)
 
@@ -235,14 +247,14 @@ def _report_ended(exit_codes: dict[int, socket.socket]) -> None:
         reply = exit_codes.pop(pid, None)
         if reply is not None:
             try:
-                _send_line(reply, os.waitstatus_to_exitcode(status))
+                _send_line(reply, "exit", os.waitstatus_to_exitcode(status))
             except OSError:
                 pass  # the runner stopped waiting for it
             reply.close()
 
 
-def _send_line(sock: socket.socket, value: int) -> None:
-    sock.sendall(f"{value}\n".encode())
+def _send_line(sock: socket.socket, kind: str, value: int) -> None:
+    sock.sendall(f"{kind} {value}\n".encode())
 
 
 def _stage_main(payload_path: str, output_fd: int, environ: dict[str, str], cwd: str) -> int:
@@ -329,19 +341,19 @@ def _copy_output_until_exit(output_fd: int, replies: _Replies, pid: int, log_pat
             on_line(line)
 
         selector.register(output_fd, selectors.EVENT_READ)
-        if replies.has_line():  # it came with the pid: the stage has ended already
-            code = replies.read_int("the stage's exit code")
-        else:
+        code = replies.values.get("exit")  # it may have come with the pid: then the stage has ended already
+        if code is None:
             selector.register(replies.socket, selectors.EVENT_READ)
         while selector.get_map():
             for key, _ in selector.select():
                 if key.fileobj is replies.socket:
-                    selector.unregister(replies.socket)
-                    try:
-                        code = replies.read_int("the stage's exit code")
-                    except VlflowError as exc:
-                        server_died = exc
+                    if not replies.receive():
+                        server_died = VlflowError("the stage server died before it sent the stage's exit code "
+                                                  "(the stage was killed with it)")
                         _kill_group(pid)
+                    code = replies.values.get("exit")
+                    if code is not None or server_died is not None:
+                        selector.unregister(replies.socket)
                     continue
                 chunk = os.read(output_fd, 1 << 16)
                 if chunk:
