@@ -8,16 +8,18 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 from vlflow import dag  # not networkx: its import cost a third of a no-op run
 from vlflow.code_digest import CodeDigest
 from vlflow.environment import current_environment, environment_changes
 from vlflow.errors import VlflowError
+from vlflow.file_digest import MEMO_FILE, FileDigests, local_path
 from vlflow.matrix import expand_selection, storage_name
 from vlflow.refs import referenced_stages
 from vlflow.secrets import MASK, Masker, mask_credentials
-from vlflow.stage import StageSpec, get_spec
+from vlflow.stage import StageSpec, get_spec, local_file_params
 from vlflow.store import ArtifactStore, Manifest
 from vlflow.workflow import StageDecl, Workflow
 
@@ -143,6 +145,36 @@ def _code_changes(uses: str, old: dict | None, new: dict) -> list[str]:
     return changes or [f"code of {uses} changed (its spec version or name)"]
 
 
+def _file_changes(old: dict, files: dict) -> list[str]:
+    """`param backbone_weights: contents of w/r101.pth changed`, for each local-file param whose value is the same
+    as the last run's but whose contents are not (a changed value is reported as a param change)."""
+    before = old.get("files")
+    changes = []
+    for name in sorted(set(before or {}) | set(files)):
+        was, now = (before or {}).get(name), files.get(name)
+        if was is not None and now is not None:
+            if was["path"] == now["path"] and was["digest"] != now["digest"]:
+                changes.append(f"param {name}: contents of {now['path']} changed")
+        elif now is not None and old.get("params", {}) and _param_unchanged(old, name, now["path"]):
+            changes.append(f"param {name}: contents of {now['path']} now part of the key (not a local path at the "
+                           "last run" + (", or that run predates file-content keys)" if before is None else ")"))
+        elif was is not None and now is None and _param_unchanged(old, name, was["path"]):
+            changes.append(f"param {name}: {was['path']} no longer exists locally (keyed by its name)")
+    return changes
+
+
+def _param_unchanged(old: dict, name: str, value: str) -> bool:
+    """Whether the last run's params held `value` at `name` (`backbone_weights`, `files[0].url`)."""
+    node = old.get("params", {})
+    for part in name.replace("[", ".[").split("."):
+        if part.startswith("["):
+            index = int(part[1:-1])
+            node = node[index] if isinstance(node, list) and index < len(node) else None
+        else:
+            node = node.get(part) if isinstance(node, dict) else None
+    return node == value
+
+
 def damage_message(manifest: Manifest, stage: str, problems: list[str]) -> str:
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
     return f"artifact {manifest.key[:12]} of stage {stage} is damaged: {problems[0]}{more}"
@@ -181,12 +213,14 @@ class Planner:
     """Plans the stages of one workflow against one store."""
 
     def __init__(self, workflow: Workflow, store: ArtifactStore, rerun_on_env_change: bool = False,
-                 check_artifacts: bool = True):
+                 check_artifacts: bool = True, state_dir: Path | None = None):
         self.workflow = workflow
         self.store = store
         self.graph = build_graph(workflow)
         self.rerun_on_env_change = rerun_on_env_change  # else a changed environment is only a warning
         self.check_artifacts = check_artifacts  # cheap size check of each cached artifact before trusting it
+        # digests of the local files that params name, memoised across runs (a no-op run re-reads none of them)
+        self.file_digests = FileDigests(Path(state_dir) / MEMO_FILE if state_dir is not None else None)
 
     @staticmethod
     def _code(spec: StageSpec) -> CodeDigest:
@@ -203,7 +237,19 @@ class Planner:
             "inputs": {name: {"digest": content_digest(artifacts[ref.stage]), "subpath": ref.subpath}
                        for name, ref in sorted(decl.inputs.items())},
             "stage_refs": {s: content_digest(artifacts[s]) for s in sorted(stage_refs(decl))},
+            **({"files": files} if (files := self.local_files(decl)) else {}),  # absent: keys as before files counted
         }
+
+    def local_files(self, decl: StageDecl) -> dict[str, dict[str, str]]:
+        """param name -> {path: its value, digest: of the contents}, for every `LocalFileParam` param naming an
+        existing local file or directory. A hub name, another URL, a missing path (the stage's validation reports it)
+        or a `${stages.S.output}` path (keyed by that artifact's digest) is keyed by its string in `params` alone."""
+        files = {}
+        for name, value in local_file_params(get_spec(decl.uses).params, decl.params):
+            if referenced_stages(value) or (path := local_path(value)) is None:
+                continue
+            files[name] = {"path": value, "digest": self.file_digests.digest(path, f"stages.{decl.name}.with.{name}")}
+        return files
 
     def plan_stage(self, name: str, artifacts: dict[str, Manifest], forced: set[str],
                    check: bool | None = None) -> StagePlan:
@@ -256,6 +302,7 @@ class Planner:
             current = self._code(get_spec(components["uses"])).files
             reasons += _code_changes(components["uses"], last.get("code_files"), current)
         reasons += [f"param {d}" for d in _diff(old.get("params", {}), components["params"], "")]
+        reasons += _file_changes(old, mask_secrets(components.get("files", {}), self.workflow.masker()))
         reasons += [f"launch {d}" for d in _diff(old.get("launch", {}), components["launch"], "")]
         for input_name in sorted(set(old.get("inputs", {})) | set(components["inputs"])):
             before, after = old.get("inputs", {}).get(input_name), components["inputs"].get(input_name)

@@ -31,7 +31,7 @@ class Runner:
         self.on_event = on_event or (lambda stage, kind, text: None)
         self.check_artifacts = check_artifacts  # cheap size check of each cached artifact before trusting it
         self.planner = Planner(workflow, store, rerun_on_env_change=rerun_on_env_change,
-                               check_artifacts=check_artifacts)
+                               check_artifacts=check_artifacts, state_dir=self.state_dir)
         self.graph = self.planner.graph
         self.execution = StageExecution(workflow, store, self.state_dir, self.on_event, python=python,
                                         check_artifacts=check_artifacts)

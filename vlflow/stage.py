@@ -9,11 +9,13 @@ caching, manifests or object stores: the runner materialises inputs as local dir
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,6 +27,51 @@ class Params(BaseModel):
     """Base for stage parameter models: unknown keys are errors, values are validated and coerced."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class LocalFileParam:
+    """Marks a string param that may name a local file or directory whose contents decide the stage's result
+    (weights, a checkpoint, a tokenizer): `path: Annotated[str | None, LocalFileParam()] = Field(...)`. The planner
+    keys such a param by the contents of the path it names when that exists locally (a hub name or other URL stays
+    keyed by its string), so replacing the file at the same path reruns the stage (vlflow.file_digest)."""
+
+
+def local_file_params(model: type[BaseModel], values: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(name, value) of every string `LocalFileParam` field in `values` (a params dump of `model`), nested models and
+    lists of them included: `backbone_weights`, `files[0].url`."""
+    if not isinstance(values, dict):
+        return
+    marked, nested = _marked_fields(model)
+    for name in marked:
+        if isinstance(values.get(name), str):
+            yield f"{prefix}{name}", values[name]
+    for name, inner in nested.items():
+        value = values.get(name)
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                yield from local_file_params(inner, item, f"{prefix}{name}[{index}].")
+        else:
+            yield from local_file_params(inner, value, f"{prefix}{name}.")
+
+
+@functools.cache
+def _marked_fields(model: type[BaseModel]) -> tuple[tuple[str, ...], dict[str, type[BaseModel]]]:
+    marked = tuple(name for name, info in model.model_fields.items()
+                   if any(isinstance(m, LocalFileParam) for m in info.metadata))
+    nested = {name: inner for name, info in model.model_fields.items()
+              if (inner := _inner_model(info.annotation)) is not None}
+    return marked, nested
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    """The params model inside `Model`, `Model | None` or `list[Model]`, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if (inner := _inner_model(arg)) is not None:
+            return inner
+    return None
 
 
 class LaunchSpec(BaseModel):

@@ -1,15 +1,18 @@
 """Specs of the toy stage types (no torch import: validate/plan must stay fast)."""
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import Field
 
-from vlflow.stage import Params, StageSpec
+from vlflow.stage import LocalFileParam, Params, StageSpec
 
 
 class WriteParams(Params):
     files: int = Field(1, ge=0, description="how many files to write")
     size: int = Field(16, ge=0, description="bytes per file (text is repeated/padded to this size)")
     text: str = Field("", description="content seed; empty means 'write'")
+    text_file: Annotated[str | None, LocalFileParam()] = Field(None, description="local file whose text is the seed")
     sleep: float = Field(0.0, ge=0, le=60, description="seconds to wait after writing (holds a run open in tests)")
     fail: bool = Field(False, description="raise instead of writing (to test failure handling)")
 

@@ -13,6 +13,8 @@ def write(ctx: StageContext) -> dict:
     if params.fail:
         raise StageError("failing on purpose (fail: true)", field=f"stages.{ctx.stage}.with.fail")
     seed = params.text or "write"  # never the stage's name: two stages with one key share one artifact
+    if params.text_file:
+        seed = Path(params.text_file).read_text()
     total = 0
     for index in range(params.files):
         line = f"{seed} {index}\n"
