@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import math
 from pathlib import PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from vlflow.stage import Params, StageSpec
+from vlflow.stage import LocalFileParam, Params, StageSpec
 
 
 def _check_splits(splits: dict[str, float]) -> dict[str, float]:
@@ -100,7 +100,8 @@ class SyntheticMdetrMixedParams(_SyntheticParams):
 class DownloadFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(description="fsspec URL: http(s)://, s3://, gcs://, file:// or a local path")
+    url: Annotated[str, LocalFileParam()] = Field(
+        description="fsspec URL: http(s)://, s3://, gcs://, file:// or a local path")
     path: str | None = Field(None, description="relative path in the output dir (default: the URL's file name)")
     md5: str | None = None
     sha256: str | None = None

@@ -17,18 +17,18 @@ pretraining command); `unitab.evaluate` takes it from the trained model unless i
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from vlflow.stage import Params, StageSpec
+from vlflow.stage import LocalFileParam, Params, StageSpec
 
 
 class ModelParams(Params):
     """Architecture fields shared by training and the saved config (defaults: the UniTAB paper model)."""
 
     backbone: str = Field("resnet101", description="timm ResNet name (features_only; torchvision's tensor names)")
-    backbone_weights: str | None = Field(
+    backbone_weights: Annotated[str | None, LocalFileParam()] = Field(
         None, description="local file: a torchvision/timm ResNet state dict or an MDETR/UniTAB checkpoint (its "
         "backbone.0.body.* tensors, e.g. MDETR's pretrained_resnet101_checkpoint.pth); never downloaded")
     backbone_feature_level: int = Field(
@@ -37,7 +37,8 @@ class ModelParams(Params):
         "frozen_bn", description="frozen_bn: FrozenBatchNorm2d as UniTAB/MDETR (needs backbone_weights); group_norm: "
         "GroupNorm(8); batch_norm: trainable BatchNorm, for backbones trained from scratch (torch_ddp on GPUs makes it "
         "SyncBatchNorm; on CPU/gloo each rank keeps its own statistics)")
-    text_encoder: str = Field("roberta-base", description="hub name or local path of a RoBERTa model/tokenizer")
+    text_encoder: Annotated[str, LocalFileParam()] = Field(
+        "roberta-base", description="hub name or local path of a RoBERTa model/tokenizer")
     text_encoder_config: dict | None = Field(
         None, description="build a fresh RobertaModel from these RobertaConfig fields instead of from_pretrained")
     d_model: int = Field(256, ge=8)
@@ -94,7 +95,7 @@ class SequenceTrainingParams(Params):
 
 
 class PretrainParams(ModelParams, SequenceTrainingParams):
-    init_checkpoint: str | None = Field(
+    init_checkpoint: Annotated[str | None, LocalFileParam()] = Field(
         None, description="UniTAB's --load: a local MDETR/UniTAB checkpoint (e.g. MDETR's "
         "pretrained_resnet101_checkpoint.pth; its model_ema if present, else model). Every tensor whose MDETR name "
         "maps onto this model with the same shape is loaded (backbone, input_proj, text encoder, resizer, encoder and "

@@ -1,11 +1,11 @@
 """Stage specs of the ViLT package (no torch/transformers imports here: validate/plan stay fast)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from vlflow.stage import Params, StageSpec
+from vlflow.stage import LocalFileParam, Params, StageSpec
 
 
 class ViltModelParams(Params):
@@ -40,7 +40,7 @@ class ViltModelParams(Params):
 class ViltTrainParams(ViltModelParams):
     """Optimisation, batching and bookkeeping shared by pretraining and fine-tuning."""
 
-    tokenizer: str = Field("bert-base-uncased",
+    tokenizer: Annotated[str, LocalFileParam()] = Field("bert-base-uncased",
                            description="AutoTokenizer name or local path; the `tokenizer` input wins when given")
     max_steps: int | None = Field(200_000, ge=1, description="optimizer steps; overrides max_epochs")
     max_epochs: int | None = Field(None, ge=1, description="passes over the training pairs (ViLT's max_epoch), "
@@ -85,8 +85,9 @@ class ViltPretrainParams(ViltTrainParams):
     mlm_prob: float = Field(0.15, gt=0, lt=1)
     itm_wpa: bool = Field(False, description="add ViLT's word-patch alignment (IPOT) loss to ITM")
     wpa_weight: float = Field(0.1, ge=0)
-    init_from: str | None = Field(None, description="transformers ViLT checkpoint (dir or hub name) to start from")
-    vit_init: str | None = Field(
+    init_from: Annotated[str | None, LocalFileParam()] = Field(
+        None, description="transformers ViLT checkpoint (dir or hub name) to start from")
+    vit_init: Annotated[str | None, LocalFileParam()] = Field(
         None, description="timm ViT name or local weights file (.pth/.safetensors, timm layout) for the patch "
                           "embedding and encoder. ViLT started from the original jx ViT-B/32 384 weights "
                           "(jx_vit_base_p32_384-830016f5.pth, ImageNet-21k + 1k); timm's current "
