@@ -17,8 +17,8 @@ WORKFLOW = """
 name: files
 stages:
   a:
-    uses: testing.write
-    with: {text_file: "${params.seed}"}
+    uses: testing.read
+    with: {path: "${params.seed}"}
 params: {seed: seed.txt}
 """
 HOUR_AGO_NS = 3600 * 10**9
@@ -87,11 +87,11 @@ def test_changed_contents_rerun_touch_does_not_and_noop_reads_nothing(project, c
     seed.write_text("other")  # same size, same path: only the contents changed
     os.utime(seed, ns=(mtime, mtime))  # even with the old mtime back (ctime and the memo's digest check still see it)
     rc, out = run_cli(capsys, "plan", wf)
-    assert rc == 0 and "param text_file: contents of seed.txt changed" in out, out
+    assert rc == 0 and "param path: contents of seed.txt changed" in out, out
     rc, out = run_cli(capsys, "run", wf)
     assert rc == 0 and "1 ran" in out
     rc, out = run_cli(capsys, "export", wf, "a", project / "out")
-    assert rc == 0 and (project / "out" / "file_000.txt").read_text().startswith("other")
+    assert rc == 0 and (project / "out" / "out.txt").read_text() == "other"
 
 
 def test_hub_names_and_missing_paths_stay_keyed_by_their_string(project, capsys):
@@ -106,12 +106,12 @@ def test_hub_names_and_missing_paths_stay_keyed_by_their_string(project, capsys)
         return Runner(workflow, ArtifactStore(config.cache_url), config.state_dir).plan()[0].components
 
     hub = components("bert-base-uncased")
-    assert "files" not in hub and hub["params"]["text_file"] == "bert-base-uncased"
+    assert "files" not in hub and hub["params"]["path"] == "bert-base-uncased"
     assert "files" not in components("missing/weights.pth")  # the stage's own validation reports it when it runs
     local = components("seed.txt")
     digest = "sha256:" + hashlib.sha256(b"first").hexdigest()
-    assert local["files"] == {"text_file": {"path": "seed.txt", "digest": digest}}
-    assert components(f"file://{project / 'seed.txt'}")["files"]["text_file"]["digest"] == digest
+    assert local["files"] == {"path": {"path": "seed.txt", "digest": digest}}
+    assert components(f"file://{project / 'seed.txt'}")["files"]["path"]["digest"] == digest
 
 
 def test_marked_params_of_the_stage_library():

@@ -12,9 +12,12 @@ class WriteParams(Params):
     files: int = Field(1, ge=0, description="how many files to write")
     size: int = Field(16, ge=0, description="bytes per file (text is repeated/padded to this size)")
     text: str = Field("", description="content seed; empty means 'write'")
-    text_file: Annotated[str | None, LocalFileParam()] = Field(None, description="local file whose text is the seed")
     sleep: float = Field(0.0, ge=0, le=60, description="seconds to wait after writing (holds a run open in tests)")
     fail: bool = Field(False, description="raise instead of writing (to test failure handling)")
+
+
+class ReadParams(Params):
+    path: Annotated[str, LocalFileParam()] = Field(description="local file to copy (keyed by its contents)")
 
 
 class ConcatParams(Params):
@@ -38,6 +41,12 @@ STAGES = [
         entry="vlflow.stages.testing.toy:write",
         params=WriteParams,
         description="Writes `files` text files of `size` bytes.",
+    ),
+    StageSpec(
+        name="testing.read",
+        entry="vlflow.stages.testing.toy:read",
+        params=ReadParams,
+        description="Copies the text of a local file into out.txt (for file-content cache keys).",
     ),
     StageSpec(
         name="testing.concat",

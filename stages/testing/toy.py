@@ -1,4 +1,4 @@
-"""Implementations of testing.write and testing.concat (testing.train lives in train.py)."""
+"""Implementations of testing.write, testing.read and testing.concat (testing.train lives in train.py)."""
 from __future__ import annotations
 
 import time
@@ -13,8 +13,6 @@ def write(ctx: StageContext) -> dict:
     if params.fail:
         raise StageError("failing on purpose (fail: true)", field=f"stages.{ctx.stage}.with.fail")
     seed = params.text or "write"  # never the stage's name: two stages with one key share one artifact
-    if params.text_file:
-        seed = Path(params.text_file).read_text()
     total = 0
     for index in range(params.files):
         line = f"{seed} {index}\n"
@@ -23,6 +21,12 @@ def write(ctx: StageContext) -> dict:
         total += len(content)
     time.sleep(params.sleep)
     return {"files": params.files, "bytes": total}
+
+
+def read(ctx: StageContext) -> dict:
+    text = Path(ctx.params.path).read_text()
+    (ctx.output_dir / "out.txt").write_text(text)
+    return {"chars": len(text)}
 
 
 def data_files(path: Path) -> list[Path]:
