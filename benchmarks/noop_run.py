@@ -22,6 +22,11 @@ VLFLOW = str(Path(sys.executable).with_name("vlflow"))
 
 
 def timed(cmd: list[str], cwd: Path, env: dict | None = None) -> float:
+    """Seconds of one run of `cmd`. Python may cache bytecode, as it does on a user's machine: with
+    PYTHONDONTWRITEBYTECODE set (some CI shells set it), every run would compile again each module edited since its
+    last cached compile, a cost no installed tool pays."""
+    env = {name: value for name, value in (os.environ if env is None else env).items()
+           if name != "PYTHONDONTWRITEBYTECODE"}
     started = time.perf_counter()
     subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, env=env)
     return time.perf_counter() - started

@@ -15,7 +15,7 @@ import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,9 +24,19 @@ if TYPE_CHECKING:
 
 
 class Params(BaseModel):
-    """Base for stage parameter models: unknown keys are errors, values are validated and coerced."""
+    """Base for stage parameter models: unknown keys are errors, values are validated and coerced.
 
-    model_config = ConfigDict(extra="forbid")
+    A model's validator is built when it first validates (`defer_build`), not when its spec module is imported: the
+    runner imports every registered spec module (dozens of models) and validates the few its workflow uses. The stage
+    server builds them all once, before it forks (`build_params_models`)."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=True)
+
+
+def build_params_models(specs: Iterable["StageSpec"]) -> None:
+    """Build the validators of these specs' params models now (each is otherwise built on its first validation)."""
+    for spec in specs:
+        spec.params.model_rebuild(force=True)
 
 
 @dataclass(frozen=True)
@@ -192,7 +202,9 @@ def spec_source(name: str) -> str | None:
 def load_spec(name: str, source: str | None) -> StageSpec:
     """The spec of stage type `name`, importing only `source` (from `spec_source`) when given: a stage process needs
     one spec, not every package's (nor the entry-point scan). Falls back to the whole registry."""
-    if _registry is None and source:
+    if _registry is not None and name in _registry:  # loaded already (the stage server loads it before it forks)
+        return _registry[name]
+    if source:
         module_name, _, attr = source.partition(":")
         try:
             target: Any = importlib.import_module(module_name)

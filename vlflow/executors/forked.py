@@ -148,6 +148,12 @@ def serve(control_fd: int, preload: list[str]) -> None:
             importlib.import_module(module)
         except ImportError:
             pass  # a stage of that type meets the error itself, in its own log
+    try:  # once here, rather than at each stage process's first validation of its params
+        from vlflow.stage import build_params_models, registry
+
+        build_params_models(registry().values())
+    except Exception:
+        pass  # the runner has loaded the same registry: a stage process meets any error there in its own log
     control = socket.socket(fileno=control_fd)
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_read, False)
