@@ -74,8 +74,11 @@ def test_changed_contents_rerun_touch_does_not_and_noop_reads_nothing(project, c
     assert [p.name for p in planners[-1].hashed] == ["seed.txt"]
     assert (project / "state" / file_digest.MEMO_FILE).is_file()
 
+    memo = (project / "state" / file_digest.MEMO_FILE).stat()
     rc, out = run_cli(capsys, "run", wf)  # no-op: the memo's stat signature matches, the file is not read
     assert rc == 0 and "1 cached" in out and planners[-1].hashed == []
+    after = (project / "state" / file_digest.MEMO_FILE).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (memo.st_ino, memo.st_mtime_ns)  # nor the memo rewritten
 
     mtime = seed.stat().st_mtime_ns
     os.utime(seed, ns=(mtime, mtime + 10**9))  # touched: same bytes, new mtime -> hashed once, still cached
