@@ -1,7 +1,8 @@
 """Streaming Arrow IPC writer shared by the arrow.* stages, plus strict JSON helpers for the annotation files.
 
-Memory stays bounded: rows are written in record batches of `batch_rows`; a thread pool reads and verifies the
-images of the next batch while the current one is written, so at most two batches of image bytes are held.
+Memory stays bounded: rows are written in record batches of `batch_rows`; a thread pool reads the images of the
+next batch straight into one of two reused buffers and verifies them while a writer thread copies the current batch
+(Arrow's view of the other buffer, no copy) into the file, so at most two batches of image bytes are held.
 Each split is written to `<name>.arrow.tmp` and renamed when complete.
 """
 from __future__ import annotations
