@@ -193,11 +193,10 @@ class _ImageBatch:
             offsets = np.zeros(last - first + 1, dtype=np.int32)
             offsets[1:] = ends[first:last] - base
             data = pa.py_buffer(self.buffer[base:int(ends[last - 1])])
-            columns = [pa.Array.from_buffers(pa.binary(), last - first, [None, pa.py_buffer(offsets), data])]
-            for field_ in schema:
-                if field_.name != "image":
-                    columns.append(pa.array([self.rows[i].values[field_.name] for i in good[first:last]],
-                                            type=field_.type))
+            columns = [pa.Array.from_buffers(pa.binary(), last - first, [None, pa.py_buffer(offsets), data])
+                       if field_.name == "image" else
+                       pa.array([self.rows[i].values[field_.name] for i in good[first:last]], type=field_.type)
+                       for field_ in schema]
             yield pa.RecordBatch.from_arrays(columns, schema=schema)
             first = last
 
