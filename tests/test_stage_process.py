@@ -235,3 +235,14 @@ def _pgid(pid: int) -> int | None:
         return os.getpgid(pid)
     except ProcessLookupError:
         return None
+
+
+def test_a_stage_server_follows_the_runners_sys_path(monkeypatch, tmp_path):
+    """A stage package put on sys.path after the server started (a plugin dir, a test's toy package) must be
+    importable by the next stage: the runner starts a server with its current sys.path; the old one keeps serving."""
+    first = forked._stage_server()
+    assert forked._stage_server() is first  # unchanged path: the same server
+    monkeypatch.syspath_prepend(str(tmp_path))
+    second = forked._stage_server()
+    assert second is not first and second.alive() and first.alive()
+    assert second.key[0][0] == str(tmp_path)

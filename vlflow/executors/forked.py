@@ -43,6 +43,7 @@ STAGE_PRELOAD = ["vlflow.execute", "vlflow.payload", "vlflow.stage", "vlflow.err
 
 _start_lock = threading.Lock()
 _server: "_StageServer | None" = None
+_retired_servers: list["_StageServer"] = []  # replaced after sys.path changed; kept so their stages run to the end
 
 
 def stage_process_mode(python: str = sys.executable) -> str:
@@ -68,12 +69,16 @@ class _StageServer:
     """The runner's handle on its stage server: one request per stage, over a socket pair of its own that carries the
     request, then the stage's pid, then its exit code (from the stage process as it exits, else from the server)."""
 
-    def __init__(self, preload: list[str]):
+    def __init__(self, preload: list[str], import_path: list[str]):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # The server imports from the runner's sys.path as it is now (a stage package added to sys.path at run time
+        # must be found, as multiprocessing's forkserver passed its children the parent's sys.path).
+        self.key = (tuple(import_path), tuple(preload))
         with theirs:  # stdin: none (as multiprocessing's children had); Ctrl-C: ignored, the runner kills stages
             self.process = subprocess.Popen(
-                [sys.executable, "-c", "import sys; from vlflow.executors.forked import serve; "
-                                       "serve(int(sys.argv[1]), sys.argv[2:])", str(theirs.fileno()), *preload],
+                [sys.executable, "-c", "import json, sys; sys.path[:] = json.loads(sys.argv[1]); from vlflow."
+                                       "executors.forked import serve; serve(int(sys.argv[2]), sys.argv[3:])",
+                 json.dumps(import_path), str(theirs.fileno()), *preload],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         self.control = ours  # never inherited (PEP 446): when this process dies, the server sees EOF and exits
         self._send = threading.Lock()
@@ -129,10 +134,16 @@ class _Replies:
 
 
 def _stage_server() -> _StageServer:
+    """The runner's stage server: started once per runner process; again if it was killed, or if sys.path or the
+    registered stage packages changed since (an older server is left to serve the stages it started: it exits with
+    the runner)."""
     global _server
     with _start_lock:
-        if _server is None or not _server.alive():  # started once per runner process; again if it was killed
-            _server = _StageServer(STAGE_PRELOAD + _spec_modules())
+        preload, import_path = STAGE_PRELOAD + _spec_modules(), list(sys.path)
+        if _server is None or not _server.alive() or _server.key != (tuple(import_path), tuple(preload)):
+            if _server is not None:
+                _retired_servers.append(_server)
+            _server = _StageServer(preload, import_path)
         return _server
 
 
