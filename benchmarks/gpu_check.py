@@ -7,7 +7,7 @@
 
 Parts, each guarded (a failure is reported and the rest still runs) and skipped when the time budget is spent:
   e2e          tiny_vilt.yaml and tiny_unitab.yaml end to end, 1 process, bf16, low_level_zero, their learning
-               thresholds (those of tests/test_vilt_e2e.py and tests/test_unitab_e2e.py)
+               thresholds (those of tests/e2e/test_vilt_e2e.py and tests/e2e/test_unitab_e2e.py)
   vilt_step    ViLT-B/32 MLM+ITM train step at 384x384: a plain PyTorch bf16-autocast loop vs the stage path
                (Booster) under torch_ddp (fp16: its Booster has no bf16), low_level_zero and gemini (bf16), at the
                largest batch the plain loop fits; samples/s, peak memory, MFU
@@ -137,8 +137,8 @@ def part_e2e(args) -> dict:
     """Both tiny workflows at once (separate caches, one GPU): their stages are launch-bound on a GPU, so they
     overlap."""
     if args.cpu_dry_run:
-        return {"skipped": "CPU dry run: the suite's tests/test_vilt_e2e.py and tests/test_unitab_e2e.py run these "
-                           "workflows on CPU (2 gloo ranks, fp32)"}
+        return {"skipped": "CPU dry run: the suite's tests/e2e/test_vilt_e2e.py and tests/e2e/test_unitab_e2e.py run "
+                           "these workflows on CPU (2 gloo ranks, fp32)"}
     workflows = [w for w in ("tiny_vilt", "tiny_unitab") if w in args.e2e_workflows]
     # the benchmarks after this part keep BENCHMARK_RESERVE_S of the budget
     e2e_deadline = args.deadline - (BENCHMARK_RESERVE_S if len(args.part_list) > 1 else 0)

@@ -1,4 +1,4 @@
-"""Randomised kill -9 trials of `vlflow run` (used by tests/test_kill_trials.py; run directly for more trials).
+"""Randomised kill -9 trials of `vlflow run` (used by tests/e2e/test_kill_trials.py; run directly for more trials).
 
 Usage: .venv/bin/python benchmarks/kill_trials.py [--trials 100] [--seed 0]
 Each trial starts `vlflow run` on a workflow that downloads a file from a slow HTTP server on 127.0.0.1, trains on it

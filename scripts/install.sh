@@ -14,7 +14,7 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check -c "$C")
 # vlflow itself (editable) with its resolvable dependencies and the test tools.
 "${PIP[@]}" -e ".[dev]" tensorboard
 # Packages whose declared dependencies conflict with the stack above: installed as-is, their real imports are
-# exercised by tests/test_install.py.
+# exercised by tests/project/test_install.py.
 "${PIP[@]}" --no-deps colossalai peft accelerate bitsandbytes galore-torch timm
 .venv/bin/python - <<'PY'
 import colossalai, timm, transformers, torch

@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+# The repository root and the test fixtures dir (tests mirror the package in sub-folders, so paths come from here).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TEST_DATA = Path(__file__).resolve().parent / "data"
+
 # Dummy credentials for the in-process moto S3 server (it accepts any).
 S3_TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -96,7 +100,7 @@ def s3_cache_url(s3_env):
 # VLFLOW_TEST_SLURM_ENV to its env.sh; elsewhere the fixture starts its own. A missing cluster or mpirun fails the tests
 # that need it (never a skip), saying how to get it.
 
-CLUSTER_SCRIPTS = Path(__file__).resolve().parent.parent / "scripts" / "cluster"
+CLUSTER_SCRIPTS = REPO_ROOT / "scripts" / "cluster"
 
 
 def missing_cluster_piece(reason: str):

@@ -2,7 +2,7 @@
 
 networkx did this before; importing it cost about a third of a no-op `vlflow run` (it pulls in its whole algorithm
 package), for a graph of a few dozen nodes. The names follow networkx's (`DiGraph`, `ancestors`, `descendants`,
-`lexicographical_topological_sort`, `find_cycle`), and tests/test_dag.py checks the answers against networkx.
+`lexicographical_topological_sort`, `find_cycle`), and tests/engine/test_dag.py checks the answers against networkx.
 """
 from __future__ import annotations
 

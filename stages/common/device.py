@@ -1,7 +1,8 @@
 """Where a stage computes and in which precision: one place, so that tests can point every stage at a (fake) GPU.
 
 - `stage_device()`: cuda:LOCAL_RANK when CUDA is available, else the CPU. Stages call it instead of building
-  `torch.device("cuda")` themselves; `tests/fake_cuda.py` makes it (and everything behind it) take the CUDA path.
+  `torch.device("cuda")` themselves; `tests/stages/common/fake_cuda.py` makes
+  it (and everything behind it) take the CUDA path.
 - `autocast(precision, device)`: the launch's `precision` (bf16 / fp16 autocast; fp32: none) on `device`.
 - `limit_cpu_threads(requested=None)`: on a CPU machine, each rank of a launch gets its share of the cores, not all
   of them.
@@ -21,7 +22,7 @@ def local_rank() -> int:
 
 
 def cuda_available() -> bool:
-    """Whether stages compute on CUDA (tests/fake_cuda.py answers True)."""
+    """Whether stages compute on CUDA (tests/stages/common/fake_cuda.py: True)."""
     return torch.cuda.is_available()
 
 

@@ -13,7 +13,8 @@ Decoding (`PixelDecoding`):
   PIL's decode) and resized by torch's antialiased bicubic on uint8 (its AVX2 kernel; PIL's filter with a = -0.5,
   fixed-point weights of lower precision): ~3x faster than PIL's resize; decode + resize of benchmarks/dataloader.py's
   512 px JPEGs ~2.2 instead of 4.4 ms an image on average. Pixels differ from ViLT's within `FAST_PIXEL_TOLERANCE`
-  (tests/test_dataloader.py and the benchmark check it): at most 2 grey levels, on ~1% of the values. Images already
+  (tests/stages/data/test_dataloader.py and the benchmark
+  check it): at most 2 grey levels, on ~1% of the values. Images already
   at their target size take the exact path (PIL's HWC pixels need no transposing copy in the collate).
 Measured and not used: PIL's `draft` (JPEG DCT scaling by 1/2, 1/4, 1/8) and `reducing_gap` (a box reduce before
 the bicubic) do nothing below twice the target size (COCO's 640 px images go to 384-512 px), and from 2x on they

@@ -27,7 +27,8 @@ GPU_ONLY_PLUGINS = ("low_level_zero", "gemini", "hybrid_parallel")
 
 def runs_off_cuda(launch: LaunchSpec) -> bool:
     """hybrid_parallel without tensor/pipeline parallelism or ZeRO is data parallel with fp32 master weights in its
-    mixed-precision optimizer: that runs on gloo CPU ranks (tests/test_plugins_export.py trains and exports it)."""
+    mixed-precision optimizer: that runs on gloo CPU ranks (tests/stages/common/test_plugins_export.py trains and
+    exports it)."""
     return (launch.plugin == "hybrid_parallel" and launch.tp_size == 1 and launch.pp_size == 1
             and launch.zero_stage == 0 and launch.precision in ("fp32", "bf16"))
 

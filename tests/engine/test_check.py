@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_project_config
+from tests.conftest import TEST_DATA, write_project_config
 from vlflow.check import compare
 from vlflow.cli import main as vlflow_main
 from vlflow.store import FileEntry
 
-WORKFLOWS = Path(__file__).parent / "data" / "workflows"
+WORKFLOWS = TEST_DATA / "workflows"
 
 PIPELINE = """
 name: checked

@@ -1,6 +1,6 @@
 """Every evaluator's forward path on a (fake) GPU: the model goes where the stage puts it (`stage_device()`), and no
 CPU tensor meets a CUDA one in retrieval scoring (ITM and rank heads), VQA answering, UniTAB grounding and captioning.
-tests/fake_cuda.py makes the device CUDA on this CPU machine and raises where devices mix, as a real GPU would.
+fake_cuda.py (beside it) makes the device CUDA on this CPU machine and raises where devices mix, as a real GPU would.
 Also: the helper itself catches mixing, and the batched all-patch scoring equals one image at a time."""
 from __future__ import annotations
 

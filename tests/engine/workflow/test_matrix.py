@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_project_config
+from tests.conftest import REPO_ROOT, write_project_config
 from vlflow.cli import main as vlflow_main
 from vlflow.errors import WorkflowError
 from vlflow.matrix import expand_selection, plain_ids, storage_name
 from vlflow.workflow import load_workflow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 
 SWEEP = """
 name: sweep

@@ -323,7 +323,7 @@ def test_values_that_used_to_be_coerced_or_crash(tmp_path, text, line, field, me
 
 
 def test_hybrid_parallel_without_tp_pp_is_accepted(tmp_path):
-    """tp_size/pp_size > 1 need a stage whose model has a shardformer policy (tests/test_plugins_export.py)."""
+    """tp_size/pp_size > 1 need a stage whose model has a shardformer policy (test_plugins_export.py)."""
     path = _wf(tmp_path, "stages:\n  t:\n    uses: testing.train\n    launch: {plugin: hybrid_parallel, zero_stage: 2}"
                          "\n")
     assert load_workflow(path).stages["t"].launch.plugin == "hybrid_parallel"

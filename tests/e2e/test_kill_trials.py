@@ -14,10 +14,11 @@ import random
 import time
 from pathlib import Path
 
+from tests.conftest import REPO_ROOT
 from vlflow.store import ArtifactStore
 
 _spec = importlib.util.spec_from_file_location(
-    "kill_trials", Path(__file__).resolve().parent.parent / "benchmarks" / "kill_trials.py")
+    "kill_trials", REPO_ROOT / "benchmarks" / "kill_trials.py")
 trials = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(trials)
 

@@ -210,7 +210,7 @@ def two_node_allocation(cluster_env: dict) -> dict:
 @pytest.mark.parametrize("launcher", ["mpirun", "slurm", "torchrun"])
 def test_interrupt_stops_every_mpirun_srun_and_torchrun_rank(tmp_path, launcher, request):
     """Also torchrun across both nodes inside an allocation: no agent (srun's task) nor rank is left behind."""
-    from tests.test_launch import make_payload, processes_mentioning
+    from tests.engine.launch.test_launch import make_payload, processes_mentioning
     from vlflow.launch import run_distributed
     from vlflow.stage import get_spec
 

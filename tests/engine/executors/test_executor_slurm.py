@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import REPO_ROOT
 from vlflow.errors import VlflowError
 from vlflow.executors.slurm import SlurmExecutor, parse_job
 from vlflow.executors.spec import ExecutorSpec
@@ -336,8 +337,8 @@ def test_tiny_vilt_pretrain_as_a_two_node_slurm_job_makes_the_local_bytes_and_re
         tmp_path, cluster_env):
     """tiny_vilt's pretrain as a 2-node x 1-rank Slurm job (srun, one rank per fake node) makes exactly the bytes of the
     local 2-rank pretrain (the same cache key, forced to rerun on Slurm, commits the same data digest); then the
-    fine-tune and evaluation run locally on it and the retrieval thresholds of tests/test_vilt_e2e.py hold."""
-    root = Path(__file__).resolve().parents[1]
+    fine-tune and evaluation run locally on it and the retrieval thresholds of tests/e2e/test_vilt_e2e.py hold."""
+    root = REPO_ROOT
     toml = SHARED_TOML + f'[workflow]\ninclude_paths = ["{root / "workflows"}"]\n'
     project(tmp_path, f"extends: {root / 'workflows' / 'tiny_vilt.yaml'}\nname: tiny_vilt_local\n", toml=toml)
     local = vlflow(tmp_path / "wf.yaml", "--until", "pretrain", env=cluster_env, timeout=600)

@@ -9,6 +9,8 @@ from pydantic import ValidationError
 from vlflow.stages.unitab.model import Backbone
 from vlflow.stages.unitab.spec import PretrainParams
 
+from tests.conftest import REPO_ROOT
+
 torch.set_num_threads(1)
 
 
@@ -393,11 +395,10 @@ def test_box_iou_agrees_with_pycocotools():
 # -- 7. flickr30k_unitab.yaml carries the paper's recipe ------------------------------------------------------------
 
 def test_flickr30k_unitab_workflow_is_the_papers_recipe():
-    from pathlib import Path
 
     from vlflow.workflow import load_workflow
 
-    path = Path(__file__).resolve().parents[1] / "workflows" / "flickr30k_unitab.yaml"
+    path = REPO_ROOT / "workflows" / "flickr30k_unitab.yaml"
     workflow = load_workflow(path, env={"MDETR_CHECKPOINT": "/weights/pretrained_resnet101_checkpoint.pth"})
     pretrain = workflow.stages["pretrain"]
     paper = {  # microsoft/UniTAB README pre-train command, configs/pretrain.json, main.py defaults

@@ -3,7 +3,6 @@ patch, the paper's retrieval fine-tune (10 epochs at batch 256), ViLT's RandAugm
 images drawn from the dataset (both reproducible from the sampler's per-sample seeds)."""
 import io
 import random
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -25,10 +24,11 @@ from vlflow.stages.vilt.data import (
 )
 from vlflow.stages.vilt.spec import ViltFinetuneRetrievalParams, ViltFinetuneVqaParams, ViltPretrainParams
 
+from tests.conftest import REPO_ROOT
 from vlflow.errors import StageError
 from vlflow.workflow import load_workflow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 COCO_TRAIN_PAIRS = 566_747  # Karpathy train + restval captions (113,287 images), ViLT's irtr training pairs
 
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import write_project_config
+from tests.conftest import TEST_DATA, write_project_config
 from vlflow.store import ArtifactStore
 
 VLFLOW = str(Path(sys.executable).with_name("vlflow"))
 
-WORKFLOWS = Path(__file__).parent / "data" / "workflows"
+WORKFLOWS = TEST_DATA / "workflows"
 
 
 def _weights(store: ArtifactStore, stage: str) -> dict[str, torch.Tensor]:

@@ -6,9 +6,10 @@ import json
 import math
 import os
 import subprocess
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO_ROOT
+
+ROOT = REPO_ROOT
 
 
 def _number(value) -> bool:

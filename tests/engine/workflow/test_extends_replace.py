@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO_ROOT
 from vlflow.errors import WorkflowError
 from vlflow.workflow import load_workflow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 
 BASE = """
 name: base

@@ -1,6 +1,6 @@
 """Every training stage's micro-step as the shared loop runs it on a GPU, on this CPU machine: host-side random choices
 (masks, negatives, false captions) on the CPU batch, one move to the model's device, forward and losses there, with
-the model's weights as fake CUDA tensors (tests/fake_cuda.py). A CPU tensor meeting a CUDA one anywhere raises
+the model's weights as fake CUDA tensors (fake_cuda.py here). A CPU tensor meeting a CUDA one anywhere raises
 FakeTensorDeviceMismatchError, as a GPU would. Covers MLM, whole-word MLM, ITM, ITM+WPA, retrieval, VQA, UniTAB, the
 EMA update and the all-reduced step loss. Backward cannot run on fake tensors: the forward decides the devices of
 everything backward touches (labels, indices and masks are forward inputs)."""

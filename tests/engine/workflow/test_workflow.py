@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import REPO_ROOT, TEST_DATA
 from vlflow.errors import LaunchError, VlflowError, WorkflowError
 from vlflow.stage import LaunchSpec
 from vlflow.workflow import InputRef, StageDecl, Workflow, load_workflow
 
-FIXTURES = Path(__file__).parent / "data" / "workflows"
+FIXTURES = TEST_DATA / "workflows"
 NO_ENV: dict = {}
 
 
@@ -282,7 +283,7 @@ def test_input_subpaths_are_normalised(tmp_path):
     assert str(inputs["b"]) == "data/karpathy/dataset_coco.json"
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "workflows").glob("*.yaml")),
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "workflows").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_project_workflows_validate(path):
     """Every workflow shipped in workflows/ loads; variables it requires (no default) get a URL-shaped value."""

@@ -201,7 +201,7 @@ def test_light_commands_do_not_import_torch(project):
 def test_malformed_workflows_fail_cleanly_through_the_cli(tmp_path):
     """Every malformed case of test_workflow_errors, through `vlflow validate`/`plan`/`run` in a real process:
     exit code 2, one paragraph naming file:line, no traceback."""
-    from test_workflow_errors import CASES
+    from tests.engine.workflow.test_workflow_errors import CASES
 
     lines = []
     for case in CASES:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_project_config
+from tests.conftest import REPO_ROOT, write_project_config
 from vlflow.errors import StageError, VlflowError
 from vlflow.executors import forked
 from vlflow.executors.forked import run_stage_process
@@ -28,7 +28,7 @@ class ProbeParams(Params):
 
 
 # Found by vlflow.stage.load_spec through the payload's spec_source: the stage process imports this module only
-STAGES = [StageSpec(name="probe.stage", entry="tests.test_stage_process:probe", params=ProbeParams)]
+STAGES = [StageSpec(name="probe.stage", entry="tests.engine.executors.test_stage_process:probe", params=ProbeParams)]
 
 
 def probe(ctx) -> dict:
@@ -61,7 +61,7 @@ def write_payload(tmp_path: Path, how: str = "ok", pid_file: str = "") -> Path:
     staging.mkdir()
     payload = {"stage": "probe", "uses": "probe.stage", "params": {"how": how, "pid_file": pid_file}, "inputs": {},
                "output_dir": str(staging / "output"), "work_dir": None, "launch": None, "log_level": "INFO",
-               "spec_source": "tests.test_stage_process"}
+               "spec_source": "tests.engine.executors.test_stage_process"}
     path = staging / "payload.json"
     path.write_text(json.dumps(payload))
     return path
@@ -79,7 +79,7 @@ def alive(pid: int) -> bool:
 def mode(request, monkeypatch) -> str:
     monkeypatch.setenv(forked.STAGE_PROCESS_ENV, request.param)
     # a fresh interpreter finds this module (the probe's spec) the way any interpreter would: on its path
-    repo = str(Path(__file__).parents[1])
+    repo = str(REPO_ROOT)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
     return request.param
 
@@ -178,7 +178,7 @@ def test_stage_processes_skip_the_callers_main_script(tmp_path):
     """A script without a __name__ guard that runs a stage must not run again inside the stage process."""
     script = tmp_path / "unguarded.py"
     payload = write_payload(tmp_path)
-    script.write_text(f"import sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r})\n"
+    script.write_text(f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r})\n"
                       "from pathlib import Path\nfrom vlflow.executors.forked import run_stage_process\n"
                       "print('script body ran', flush=True)\n"
                       f"sys.exit(run_stage_process(Path({str(payload)!r}), Path({str(tmp_path / 'log')!r}), print))\n")

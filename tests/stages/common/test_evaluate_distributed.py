@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import write_project_config
+from tests.conftest import TEST_DATA, write_project_config
 from vlflow.store import ArtifactStore
 
 VLFLOW = str(Path(sys.executable).with_name("vlflow"))
 
-WORKFLOWS = Path(__file__).parent / "data" / "workflows"
+WORKFLOWS = TEST_DATA / "workflows"
 # fewer training steps than the resume tests need; all patches (no random patch sampling at evaluation)
 VILT = ["--set", "stages.pretrain.with.max_steps=4", "--set", "stages.pretrain.with.max_image_len=-1"]
 UNITAB = ["--set", "stages.pretrain.with.max_steps=6"]

@@ -345,7 +345,7 @@ def _edit_attempt_file(store: ArtifactStore, manifest, relpath: str, data: bytes
 
 
 def test_damage_sees_missing_resized_and_extra_files_and_verify_sees_same_size_edits(store, tmp_path):
-    store.pack_file_limit = 0  # one object per file (packs: tests/test_store_s3_packs.py)
+    store.pack_file_limit = 0  # one object per file (packs: tests/engine/store/test_store_s3_packs.py)
     out = write_tree(tmp_path / "out", FILES)
     manifest = store.commit("k", out, {})
     assert store.damage(manifest) == [] and store.verify(manifest) == []

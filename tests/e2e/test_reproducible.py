@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_project_config
+from tests.conftest import REPO_ROOT, write_project_config
 from vlflow.cli import main as vlflow_main
 from vlflow.store import META_DIR, ArtifactStore
 
-WORKFLOWS = Path(__file__).parent.parent / "workflows"
+WORKFLOWS = REPO_ROOT / "workflows"
 
 # The tiny workflows shrunk to seconds: fewer images; the stages and their code are the real ones.
 TINY_VILT = ["--set", "params.images=60", "--set", "params.test_images=10", "--set", "stages.data.with.splits.train=40",

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO_ROOT
+
+REPO = REPO_ROOT
 VLFLOW = str(Path(sys.executable).with_name("vlflow"))
 TIME_LIMIT_S = 600  # the goal: the whole tiny workflow in <= 10 minutes on 2 CPU cores
 
