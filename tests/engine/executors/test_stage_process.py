@@ -136,9 +136,9 @@ def test_interrupting_the_runner_kills_the_stage_and_what_it_started(tmp_path, m
     assert command_lines[0].endswith(f"-m vlflow.execute {tmp_path / 'staging-hang' / 'payload.json'}")
 
 
-def test_a_killed_stage_server_takes_its_stages_along_and_the_next_stage_gets_a_new_one(tmp_path, mode):
-    if mode == "spawn":
-        pytest.skip("no server: each stage is a fresh interpreter")
+def test_a_killed_stage_server_takes_its_stages_along_and_the_next_stage_gets_a_new_one(tmp_path, monkeypatch):
+    monkeypatch.setenv(forked.STAGE_PROCESS_ENV, "forkserver")  # only the default mode has a server
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     assert run_stage_process(write_payload(tmp_path), tmp_path / "first.log", lambda line: None) == 0
     server, pid_file = forked._server.process, tmp_path / "pids"
 
