@@ -4,20 +4,29 @@ stage process (`vlflow.execute`, the distributed worker, a Slurm job).
 A payload can hold secrets (a password in a URL param). A one-process local stage reads it from a FIFO at the
 payload path (`PayloadPipe`): the bytes pass through the kernel and never reach the disk. Where other processes read
 it later, or several times (the launcher and the ranks of a distributed stage, a Slurm job that may be resubmitted),
-it is a file created 0600, which the runner removes when the stage ends. Light imports only (pydantic and
+it is a file created 0600, which the runner removes when the stage ends. A local distributed stage's file holds
+placeholders instead of its secret values (`StagePayload.sealed`), whose clear values reach the launcher and every
+rank in one environment variable (SECRETS_ENV) and are put back by `unsealed`. Light imports only (pydantic and
 vlflow.stage, no torch): the stage process imports this before its stage's own modules.
 """
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import threading
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from vlflow.errors import LaunchError
 from vlflow.stage import LaunchSpec
+
+# The clear values of a sealed payload's secrets, a JSON map placeholder -> value: set for the launcher only (never
+# on a command line, never logged), inherited by torchrun's ranks, exported by mpirun (`-x`), forwarded by srun.
+SECRETS_ENV = "VLFLOW_PAYLOAD_SECRETS"
+PLACEHOLDER_PREFIX = "vlflow-secret:"
 
 
 class StagePayload(BaseModel):
@@ -46,6 +55,50 @@ class StagePayload(BaseModel):
     def read(cls, path: Path) -> "StagePayload":
         """Parse the payload at `path` (a file, or the FIFO of a PayloadPipe)."""
         return cls.model_validate_json(Path(path).read_bytes())
+
+    def sealed(self, masked_params: dict[str, Any]) -> tuple["StagePayload", dict[str, Any]]:
+        """This payload with every param value that `masked_params` (its params as the cache records them) masks
+        replaced by a placeholder, and the map placeholder -> clear value that `unsealed` takes back."""
+        nonce, clear = secrets.token_hex(8), {}
+
+        def seal(value, masked):
+            if isinstance(value, dict) and isinstance(masked, dict) and value.keys() == masked.keys():
+                return {key: seal(value[key], masked[key]) for key in value}
+            if isinstance(value, list) and isinstance(masked, list) and len(value) == len(masked):
+                return [seal(item, masked_item) for item, masked_item in zip(value, masked)]
+            if value == masked:
+                return value
+            placeholder = f"{PLACEHOLDER_PREFIX}{nonce}:{len(clear)}"
+            clear[placeholder] = value
+            return placeholder
+
+        return self.model_copy(update={"params": seal(self.params, masked_params)}), clear
+
+    def unsealed(self, clear: dict[str, Any] | None = None) -> "StagePayload":
+        """The payload with its placeholders replaced by their clear values: from `clear`, else taken out of this
+        process's environment (SECRETS_ENV is removed from it, so that the stage's code and its children never see
+        it). A placeholder without a value is an error: the params would be wrong."""
+        if clear is None:
+            clear = json.loads(os.environ.pop(SECRETS_ENV, None) or "{}")
+        missing = []
+
+        def unseal(value):
+            if isinstance(value, dict):
+                return {key: unseal(item) for key, item in value.items()}
+            if isinstance(value, list):
+                return [unseal(item) for item in value]
+            if isinstance(value, str) and value.startswith(PLACEHOLDER_PREFIX):
+                if value not in clear:
+                    missing.append(value)
+                return clear.get(value, value)
+            return value
+
+        params = unseal(self.params)
+        if missing:
+            raise LaunchError(f"stage {self.stage}: {len(missing)} secret param value(s) of the payload did not reach "
+                              f"this process ({SECRETS_ENV} is not set or stale; a node joining by hand gets no "
+                              "secrets, see docs/CLUSTER.md)", field="params")
+        return self.model_copy(update={"params": params}) if clear else self
 
     @classmethod
     def of(cls, value: "StagePayload | dict") -> "StagePayload":

@@ -33,6 +33,8 @@ class TrainParams(Params):
     lr: float = Field(0.1, gt=0)
     checkpoint_every: int = Field(5, ge=1)
     sleep: float = Field(0.0, ge=0, description="seconds to sleep per step (to test interruption)")
+    text: str = Field("", description="reported as its SHA-256 (text_sha256; tests check a secret param reaches the "
+                                      "ranks without writing it)")
 
 
 STAGES = [

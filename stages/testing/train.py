@@ -82,5 +82,8 @@ def train(ctx: StageContext) -> dict:
     if ctx.is_main:
         (ctx.output_dir / "model").mkdir(parents=True, exist_ok=True)
         save_file(trained.state_dict(), str(ctx.output_dir / "model" / "model.safetensors"))
-    return {"final_loss": result.metrics["loss"], "steps": params.steps, "resumed_from_step": result.resumed_from_step,
-            "world_size": ctx.world_size}
+    metrics = {"final_loss": result.metrics["loss"], "steps": params.steps,
+               "resumed_from_step": result.resumed_from_step, "world_size": ctx.world_size}
+    if params.text:  # its digest only: the metrics are committed to the cache
+        metrics["text_sha256"] = hashlib.sha256(params.text.encode()).hexdigest()
+    return metrics

@@ -27,6 +27,7 @@ class StageJob:
     on_line: Callable[[str], None]  # each line the stage prints
     on_note: Callable[[str], None]  # what the executor itself reports (job submitted, resubmitted)
     state_dir: Path | None = None  # of the run: tags its Slurm jobs so that `vlflow status` finds its own
+    payload_secrets: dict | None = None  # clear values of a sealed payload's placeholders (vlflow.payload.SECRETS_ENV)
 
 
 class SlurmStageExecutor:

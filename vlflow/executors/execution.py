@@ -20,10 +20,11 @@ from vlflow.environment import current_environment
 from vlflow.errors import StageError
 from vlflow.executors import StageJob, executor_for
 from vlflow.executors.staging import claim_staging
+from vlflow.launch.command import secrets_reach_every_rank
 from vlflow.payload import PayloadPipe, StagePayload
 from vlflow.plan import StagePlan, damage_message, mask_secrets, ref_name
 from vlflow.refs import substitute_stage_outputs
-from vlflow.stage import spec_source
+from vlflow.stage import LaunchSpec, spec_source
 from vlflow.store import META_DIR, ArtifactStore, Manifest  # META_DIR: stage.log, metrics.json of a run
 from vlflow.workflow import Workflow
 
@@ -128,8 +129,12 @@ class StageExecution:
         payload = StagePayload(
             stage=decl.name, uses=decl.uses, params=params, inputs=inputs, output_dir=output_dir, work_dir=work_dir,
             launch=decl.launch, spec_source=spec_source(decl.uses))  # the stage process imports this spec only
-        payload_path, pipe = staging / "payload.json", None
-        if spec.distributed or decl.executor.is_slurm:  # read later and more than once (launcher, ranks, resubmits)
+        payload_path, pipe, secrets = staging / "payload.json", None, None
+        if decl.executor.is_slurm:  # read on another node, maybe more than once (resubmits): a 0600 file
+            payload.write(payload_path)
+        elif spec.distributed:  # read by the launcher and every rank: placeholders, the clear values in their env
+            if secrets_reach_every_rank(decl.launch or LaunchSpec()):
+                payload, secrets = payload.sealed(mask_secrets(payload.params, self.workflow.masker()))
             payload.write(payload_path)
         else:  # one local process reads it once: through a FIFO, so its secrets never reach the disk
             pipe = PayloadPipe(payload, payload_path)
@@ -137,7 +142,7 @@ class StageExecution:
         job = StageJob(decl, spec, payload_path, log_path, self.workflow.name,
                        on_line=lambda line: self.on_event(decl.name, "log", line),
                        on_note=lambda text: self.on_event(decl.name, "note", f"{decl.name}: {text}"),
-                       state_dir=self.state_dir)
+                       state_dir=self.state_dir, payload_secrets=secrets)
         try:
             metrics = executor_for(decl.executor, python=self.python).run(job)
         finally:  # it may hold secrets: never left behind, whatever happened (a failed stage's staging dir stays)

@@ -6,7 +6,7 @@ import json
 import sys
 
 from vlflow.errors import StageError
-from vlflow.payload import result_path
+from vlflow.payload import SECRETS_ENV, result_path
 
 
 class LocalExecutor:
@@ -19,7 +19,10 @@ class LocalExecutor:
         if job.spec.distributed:
             from vlflow.launch import run_distributed
 
-            return run_distributed(job.spec, job.payload_path, job.decl.launch, job.log_path, on_line=job.on_line)
+            # A sealed payload's secrets go to the launcher and its ranks in the environment, never to the disk.
+            env = {SECRETS_ENV: json.dumps(job.payload_secrets)} if job.payload_secrets else None
+            return run_distributed(job.spec, job.payload_path, job.decl.launch, job.log_path, env=env,
+                                   on_line=job.on_line)
         from vlflow.executors.forked import run_stage_process  # forked from a warm server, or a fresh interpreter
 
         decl = job.decl

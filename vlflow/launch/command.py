@@ -55,6 +55,13 @@ def srun_starts_torchrun(launch: LaunchSpec) -> bool:
             and bool(os.environ.get("SLURM_JOB_ID")) and not os.environ.get(JOIN_DIR_ENV))
 
 
+def secrets_reach_every_rank(launch: LaunchSpec) -> bool:
+    """Whether the launcher's environment reaches every rank: torchrun's ranks inherit it, mpirun exports what `-x`
+    names (to remote nodes too), srun forwards the whole environment. Not torchrun across nodes started by hand
+    (`vlflow.launch.join`): the other nodes' agents start from their own environment and read node 0's payload."""
+    return not (launch.launcher == "torchrun" and launch.nnodes > 1 and not srun_starts_torchrun(launch))
+
+
 def resolve_port(launch: LaunchSpec) -> int:
     """`launch.master_port`, or when it is 0 a port free here: on a single node, and for mpirun/srun (also srun
     starting torchrun agents), which start every rank from this one command (rank 0 then listens on a port that was

@@ -31,6 +31,7 @@ from colossalai.accelerator import get_accelerator, set_accelerator  # noqa: E40
 from vlflow.errors import LaunchError, VlflowError  # noqa: E402
 from vlflow.execute import context_from_payload, write_result  # noqa: E402
 from vlflow.launch.booster import booster_factory  # noqa: E402
+from vlflow.payload import StagePayload  # noqa: E402
 from vlflow.stage import LaunchSpec, get_spec  # noqa: E402
 
 DEFAULT_SEED = 1024  # colossalai's own default, used when the stage has no `seed` param
@@ -71,7 +72,8 @@ def init_distributed(launcher: str, launch: LaunchSpec, master_addr: str, master
 def run(args: argparse.Namespace, payload: dict) -> None:
     launch = LaunchSpec(**(payload.get("launch") or {}))
     spec = get_spec(payload["uses"])
-    ctx = context_from_payload(payload)  # validates params before joining the group
+    # validates params before joining the group; a sealed payload's secrets come from (and leave) the environment
+    ctx = context_from_payload(StagePayload.of(payload).unsealed())
     ctx.launch = launch
     init_distributed(args.launcher, launch, args.master_addr, args.master_port,
                      seed=getattr(ctx.params, "seed", DEFAULT_SEED))

@@ -2,6 +2,7 @@
 (under the cache or state dirs) while the stage runs or after the run."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -14,7 +15,8 @@ import pydantic
 import pytest
 
 from tests.conftest import write_project_config
-from vlflow.payload import PayloadPipe, StagePayload
+from vlflow.errors import LaunchError
+from vlflow.payload import PLACEHOLDER_PREFIX, SECRETS_ENV, PayloadPipe, StagePayload
 
 PASSWORD = "Sup3rS3cretPw0rd"
 TOKEN = "tok-6f1d2c9ab0e4"  # interpolated from a secret-looking environment variable
@@ -72,26 +74,39 @@ def _files_holding(roots: list[Path], secrets: tuple[str, ...]) -> list[str]:
     return found
 
 
-def test_no_secret_of_a_param_is_written_in_clear_while_a_stage_runs_or_after(tmp_path):
-    write_project_config(tmp_path)
-    (tmp_path / "wf.yaml").write_text(WORKFLOW)
-    roots, secrets = [tmp_path / "cache", tmp_path / "state"], (PASSWORD, TOKEN)
-    env = dict(os.environ, VLFLOW_TEST_API_TOKEN=TOKEN)
-    run = subprocess.Popen([sys.executable, "-m", "vlflow", "run", "wf.yaml", "--jobs", "2"], cwd=tmp_path, env=env,
+def _run_scanning(project: Path, env: dict, secrets: tuple[str, ...]) -> tuple[str, list[str], list[str]]:
+    """`vlflow run wf.yaml` in `project`, its cache and state dirs scanned for `secrets` while it runs: (output,
+    leaks found, regular payload files seen)."""
+    roots = [project / "cache", project / "state"]
+    run = subprocess.Popen([sys.executable, "-m", "vlflow", "run", "wf.yaml", "--jobs", "2"], cwd=project, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen_running, leaks = False, []
+    seen_running, leaks, payload_files = False, [], []
     while run.poll() is None:
-        staging = tmp_path / "state" / "staging"
+        staging = project / "state" / "staging"
         # a stage is running once its output dir exists (its payload was written just before)
         seen_running |= staging.is_dir() and any(staging.glob("*/output"))
         leaks += _files_holding(roots, secrets)
+        for path in staging.glob("*/payload.json") if staging.is_dir() else ():
+            try:
+                if stat.S_ISREG(path.lstat().st_mode):
+                    payload_files.append(path.read_text())
+            except OSError:  # removed meanwhile
+                pass
         time.sleep(0.05)
     out = run.stdout.read()
     assert run.returncode == 0, out
     assert seen_running, "the scan never saw a stage running"
+    leaks += _files_holding(roots, secrets)
+    assert not any(secret in out for secret in secrets), out
+    return out, leaks, payload_files
+
+
+def test_no_secret_of_a_param_is_written_in_clear_while_a_stage_runs_or_after(tmp_path):
+    write_project_config(tmp_path)
+    (tmp_path / "wf.yaml").write_text(WORKFLOW)
+    env = dict(os.environ, VLFLOW_TEST_API_TOKEN=TOKEN)
+    _, leaks, _ = _run_scanning(tmp_path, env, (PASSWORD, TOKEN))
     assert leaks == [], leaks
-    assert _files_holding(roots, secrets) == []
-    assert PASSWORD not in out and TOKEN not in out
     # what the cache records of the params is masked, and an unchanged rerun is still cached
     show = subprocess.run([sys.executable, "-m", "vlflow", "show", "wf.yaml", "url"], cwd=tmp_path, env=env,
                           capture_output=True, text=True)
@@ -106,3 +121,39 @@ def test_no_secret_of_a_param_is_written_in_clear_while_a_stage_runs_or_after(tm
     assert "token │ testing.write │ run" in changed.stdout, changed.stdout
     assert "secret param may have changed" in changed.stdout, changed.stdout
     assert TOKEN not in changed.stdout
+
+
+def test_a_distributed_stage_gets_its_secret_params_through_the_environment_not_the_disk(tmp_path):
+    """torchrun, 2 ranks: the payload file holds a placeholder, the ranks get the clear value (its digest comes back
+    in the metrics), and no file under the cache or state dirs ever holds the password."""
+    write_project_config(tmp_path)
+    url = f"https://reader:{PASSWORD}@data.example.com/set"
+    (tmp_path / "wf.yaml").write_text(f"""
+name: secrets_ddp
+stages:
+  train:
+    uses: testing.train
+    with: {{steps: 2, checkpoint_every: 2, text: "{url}"}}
+    launch: {{nproc_per_node: 2, backend: gloo}}
+""")
+    _, leaks, payload_files = _run_scanning(tmp_path, dict(os.environ, OMP_NUM_THREADS="1"), (PASSWORD,))
+    assert leaks == [], leaks
+    assert payload_files and all(PLACEHOLDER_PREFIX in text for text in payload_files), payload_files
+    metrics = [json.loads(path.read_text()) for path in (tmp_path / "cache").rglob("metrics.json")]
+    assert [m["text_sha256"] for m in metrics] == [hashlib.sha256(url.encode()).hexdigest()], metrics
+    assert metrics[0]["world_size"] == 2
+
+
+def test_sealed_payload_round_trip_and_a_missing_secret_is_an_error(tmp_path, monkeypatch):
+    payload = StagePayload(stage="s", uses="testing.write", inputs={}, output_dir=tmp_path,
+                           params={"url": f"https://u:{PASSWORD}@h/x", "nested": {"password": "pw-123456789"},
+                                   "plain": "keep", "n": 3})
+    masked = {"url": "https://u:***@h/x", "nested": {"password": "***"}, "plain": "keep", "n": 3}
+    sealed, clear = payload.sealed(masked)
+    assert PASSWORD not in sealed.model_dump_json() and "pw-123456789" not in sealed.model_dump_json()
+    assert sealed.params["plain"] == "keep" and sealed.params["n"] == 3 and len(clear) == 2
+    monkeypatch.setenv(SECRETS_ENV, json.dumps(clear))
+    assert sealed.unsealed() == payload
+    assert SECRETS_ENV not in os.environ  # the stage's code never sees it
+    with pytest.raises(LaunchError, match="did not reach this process"):
+        sealed.unsealed()

@@ -42,4 +42,5 @@ def test_concat_joins_inputs_and_ignores_runner_metadata(tmp_path):
 def test_train_spec_is_distributed_and_resumable():
     spec = get_spec("testing.train")
     assert spec.distributed and spec.resumable and spec.optional_inputs == ("data",)
-    assert spec.params().model_dump() == {"steps": 20, "lr": 0.1, "checkpoint_every": 5, "sleep": 0.0}
+    assert spec.params().model_dump() == {"steps": 20, "lr": 0.1, "checkpoint_every": 5, "sleep": 0.0,
+                                            "text": ""}
