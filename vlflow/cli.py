@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -225,52 +226,95 @@ def cmd_plan(args) -> int:
     return 0
 
 
+class _RunOutput:
+    """What `vlflow run` prints. Plain lines until a stage starts when the output is not a terminal (a script, CI, a
+    benchmark): a no-op run then never imports rich's console and progress display, a sixth of its time. On a
+    terminal, or once a stage runs, rich prints the same lines in colour with a spinner per running stage."""
+
+    def __init__(self) -> None:
+        self.progress = None
+        self._active = False
+        self._tasks: dict[str, int] = {}
+        if getattr(sys.stdout, "isatty", lambda: False)() or os.environ.get("FORCE_COLOR"):
+            self._use_rich()
+
+    def _use_rich(self) -> None:
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                 console=_console(), transient=True)
+        if self._active:
+            self.progress.start()
+
+    def __enter__(self) -> _RunOutput:
+        self._active = True
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._active = False
+        if self.progress is not None:
+            self.progress.stop()
+
+    def line(self, markup: str, plain: str) -> None:
+        """`markup` on rich's console, else `plain` (the same text without markup)."""
+        if self.progress is None:
+            print(plain, flush=True)
+        else:
+            self.progress.console.print(markup)
+
+    def on_event(self, stage: str, kind: str, text: str) -> None:
+        if kind == "log":
+            if stage in self._tasks and text.strip():
+                from rich.markup import escape
+
+                from vlflow.secrets import mask
+
+                # a log line is text, not markup (`[/x]` in a caption would raise), and may quote a URL
+                description = f"[bold]{stage}[/] {escape(mask(text.strip())[:100])}"
+                self.progress.update(self._tasks[stage], description=description)
+            return
+        if kind == "start":
+            if self.progress is None:
+                self._use_rich()
+            self.line(f"[yellow]▶ run[/]    {stage}  [dim]{_escape(text)}[/]", f"▶ run    {stage}  {text}")
+            self._tasks[stage] = self.progress.add_task(f"[bold]{stage}[/]")
+        elif kind == "cached":
+            self.line(f"[green]✓ cached[/] {stage}  [dim]{_escape(text)}[/]", f"✓ cached {stage}  {text}")
+        elif kind == "done":
+            self.line(f"[green]✓ done[/]   {stage}  [dim]{_escape(text)}[/]", f"✓ done   {stage}  {text}")
+        elif kind == "metrics":
+            self.line(f"         [dim]{_escape(text)}[/]", f"         {text}")
+        elif kind == "failed":
+            self.line(f"[red]✗ failed[/] {stage}", f"✗ failed {stage}")
+        elif kind == "damaged":
+            self.line(f"[red]✗ damaged[/] {stage}  {_escape(text)}", f"✗ damaged {stage}  {text}")
+        elif kind == "warning":
+            self.line(f"[yellow]  warning:[/] {_escape(text)}", f"  warning: {text}")
+        elif kind == "note":
+            self.line(f"[dim]{_escape(text)}[/]", text)
+        if kind in ("done", "failed", "cached") and stage in self._tasks:
+            self.progress.remove_task(self._tasks.pop(stage))
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
 def cmd_run(args) -> int:
     import hashlib
     import re
-
-    from rich.markup import escape
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from vlflow.lock import CacheLock
     from vlflow.runner import Runner
 
     workflow, config = _load(args)
     store = _store(config)
-    console = _console()
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                        transient=True)
-    tasks: dict[str, int] = {}
-
-    def on_event(stage: str, kind: str, text: str) -> None:
-        if kind == "log":
-            if stage in tasks and text.strip():
-                from vlflow.secrets import mask
-
-                # a log line is text, not markup (`[/x]` in a caption would raise), and may quote a URL
-                progress.update(tasks[stage], description=f"[bold]{stage}[/] {escape(mask(text.strip())[:100])}")
-            return
-        if kind == "start":
-            progress.console.print(f"[yellow]▶ run[/]    {stage}  [dim]{text}[/]")
-            tasks[stage] = progress.add_task(f"[bold]{stage}[/]")
-        elif kind == "cached":
-            progress.console.print(f"[green]✓ cached[/] {stage}  [dim]{text}[/]")
-        elif kind == "done":
-            progress.console.print(f"[green]✓ done[/]   {stage}  [dim]{text}[/]")
-        elif kind == "metrics":
-            progress.console.print(f"         [dim]{text}[/]", highlight=False)
-        elif kind == "failed":
-            progress.console.print(f"[red]✗ failed[/] {stage}")
-        elif kind == "damaged":
-            progress.console.print(f"[red]✗ damaged[/] {stage}  {escape(text)}")
-        elif kind == "warning":
-            progress.console.print(f"[yellow]  warning:[/] {text}")
-        elif kind == "note":
-            progress.console.print(f"[dim]{escape(text)}[/]")
-        if kind in ("done", "failed", "cached") and stage in tasks:
-            progress.remove_task(tasks.pop(stage))
-
-    runner = Runner(workflow, store, config.state_dir, jobs=args.jobs or config.jobs, on_event=on_event,
+    output = _RunOutput()
+    runner = Runner(workflow, store, config.state_dir, jobs=args.jobs or config.jobs, on_event=output.on_event,
                     rerun_on_env_change=args.rerun_on_env_change)
     config.ensure_state_dir()
     started = time.time()
@@ -279,7 +323,7 @@ def cmd_run(args) -> int:
     # normalised URL), and the lease locks the runner takes on each stage key keep runs on other machines apart.
     safe_name = re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", workflow.name) is not None
     run_lock = workflow.name if safe_name else hashlib.sha256(workflow.name.encode()).hexdigest()[:16]
-    on_wait = lambda msg: console.print(f"[dim]{escape(msg)}[/]")  # noqa: E731
+    on_wait = lambda msg: output.line(f"[dim]{_escape(msg)}[/]", msg)  # noqa: E731
     if store.is_local:
         lock = store.lock(f"runs/{run_lock}", label=str(store.url), on_wait=on_wait, timeout=args.lock_timeout)
     else:
@@ -287,11 +331,11 @@ def cmd_run(args) -> int:
         lock = CacheLock(config.state_dir / "locks" / f"{run_lock}-{identity}.lock", name=str(store.url),
                          on_wait=on_wait, timeout=args.lock_timeout)
     with lock:
-        with progress:
+        with output:
             plans = runner.run(until=args.until, only=args.only, force=args.force)
     ran = sum(1 for p in plans if p.ran)
-    console.print(f"[bold]{workflow.name}[/]: {len(plans)} stages, {ran} ran, {len(plans) - ran} cached "
-                  f"({time.time() - started:.1f}s)")
+    summary = f"{len(plans)} stages, {ran} ran, {len(plans) - ran} cached ({time.time() - started:.1f}s)"
+    output.line(f"[bold]{_escape(workflow.name)}[/]: {summary}", f"{workflow.name}: {summary}")
     return 0
 
 

@@ -198,6 +198,22 @@ def test_light_commands_do_not_import_torch(project):
     assert proc.returncode == 0 and "plan" in proc.stdout
 
 
+def test_noop_run_on_local_cache_imports_neither_fsspec_nor_rich(project, capsys):
+    """A no-op run on a local cache whose output is not a terminal reads manifests with open() and prints plain
+    lines: fsspec (asyncio) and rich's console and progress display are a quarter of its time."""
+    assert run_cli(capsys, "run", project / "wf.yaml")[0] == 0
+    code = textwrap.dedent(f"""
+        import sys
+        from vlflow.cli import main
+        assert main(["run", "{project}/wf.yaml"]) == 0
+        loaded = [m for m in ("fsspec", "asyncio", "s3fs", "rich.console", "rich.progress") if m in sys.modules]
+        assert not loaded, loaded
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=project)
+    assert proc.returncode == 0, proc.stderr
+    assert "✓ cached" in proc.stdout and "0 ran" in proc.stdout and "[" not in proc.stdout
+
+
 def test_malformed_workflows_fail_cleanly_through_the_cli(tmp_path):
     """Every malformed case of test_workflow_errors, through `vlflow validate`/`plan`/`run` in a real process:
     exit code 2, one paragraph naming file:line, no traceback."""

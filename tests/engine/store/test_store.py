@@ -155,6 +155,25 @@ def test_has_reads_only_the_small_manifest(tmp_path):
             delattr(store.fs, name)
 
 
+@pytest.mark.parametrize("spelling", ["cache", "./cache/", "file://cache", "{tmp}/cache", "file://{tmp}/cache/"])
+def test_plain_local_path_opens_like_fsspec_without_it(tmp_path, monkeypatch, spelling):
+    """A plain local path skips fsspec's URL parsing (its import costs a no-op run); the store it opens is the one
+    fsspec's LocalFileSystem opens, and its filesystem, made on first use, is LocalFileSystem."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    monkeypatch.chdir(tmp_path)
+    url = spelling.format(tmp=tmp_path)
+    store = ArtifactStore(url, local_cache=tmp_path / "mirror")
+    assert store.is_local and store._root == fsspec.core.url_to_fs(url)[1].rstrip("/")
+    assert store.identity == f"file://{os.path.realpath(tmp_path / 'cache')}"
+    assert isinstance(store.fs, LocalFileSystem) and store.manifest("k") is None
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a").write_text("a")
+    store.commit("k", tmp_path / "src", {})
+    assert store.manifest("k").key == "k" and not ArtifactStore("memory://x").is_local
+
+
 def test_corrupt_manifest_is_ignored_with_a_warning(tmp_path, caplog):
     store = ArtifactStore(str(tmp_path / "cache"))
     manifest = store.commit("k", write_tree(tmp_path / "o", {"a": b"abc"}), {})
