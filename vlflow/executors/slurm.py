@@ -303,7 +303,10 @@ class SlurmExecutor:
 
 
 def job_name(workflow: str, stage: str) -> str:
-    return f"vlflow-{workflow}-{stage}"
+    """Masked (a sweep entry's name holds its values, which may be secrets): squeue shows job names to every user."""
+    from vlflow.secrets import mask
+
+    return mask(f"vlflow-{workflow}-{stage}")
 
 
 def state_tag(state_dir: Path) -> str:
