@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from vlflow.errors import VlflowError
 
@@ -257,12 +258,12 @@ class _RunOutput:
         if self.progress is not None:
             self.progress.stop()
 
-    def line(self, markup: str, plain: str) -> None:
-        """`markup` on rich's console, else `plain` (the same text without markup)."""
+    def line(self, markup: Callable[[], str], plain: str) -> None:
+        """`markup()` on rich's console, else `plain` (the same text without markup; no rich import to escape it)."""
         if self.progress is None:
             print(plain, flush=True)
         else:
-            self.progress.console.print(markup)
+            self.progress.console.print(markup())
 
     def on_event(self, stage: str, kind: str, text: str) -> None:
         if kind == "log":
@@ -278,22 +279,22 @@ class _RunOutput:
         if kind == "start":
             if self.progress is None:
                 self._use_rich()
-            self.line(f"[yellow]▶ run[/]    {stage}  [dim]{_escape(text)}[/]", f"▶ run    {stage}  {text}")
+            self.line(lambda: f"[yellow]▶ run[/]    {stage}  [dim]{_escape(text)}[/]", f"▶ run    {stage}  {text}")
             self._tasks[stage] = self.progress.add_task(f"[bold]{stage}[/]")
         elif kind == "cached":
-            self.line(f"[green]✓ cached[/] {stage}  [dim]{_escape(text)}[/]", f"✓ cached {stage}  {text}")
+            self.line(lambda: f"[green]✓ cached[/] {stage}  [dim]{_escape(text)}[/]", f"✓ cached {stage}  {text}")
         elif kind == "done":
-            self.line(f"[green]✓ done[/]   {stage}  [dim]{_escape(text)}[/]", f"✓ done   {stage}  {text}")
+            self.line(lambda: f"[green]✓ done[/]   {stage}  [dim]{_escape(text)}[/]", f"✓ done   {stage}  {text}")
         elif kind == "metrics":
-            self.line(f"         [dim]{_escape(text)}[/]", f"         {text}")
+            self.line(lambda: f"         [dim]{_escape(text)}[/]", f"         {text}")
         elif kind == "failed":
-            self.line(f"[red]✗ failed[/] {stage}", f"✗ failed {stage}")
+            self.line(lambda: f"[red]✗ failed[/] {stage}", f"✗ failed {stage}")
         elif kind == "damaged":
-            self.line(f"[red]✗ damaged[/] {stage}  {_escape(text)}", f"✗ damaged {stage}  {text}")
+            self.line(lambda: f"[red]✗ damaged[/] {stage}  {_escape(text)}", f"✗ damaged {stage}  {text}")
         elif kind == "warning":
-            self.line(f"[yellow]  warning:[/] {_escape(text)}", f"  warning: {text}")
+            self.line(lambda: f"[yellow]  warning:[/] {_escape(text)}", f"  warning: {text}")
         elif kind == "note":
-            self.line(f"[dim]{_escape(text)}[/]", text)
+            self.line(lambda: f"[dim]{_escape(text)}[/]", text)
         if kind in ("done", "failed", "cached") and stage in self._tasks:
             self.progress.remove_task(self._tasks.pop(stage))
 
@@ -323,7 +324,7 @@ def cmd_run(args) -> int:
     # normalised URL), and the lease locks the runner takes on each stage key keep runs on other machines apart.
     safe_name = re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", workflow.name) is not None
     run_lock = workflow.name if safe_name else hashlib.sha256(workflow.name.encode()).hexdigest()[:16]
-    on_wait = lambda msg: output.line(f"[dim]{_escape(msg)}[/]", msg)  # noqa: E731
+    on_wait = lambda msg: output.line(lambda: f"[dim]{_escape(msg)}[/]", msg)  # noqa: E731
     if store.is_local:
         lock = store.lock(f"runs/{run_lock}", label=str(store.url), on_wait=on_wait, timeout=args.lock_timeout)
     else:
@@ -335,7 +336,7 @@ def cmd_run(args) -> int:
             plans = runner.run(until=args.until, only=args.only, force=args.force)
     ran = sum(1 for p in plans if p.ran)
     summary = f"{len(plans)} stages, {ran} ran, {len(plans) - ran} cached ({time.time() - started:.1f}s)"
-    output.line(f"[bold]{_escape(workflow.name)}[/]: {summary}", f"{workflow.name}: {summary}")
+    output.line(lambda: f"[bold]{_escape(workflow.name)}[/]: {summary}", f"{workflow.name}: {summary}")
     return 0
 
 
