@@ -90,7 +90,8 @@ def test_extends_customises_a_shared_file(tmp_path):
     assert wf.name == "toy_short"  # not the base's name
     assert list(wf.stages) == ["source", "joined", "train", "report", "extra"]
     train = wf.stages["train"]
-    assert train.params == {"steps": 2, "lr": 0.05, "checkpoint_every": 2, "sleep": 0.0}  # steps replaced, lr kept
+    # steps replaced, lr kept
+    assert train.params == {"steps": 2, "lr": 0.05, "checkpoint_every": 2, "sleep": 0.0, "text": ""}
     assert train.launch.nproc_per_node == 1 and train.launch.precision == "bf16"  # merged key by key
     assert (Path(train.file).name, train.line) == ("toy.yaml", 15)  # declared in the base
     assert wf.stages["extra"].deps() == {"report"}
